@@ -1,0 +1,102 @@
+"""Editing hyper-parameters: one frozen record per model, read from ``configs/models/*.toml``."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import EditorError
+
+DEFAULT_CONTEXTS = (
+    "{}",
+    "The following is a fact. {}",
+    "Here is what I know. {}",
+    "In short, {}",
+    "According to the records, {}",
+)
+
+
+@dataclass(frozen=True)
+class StatsConfig:
+    """Where E[k kᵀ] comes from and how much of it to measure."""
+
+    corpus: str = "model"          # "model" (text sampled from the model), a file/dir path, or "hf:NAME[:CONFIG]"
+    n_tokens: int = 100_000        # tokens measured
+    seq_len: int = 256             # tokens per sequence
+    batch_size: int = 8
+    dtype: str = "float32"         # accumulation dtype of each chunk (totals are float64)
+    seed: int = 0                  # for the model-sampled corpus
+
+
+@dataclass(frozen=True)
+class EditConfig:
+    """COMEBA-HK hyper-parameters. Paper notation in comments."""
+
+    layers: tuple[int, ...] = (3, 4, 5, 6, 7)
+    mom2_weight: float = 15000.0           # λ
+    alpha0: float = 2.2                    # α0
+    v_lr: float = 0.5
+    v_steps: int = 25
+    v_weight_decay: float = 0.5
+    kl_factor: float = 0.0625
+    clamp_norm_factor: float = 4.0
+    early_stop_nll: float = 0.05           # stop once every fact's target NLL is below this
+    contexts: tuple[str, ...] = DEFAULT_CONTEXTS
+    kl_template: str = "{} is a"
+    stats: StatsConfig = field(default_factory=StatsConfig)
+
+    def __post_init__(self):
+        if not self.layers:
+            raise EditorError("editor config: `layers` is empty; list the block indices to edit, e.g. [3, 4, 5]")
+        if list(self.layers) != sorted(set(self.layers)):
+            raise EditorError(f"editor config: `layers` must be strictly increasing, got {list(self.layers)}")
+        if "{}" not in self.kl_template or not all("{}" in c for c in self.contexts):
+            raise EditorError("editor config: `contexts` and `kl_template` must each contain '{}'")
+        if self.contexts[0] != "{}":
+            raise EditorError("editor config: the first of `contexts` must be '{}' (the bare prompt)")
+
+    @property
+    def last_layer(self) -> int:
+        """L: the layer after which the target residual is read and optimised."""
+        return self.layers[-1]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def digest(self) -> str:
+        """A short, stable hash of every field; stored with each version."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, default=list).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "EditConfig":
+        data = dict(data)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise EditorError(f"editor config: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+        stats = data.pop("stats", {})
+        sknown = {f.name for f in dataclasses.fields(StatsConfig)}
+        if set(stats) - sknown:
+            raise EditorError(f"editor config [stats]: unknown keys {sorted(set(stats) - sknown)}; known: {sorted(sknown)}")
+        for key in ("layers", "contexts"):
+            if key in data:
+                data[key] = tuple(data[key])
+        return cls(**data, stats=StatsConfig(**stats))
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> "EditConfig":
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise EditorError(f"model config {path} not found; see configs/models/ for examples") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise EditorError(f"model config {path} is not valid TOML: {exc}") from None
+        return cls.from_dict(data.get("editor", data))
+
+    def replace(self, **changes) -> "EditConfig":
+        return dataclasses.replace(self, **changes)

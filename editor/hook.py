@@ -1,0 +1,161 @@
+"""The hook layer: a frozen MLP output projection plus committed low-rank deltas and z-score routing.
+
+For input x (B, T, d_in) the base projection gives P = W0 x. The hook adds (Wh - W0) x = Δx where
+Δ = Σ_t U_t V_tᵀ. Modes:
+  off        -> P                           (the base model)
+  temporary  -> O = P + Δx for every token  (while a step is computed)
+  validated  -> per sequence, M_i = ‖Δx_i‖, z_i = (M_i - mean M) / std M over real tokens;
+                token i gets O_i if z_i ≥ α else P_i.
+The base weight is never written: the hook is a forward hook that only replaces the module's output.
+"""
+from __future__ import annotations
+
+import contextlib
+import enum
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+class Mode(enum.Enum):
+    OFF = "off"
+    TEMPORARY = "temporary"
+    VALIDATED = "validated"
+
+
+@dataclass
+class RoutingContext:
+    """What every hook of one model needs to know about the forward pass in progress.
+
+    Filled by a pre-hook on the whole model. ``carry`` keeps each layer's per-sequence routing statistics
+    from the last full-sequence pass so that KV-cached decoding steps (one new token, no statistics of its
+    own) are routed with their prompt's statistics. ``records`` collects max z per sequence when enabled.
+    """
+
+    attention_mask: torch.Tensor | None = None   # (B, T_total) 1 for real tokens, 0 for pads
+    incremental: bool = False                    # a KV-cached continuation: hidden T < T_total
+    carry: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    records: dict[int, list[torch.Tensor]] | None = None
+
+    def real_tokens(self, batch: int, length: int, device) -> torch.Tensor:
+        """(B, T) bool mask of real tokens for the hidden states in flight."""
+        if self.attention_mask is None:
+            return torch.ones(batch, length, dtype=torch.bool, device=device)
+        return self.attention_mask[:, -length:].to(device=device, dtype=torch.bool)
+
+
+class HookLayer:
+    """COMEBA-HK hook on one projection. Holds Δ as factors (U_t, V_t), a dense copy, Σ K Kᵀ and α."""
+
+    def __init__(self, module: nn.Module, layer: int, d_in: int, d_out: int,
+                 context: RoutingContext, alpha0: float):
+        self.module, self.layer, self.d_in, self.d_out = module, layer, d_in, d_out
+        self.context = context
+        self.alpha0 = float(alpha0)
+        self.mode = Mode.VALIDATED
+        self._trial: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.reset()
+        self._handle = module.register_forward_hook(self._forward_hook)
+
+    # ----- state -------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    def reset(self) -> None:
+        """Back to the base model: no deltas, no accumulated keys, α = α0."""
+        self.U: list[torch.Tensor] = []   # each (d_out, r_t) float32
+        self.V: list[torch.Tensor] = []   # each (d_in, r_t) float32
+        self.D = torch.zeros(self.d_out, self.d_in, dtype=torch.float32, device=self.device)  # Σ U Vᵀ
+        self.KK = torch.zeros(self.d_in, self.d_in, dtype=torch.float64, device=self.device)  # Σ K Kᵀ
+        self.alpha = self.alpha0
+        self._cat: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.context.carry.pop(self.layer, None)
+
+    @property
+    def rank(self) -> int:
+        return sum(u.shape[1] for u in self.U)
+
+    def commit(self, U: torch.Tensor, V: torch.Tensor, K: torch.Tensor, alpha: float) -> None:
+        """Add one step's Δ = U Vᵀ, accumulate K Kᵀ and set α. U (d_out, n), V (d_in, n), K (d_in, n)."""
+        U = U.to(self.device, torch.float32)                       # (d_out, n)
+        V = V.to(self.device, torch.float32)                       # (d_in, n)
+        K = K.to(self.device, torch.float64)                       # (d_in, n)
+        self.U.append(U)
+        self.V.append(V)
+        self.D += U @ V.T                                          # (d_out, d_in)
+        self.KK += K @ K.T                                         # (d_in, d_in)
+        self.alpha = float(alpha)
+        self._cat = None
+
+    @contextlib.contextmanager
+    def trial(self, U: torch.Tensor, V: torch.Tensor):
+        """Temporarily add Δ = U Vᵀ (used while a step is computed); removed on exit, also on error."""
+        self._trial.append((U.to(self.device, torch.float32), V.to(self.device, torch.float32)))
+        try:
+            yield
+        finally:
+            self._trial.pop()
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+    # ----- forward -----------------------------------------------------------------------------
+    def delta_out(self, x: torch.Tensor) -> torch.Tensor:
+        """Δx for x (..., d_in) -> (..., d_out) in float32, from factors or the dense copy, whichever is cheaper."""
+        xf = x.to(torch.float32)
+        out = None
+        if self.U:
+            r = self.rank
+            if r * (self.d_in + self.d_out) < self.d_in * self.d_out:
+                if self._cat is None:
+                    self._cat = (torch.cat(self.U, 1), torch.cat(self.V, 1))
+                Uc, Vc = self._cat                                  # (d_out, r), (d_in, r)
+                out = (xf @ Vc) @ Uc.T                              # (..., d_out)
+            else:
+                out = xf @ self.D.T                                 # (..., d_out)
+        for U, V in self._trial:
+            part = (xf @ V) @ U.T                                   # (..., d_out)
+            out = part if out is None else out + part
+        return out
+
+    def _forward_hook(self, module, inputs, output):
+        if self.mode is Mode.OFF or (not self.U and not self._trial):
+            return None
+        x = inputs[0]                                               # (B, T, d_in)
+        dx = self.delta_out(x)                                      # (B, T, d_out)
+        if self.mode is Mode.TEMPORARY:
+            return output + dx.to(output.dtype)
+        route = self._route(dx)                                     # (B, T) bool
+        return torch.where(route.unsqueeze(-1), output + dx.to(output.dtype), output)
+
+    def _route(self, dx: torch.Tensor) -> torch.Tensor:
+        """z-score routing per sequence over real tokens; (B, T) bool."""
+        B, T, _ = dx.shape
+        M = dx.norm(dim=-1)                                         # (B, T)
+        real = self.context.real_tokens(B, T, dx.device)            # (B, T)
+        if self.context.incremental:
+            carried = self.context.carry.get(self.layer)
+            if carried is None or carried[0].shape[0] != B:
+                return torch.zeros_like(real)
+            mean, std = carried                                     # (B,), (B,)
+        else:
+            mean, std = sequence_stats(M, real)                     # (B,), (B,)
+            self.context.carry[self.layer] = (mean, std)
+        valid = torch.isfinite(std) & (std > 0)                     # (B,)
+        z = (M - mean[:, None]) / torch.where(valid, std, 1.0)[:, None]   # (B, T)
+        if self.context.records is not None and not self.context.incremental:
+            zmax = torch.where(real, z, -torch.inf).amax(dim=1)    # (B,)
+            self.context.records.setdefault(self.layer, []).append(torch.where(valid, zmax, torch.nan))
+        return real & valid[:, None] & (z >= self.alpha)
+
+
+def sequence_stats(M: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and (unbiased) std of M (B, T) over each row's real tokens; std is nan below 2 tokens."""
+    w = real.to(M.dtype)                                            # (B, T)
+    n = w.sum(dim=1)                                                # (B,)
+    mean = (M * w).sum(dim=1) / n.clamp(min=1)                      # (B,)
+    var = (((M - mean[:, None]) ** 2) * w).sum(dim=1) / (n - 1)     # (B,)
+    std = torch.where(n >= 2, var.sqrt(), torch.nan)                # (B,)
+    return mean, std

@@ -1,0 +1,132 @@
+"""EditableModel: a causal LM with COMEBA-HK hook layers on its editable MLP output projections."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+
+import torch
+from torch import nn
+
+from .hook import HookLayer, Mode, RoutingContext
+from .registry import spec_for
+
+
+class EditableModel:
+    """Owns the hooks of one model. All mutation goes through ``apply_delta``/``reset`` or context managers."""
+
+    def __init__(self, model: nn.Module, tokenizer, layers, alpha0: float = 2.2):
+        self.model, self.tokenizer = model, tokenizer
+        self.spec = spec_for(model.config)
+        n_layers = len(self.spec.blocks(model))
+        bad = [l for l in layers if not 0 <= l < n_layers]
+        if bad:
+            raise ValueError(f"editable layers {bad} are outside 0..{n_layers - 1} for this model")
+        self.layers = tuple(layers)
+        self.context = RoutingContext()
+        self.hooks: dict[int, HookLayer] = {}
+        for l in self.layers:
+            module = self.spec.projection_module(model, l)
+            d_in, d_out = self.spec.dims(module)
+            self.hooks[l] = HookLayer(module, l, d_in, d_out, self.context, alpha0)
+        self._pre = model.register_forward_pre_hook(self._capture, with_kwargs=True)
+        self._fingerprint: str | None = None
+
+    def _capture(self, module, args, kwargs):
+        past = kwargs.get("past_key_values")
+        self.context.attention_mask = kwargs.get("attention_mask")
+        self.context.incremental = past is not None and past.get_seq_length() > 0
+        return None
+
+    def close(self) -> None:
+        """Remove every hook; the model is the base model again."""
+        for h in self.hooks.values():
+            h.remove()
+        self._pre.remove()
+
+    # ----- facts about the model -----------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.spec.blocks(self.model))
+
+    def fingerprint(self) -> str:
+        """Identity of the base model: config plus a sample of every parameter (fast, even for 8B models)."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            cfg = {k: v for k, v in self.model.config.to_dict().items()
+                   if k not in ("_name_or_path", "_model_name_or_path", "transformers_version", "dtype", "torch_dtype")}
+            h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+            for name, p in self.model.named_parameters():
+                flat = p.detach().reshape(-1)
+                sample = torch.cat([flat[:256], flat[-256:]]).to("cpu", torch.float32)
+                h.update(name.encode() + str(tuple(p.shape)).encode() + sample.numpy().tobytes())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
+
+    # ----- modes -----------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def mode(self, mode: Mode, layers=None):
+        """Set the hooks of ``layers`` (default all) to ``mode``; the previous modes come back on exit."""
+        chosen = [self.hooks[l] for l in (self.layers if layers is None else layers)]
+        before = [h.mode for h in chosen]
+        try:
+            for h in chosen:
+                h.mode = mode
+            yield self
+        finally:
+            for h, m in zip(chosen, before):
+                h.mode = m
+
+    @contextlib.contextmanager
+    def recording(self):
+        """Collect max z per sequence per layer during the enclosed forward passes."""
+        self.context.records = {}
+        try:
+            yield self.context.records
+        finally:
+            self.context.records = None
+
+    def reset(self) -> None:
+        """Back to the base model (no committed deltas)."""
+        for h in self.hooks.values():
+            h.reset()
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """A copy of the whole edit state, for checks and checkpoints: per layer D, Σ K Kᵀ and α."""
+        out = {}
+        for l, h in self.hooks.items():
+            out[f"{l}.D"] = h.D.detach().clone()
+            out[f"{l}.KK"] = h.KK.detach().clone()
+            out[f"{l}.alpha"] = torch.tensor(h.alpha, dtype=torch.float64)
+            out[f"{l}.rank"] = torch.tensor(h.rank)
+        return out
+
+    # ----- inference helpers ---------------------------------------------------------------------
+    def encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """Right-padded batch on the model's device."""
+        tok = self.tokenizer
+        tok.padding_side = "right"
+        enc = tok(texts, return_tensors="pt", padding=True)
+        return {k: v.to(self.device) for k, v in enc.items()}
+
+    @torch.no_grad()
+    def next_token_logits(self, prompts: list[str]) -> torch.Tensor:
+        """(B, V) logits of the token after each prompt (padding handled)."""
+        enc = self.encode(prompts)
+        logits = self.model(**enc).logits                                 # (B, T, V)
+        last = enc["attention_mask"].sum(1) - 1                           # (B,)
+        return logits[torch.arange(len(prompts), device=logits.device), last].float()
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], max_new_tokens: int = 16) -> list[str]:
+        """Greedy continuations (KV-cached; routing statistics carried from each prompt)."""
+        tok = self.tokenizer
+        tok.padding_side = "left"
+        enc = {k: v.to(self.device) for k, v in tok(prompts, return_tensors="pt", padding=True).items()}
+        out = self.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                  pad_token_id=tok.pad_token_id)
+        return tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)

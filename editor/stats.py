@@ -1,0 +1,222 @@
+"""Key statistics E[k kᵀ] per editable layer: the second moment of the projection's inputs over a corpus.
+
+Cached on disk as safetensors under a key holding every input that changes the value (model fingerprint,
+layers, projection, corpus identity, token count, sequence length, dtype, seed). Writes go to a temporary
+file, are fsynced and renamed, so an interrupted run never leaves a corrupt cache entry.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .config import StatsConfig
+from .errors import StatsError
+from .hook import Mode
+from .model import EditableModel
+
+FORMAT = "kbsync-keystats-1"
+
+
+@dataclass(frozen=True)
+class KeyStats:
+    """E[k kᵀ] per layer, float64 (d_in, d_in), measured over ``n_tokens`` tokens."""
+
+    mom2: dict[int, torch.Tensor]
+    n_tokens: int
+    key: str
+
+    def for_layer(self, layer: int) -> torch.Tensor:
+        try:
+            return self.mom2[layer]
+        except KeyError:
+            raise StatsError(f"key statistics {self.key} have no layer {layer}; rebuild them with `kbsync stats build`") from None
+
+
+def key_stats(em: EditableModel, cfg: StatsConfig, cache_dir: str | Path, progress: bool = True) -> KeyStats:
+    """Load the cached statistics for ``em``'s editable layers, computing and caching them if missing."""
+    key = cache_key(em, cfg)
+    path = Path(cache_dir) / f"keystats-{key}.safetensors"
+    if path.is_file():
+        try:
+            tensors = load_file(path)
+            return KeyStats({l: tensors[f"layer.{l}"] for l in em.layers}, int(tensors["n_tokens"]), key)
+        except Exception as exc:  # a foreign or damaged file: recompute rather than crash-loop
+            path.rename(path.with_suffix(".corrupt"))
+            if progress:
+                tqdm.write(f"key statistics cache {path} unreadable ({exc}); moved aside and recomputing")
+    stats = compute_key_stats(em, cfg, progress=progress, key=key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tensors = {f"layer.{l}": m.contiguous() for l, m in stats.mom2.items()}
+    tensors["n_tokens"] = torch.tensor(stats.n_tokens)
+    save_file(tensors, str(tmp), metadata={"format": FORMAT, "key": key})
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return stats
+
+
+def cache_key(em: EditableModel, cfg: StatsConfig) -> str:
+    parts = {
+        "format": FORMAT,
+        "model": em.fingerprint(),
+        "layers": list(em.layers),
+        "projection": em.spec.projection,
+        "corpus": corpus_identity(cfg.corpus),
+        "n_tokens": cfg.n_tokens,
+        "seq_len": cfg.seq_len,
+        "dtype": cfg.dtype,
+        "seed": cfg.seed if cfg.corpus == "model" else None,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def corpus_identity(corpus: str) -> str:
+    """A string that changes whenever the corpus content does."""
+    if corpus == "model" or corpus.startswith("hf:"):
+        return corpus
+    files = _corpus_files(corpus)
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        h.update(hashlib.sha256(f.read_bytes()).digest())
+    return f"files:{h.hexdigest()[:16]}"
+
+
+@torch.no_grad()
+def compute_key_stats(em: EditableModel, cfg: StatsConfig, progress: bool = True, key: str = "") -> KeyStats:
+    """Run the corpus through the base model up to the last editable layer and accumulate x xᵀ."""
+    acc_dtype = {"float32": torch.float32, "float64": torch.float64}.get(cfg.dtype)
+    if acc_dtype is None:
+        raise StatsError(f"stats dtype {cfg.dtype!r} must be float32 or float64")
+    sums = {l: torch.zeros(em.hooks[l].d_in, em.hooks[l].d_in, dtype=torch.float64) for l in em.layers}
+    count = 0
+    mask_holder: dict[str, torch.Tensor] = {}
+    last = em.layers[-1]
+
+    class _Stop(Exception):
+        pass
+
+    def capture(layer):
+        def fn(module, inputs, output):
+            if "mask" not in mask_holder:                              # not measuring (e.g. sampling text)
+                return None
+            x = inputs[0]                                              # (B, T, d_in)
+            real = mask_holder["mask"].bool()                          # (B, T)
+            k = x[real].to(acc_dtype)                                  # (N, d_in)
+            sums[layer] += (k.T @ k).to("cpu", torch.float64)          # (d_in, d_in)
+            if layer == last:
+                raise _Stop
+        return fn
+
+    handles = [em.spec.projection_module(em.model, l).register_forward_hook(capture(l)) for l in em.layers]
+    bar = tqdm(total=cfg.n_tokens, desc="key statistics", unit="tok", disable=not progress)
+    try:
+        with em.mode(Mode.OFF):
+            for ids, mask in _batches(em, cfg):
+                mask_holder["mask"] = mask
+                try:
+                    em.model(input_ids=ids, attention_mask=mask)
+                except _Stop:
+                    pass
+                finally:
+                    del mask_holder["mask"]
+                n = int(mask.sum())
+                count += n
+                bar.update(n)
+    finally:
+        bar.close()
+        for h in handles:
+            h.remove()
+    if count == 0:
+        raise StatsError(f"corpus {cfg.corpus!r} gave no tokens; point [stats] corpus at a text file or 'model'")
+    return KeyStats({l: s / count for l, s in sums.items()}, count, key)
+
+
+def _batches(em: EditableModel, cfg: StatsConfig) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(input_ids, attention_mask) batches totalling about cfg.n_tokens tokens."""
+    if cfg.corpus == "model":
+        yield from _sampled_batches(em, cfg)
+        return
+    ids = _corpus_token_ids(em, cfg)
+    seqs = [ids[i:i + cfg.seq_len] for i in range(0, min(len(ids), cfg.n_tokens), cfg.seq_len)]
+    seqs = [s for s in seqs if len(s) > 1]
+    for i in range(0, len(seqs), cfg.batch_size):
+        chunk = seqs[i:i + cfg.batch_size]
+        width = max(len(s) for s in chunk)
+        batch = torch.full((len(chunk), width), em.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(chunk), width, dtype=torch.long)
+        for j, s in enumerate(chunk):
+            batch[j, :len(s)] = torch.tensor(s)
+            mask[j, :len(s)] = 1
+        yield batch.to(em.device), mask.to(em.device)
+
+
+def _corpus_token_ids(em: EditableModel, cfg: StatsConfig) -> list[int]:
+    if cfg.corpus.startswith("hf:"):
+        texts = _hf_texts(cfg.corpus[3:])
+    else:
+        texts = [f.read_text(encoding="utf-8", errors="replace") for f in _corpus_files(cfg.corpus)]
+    ids: list[int] = []
+    for text in texts:
+        for para in text.split("\n"):
+            if para.strip() and not para.strip().startswith("="):
+                ids.extend(em.tokenizer(para.strip(), add_special_tokens=False)["input_ids"])
+                if len(ids) >= cfg.n_tokens:
+                    return ids[:cfg.n_tokens]
+    return ids
+
+
+def _corpus_files(corpus: str) -> list[Path]:
+    path = Path(corpus).expanduser()
+    files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
+    if not files or not all(f.is_file() for f in files):
+        raise StatsError(f"stats corpus {corpus!r} is not a text file or a folder of .txt files; "
+                         "use a path, 'model' (sampled from the model, offline) or 'hf:DATASET'")
+    return files
+
+
+def _hf_texts(name: str) -> list[str]:
+    try:
+        import datasets
+    except ImportError:
+        raise StatsError("stats corpus 'hf:...' needs the `datasets` package (pip install datasets); "
+                         "offline, use a text file or 'model'") from None
+    ds_name, _, ds_config = name.partition(":")
+    try:
+        ds = datasets.load_dataset(ds_name, ds_config or None, split="train")
+    except Exception as exc:
+        raise StatsError(f"could not load dataset {name!r} ({exc}); offline, use a text file or 'model'") from None
+    column = "text" if "text" in ds.column_names else ds.column_names[0]
+    return [str(t) for t in ds[column]]
+
+
+def _sampled_batches(em: EditableModel, cfg: StatsConfig):
+    """Text sampled from the model itself (offline default), seeded and independent of global RNG state."""
+    tok = em.tokenizer
+    starters = ["The", "In", "A", "It", "When", "One", "This", "There", "After", "Many", "Some", "Our"]
+    produced, round_ = 0, 0
+    with torch.random.fork_rng(devices=[em.device] if em.device.type == "cuda" else []):
+        torch.manual_seed(cfg.seed)
+        while produced < cfg.n_tokens:
+            prompts = [starters[(round_ * cfg.batch_size + j) % len(starters)] for j in range(cfg.batch_size)]
+            tok.padding_side = "left"
+            enc = {k: v.to(em.device) for k, v in tok(prompts, return_tensors="pt", padding=True).items()}
+            out = em.model.generate(**enc, max_new_tokens=cfg.seq_len, do_sample=True, top_k=0, top_p=1.0,
+                                    temperature=1.0, pad_token_id=tok.pad_token_id)
+            P = enc["attention_mask"].shape[1]
+            mask = torch.ones_like(out)
+            mask[:, :P] = enc["attention_mask"]
+            ended = (out[:, P:] == tok.eos_token_id).long().cumsum(1) > 1   # generated tokens after the first eos
+            mask[:, P:][ended] = 0
+            produced += int(mask.sum())
+            round_ += 1
+            yield out, mask

@@ -1,0 +1,175 @@
+"""One COMEBA-HK step: ``compute_delta`` (pure: the model is left as it was) and ``apply_delta`` (commit).
+
+For the i-th of m editable layers l (paper notation):
+    K = keys at l, averaged over contexts          (d_in, n)
+    R = (Z - h_L(current)) / (m - i)               (d_out, n)
+    A = solve(C + K Kᵀ, K),  C = λ E[k kᵀ] + Σ_t K_t K_tᵀ   (d_in, n), float64
+    Δ = R Aᵀ  ->  U = R, V = A
+then α ← min(α, min over the batch's prompts of max_i z_i) per layer.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .config import EditConfig
+from .errors import DeltaMismatch
+from .hook import Mode
+from .model import EditableModel
+from .requests import EditRequest, StepBatch
+from .stats import KeyStats
+from .targets import compute_targets
+
+
+@dataclass(frozen=True)
+class LayerDelta:
+    layer: int
+    U: torch.Tensor      # (d_out, n) float32
+    V: torch.Tensor      # (d_in, n) float32
+    K: torch.Tensor      # (d_in, n) float32, this step's keys
+    alpha: float         # α of the layer after the step
+
+
+@dataclass(frozen=True)
+class StepDelta:
+    """Everything one step changes, plus what it was computed for."""
+
+    layers: tuple[LayerDelta, ...]
+    requests: tuple[EditRequest, ...]
+    model_fingerprint: str
+    config_digest: str
+    metrics: dict = field(default_factory=dict)
+
+    def to_arrays(self) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+        """numpy tensors and string metadata, for storage with ``safetensors.numpy`` (no torch needed)."""
+        arrays: dict[str, np.ndarray] = {}
+        for ld in self.layers:
+            arrays[f"{ld.layer}.U"] = ld.U.detach().cpu().numpy()
+            arrays[f"{ld.layer}.V"] = ld.V.detach().cpu().numpy()
+            arrays[f"{ld.layer}.K"] = ld.K.detach().cpu().numpy()
+            arrays[f"{ld.layer}.alpha"] = np.array([ld.alpha], dtype=np.float64)
+        meta = {"layers": ",".join(str(ld.layer) for ld in self.layers),
+                "model_fingerprint": self.model_fingerprint, "config_digest": self.config_digest}
+        return arrays, meta
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], meta: dict[str, str],
+                    requests: tuple[EditRequest, ...] = ()) -> "StepDelta":
+        layers = tuple(
+            LayerDelta(l, torch.from_numpy(arrays[f"{l}.U"]), torch.from_numpy(arrays[f"{l}.V"]),
+                       torch.from_numpy(arrays[f"{l}.K"]), float(arrays[f"{l}.alpha"][0]))
+            for l in (int(x) for x in meta["layers"].split(",")))
+        return cls(layers, tuple(requests), meta["model_fingerprint"], meta["config_digest"])
+
+
+def compute_delta(em: EditableModel, requests: list[EditRequest], stats: KeyStats, cfg: EditConfig) -> StepDelta:
+    """Compute one step for ``requests`` on top of ``em``'s committed state. ``em`` is left unchanged."""
+    if tuple(cfg.layers) != em.layers:
+        raise DeltaMismatch(f"config layers {list(cfg.layers)} differ from the model's hooked layers {list(em.layers)}")
+    times: dict[str, float] = {}
+    t0 = time.perf_counter()
+    batch = StepBatch(em.tokenizer, list(requests), cfg.contexts, cfg.kl_template)
+    with em.mode(Mode.VALIDATED):
+        targets = compute_targets(em, batch, cfg)
+    times["targets_s"] = time.perf_counter() - t0
+    Z = targets.Z                                                            # (n, d)
+    m, out, times["keys_s"], times["solve_s"] = len(cfg.layers), [], 0.0, 0.0
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(em.mode(Mode.TEMPORARY))
+        for i, l in enumerate(cfg.layers):
+            t = time.perf_counter()
+            K, hL = _keys_and_residual(em, batch, l, cfg)                    # (d_in, n), (n, d)
+            times["keys_s"] += time.perf_counter() - t
+            t = time.perf_counter()
+            R = (Z - hL).T.to(torch.float64) / (m - i)                       # (d_out, n)
+            C = cfg.mom2_weight * stats.for_layer(l).to(em.device) + em.hooks[l].KK   # (d_in, d_in)
+            K64 = K.to(torch.float64)                                        # (d_in, n)
+            A = _solve(C + K64 @ K64.T, K64)                                 # (d_in, n)
+            times["solve_s"] += time.perf_counter() - t
+            U, V = R.to(torch.float32), A.to(torch.float32)                  # (d_out, n), (d_in, n)
+            stack.enter_context(em.hooks[l].trial(U, V))
+            stack.enter_context(em.mode(Mode.VALIDATED, layers=[l]))
+            out.append((l, U, V, K.to(torch.float32)))
+        t = time.perf_counter()
+        alphas = _adapted_alphas(em, batch)
+        times["routing_s"] = time.perf_counter() - t
+    layers = tuple(LayerDelta(l, U, V, K, alphas[l]) for l, U, V, K in out)
+    times["total_s"] = time.perf_counter() - t0
+    metrics = {**times, "opt_steps": targets.steps, "target_nll": [float(x) for x in targets.nll]}
+    return StepDelta(layers, tuple(requests), em.fingerprint(), cfg.digest(), metrics)
+
+
+def apply_delta(em: EditableModel, delta: StepDelta) -> None:
+    """Commit a step: every layer or none (everything is checked before anything changes)."""
+    check_delta(em, delta)
+    for ld in delta.layers:
+        em.hooks[ld.layer].commit(ld.U, ld.V, ld.K, ld.alpha)
+
+
+def check_delta(em: EditableModel, delta: StepDelta) -> None:
+    """Raise DeltaMismatch unless ``delta`` fits ``em`` (fingerprint, layers, shapes)."""
+    if delta.model_fingerprint != em.fingerprint():
+        raise DeltaMismatch(f"delta was computed for model {delta.model_fingerprint}, this model is {em.fingerprint()}")
+    for ld in delta.layers:
+        hook = em.hooks.get(ld.layer)
+        if hook is None:
+            raise DeltaMismatch(f"delta edits layer {ld.layer}, which is not hooked (hooked: {list(em.layers)})")
+        n = ld.U.shape[1]
+        if ld.U.shape != (hook.d_out, n) or ld.V.shape != (hook.d_in, n) or ld.K.shape != (hook.d_in, n):
+            raise DeltaMismatch(f"layer {ld.layer}: factor shapes U{tuple(ld.U.shape)} V{tuple(ld.V.shape)} "
+                                f"K{tuple(ld.K.shape)} do not fit d_in={hook.d_in}, d_out={hook.d_out}")
+
+
+def _solve(lhs: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """A = lhs⁻¹ rhs for symmetric positive definite lhs (Cholesky, falling back to LU)."""
+    L, info = torch.linalg.cholesky_ex(lhs)
+    if int(info) == 0:
+        return torch.cholesky_solve(rhs, L)
+    return torch.linalg.solve(lhs, rhs)
+
+
+@torch.no_grad()
+def _keys_and_residual(em: EditableModel, batch: StepBatch, layer: int, cfg: EditConfig):
+    """K at ``layer`` (mean over contexts) and h_L at the bare prompt, in the hooks' current modes."""
+    rows = batch.keys
+    ids, mask = batch.tensors(rows, em.device)                               # (R, T)
+    idx = torch.arange(len(rows), device=em.device)
+    lookup = torch.tensor([r.lookup for r in rows], device=em.device)        # (R,)
+    got: dict[str, torch.Tensor] = {}
+
+    def grab_key(module, inputs, output):
+        got["k"] = inputs[0][idx, lookup].float()                            # (R, d_in)
+
+    def grab_h(module, inputs, output):
+        h = output[0] if isinstance(output, tuple) else output
+        got["h"] = h[idx, lookup].float()                                    # (R, d)
+
+    handles = [em.spec.projection_module(em.model, layer).register_forward_hook(grab_key),
+               em.spec.blocks(em.model)[cfg.last_layer].register_forward_hook(grab_h)]
+    try:
+        em.model(input_ids=ids, attention_mask=mask)
+    finally:
+        for h in handles:
+            h.remove()
+    n, per = len(batch), len(rows) // len(batch)
+    K = got["k"].view(n, per, -1).mean(1).T                                  # (d_in, n)
+    hL = got["h"].view(n, per, -1)[:, 0]                                      # (n, d)
+    return K, hL
+
+
+@torch.no_grad()
+def _adapted_alphas(em: EditableModel, batch: StepBatch) -> dict[int, float]:
+    """α ← min(α, min over the batch's prompts of max_i z_i), per layer (validated mode, trial deltas on)."""
+    ids, mask = batch.tensors(batch.plain, em.device)
+    with em.mode(Mode.VALIDATED), em.recording() as rec:
+        em.model(input_ids=ids, attention_mask=mask)
+    alphas = {}
+    for l, hook in em.hooks.items():
+        zmax = torch.cat(rec.get(l, [torch.tensor([])])).float()
+        zmax = zmax[torch.isfinite(zmax)]
+        alphas[l] = min(hook.alpha, float(zmax.min())) if zmax.numel() else hook.alpha
+    return alphas
