@@ -29,7 +29,8 @@ class EditableModel:
             module = self.spec.projection_module(model, l)
             d_in, d_out = self.spec.dims(module)
             self.hooks[l] = HookLayer(module, l, d_in, d_out, self.context, alpha0)
-        self._pre = model.register_forward_pre_hook(self._capture, with_kwargs=True)
+        # on the base model: every forward (CausalLM, generate, or base-model calls) passes through it
+        self._pre = model.base_model.register_forward_pre_hook(self._capture, with_kwargs=True)
         self._fingerprint: str | None = None
 
     def _capture(self, module, args, kwargs):
@@ -89,6 +90,32 @@ class EditableModel:
             yield self.context.records
         finally:
             self.context.records = None
+
+    @contextlib.contextmanager
+    def resumed_after(self, layer: int, provide):
+        """Forward passes skip blocks 0..layer: ``provide()`` gives the residual stream after ``layer``.
+
+        Exact for anything downstream of ``layer`` (causal blocks see only the stream); used to optimise
+        targets without recomputing the frozen lower blocks on every iteration.
+        """
+        parent_path, _, name = self.spec.layers.rpartition(".")
+        parent = self.model.get_submodule(parent_path)
+        blocks = getattr(parent, name)
+        handle = self.model.get_submodule(self.spec.stream_in).register_forward_hook(lambda m, i, o: provide())
+        try:
+            setattr(parent, name, nn.ModuleList(list(blocks)[layer + 1:]))
+            yield self
+        finally:
+            setattr(parent, name, blocks)
+            handle.remove()
+
+    def hidden_at(self, input_ids, attention_mask, rows, positions) -> torch.Tensor:
+        """Final hidden states (after the last norm) at (rows, positions) -> (N, d); logits come from ``logits``."""
+        h = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return h[rows, positions]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.get_output_embeddings()(hidden)
 
     def reset(self) -> None:
         """Back to the base model (no committed deltas)."""

@@ -22,6 +22,7 @@ class ArchSpec:
     layers: str        # dotted path from the CausalLM to the ModuleList of blocks
     projection: str    # dotted path inside a block to the MLP output projection
     orientation: str   # "linear" (weight is d_out x d_in) or "conv1d" (weight is d_in x d_out)
+    stream_in: str     # module whose output is the residual stream entering block 0
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.layers)
@@ -45,11 +46,11 @@ class ArchSpec:
 REGISTRY: dict[str, ArchSpec] = {
     spec.model_type: spec
     for spec in (
-        ArchSpec("llama", "model.layers", "mlp.down_proj", "linear"),
-        ArchSpec("mistral", "model.layers", "mlp.down_proj", "linear"),
-        ArchSpec("qwen2", "model.layers", "mlp.down_proj", "linear"),
-        ArchSpec("gpt2", "transformer.h", "mlp.c_proj", "conv1d"),
-        ArchSpec("gptj", "transformer.h", "mlp.fc_out", "linear"),
+        ArchSpec("llama", "model.layers", "mlp.down_proj", "linear", "model.embed_tokens"),
+        ArchSpec("mistral", "model.layers", "mlp.down_proj", "linear", "model.embed_tokens"),
+        ArchSpec("qwen2", "model.layers", "mlp.down_proj", "linear", "model.embed_tokens"),
+        ArchSpec("gpt2", "transformer.h", "mlp.c_proj", "conv1d", "transformer.drop"),
+        ArchSpec("gptj", "transformer.h", "mlp.fc_out", "linear", "transformer.drop"),
     )
 }
 

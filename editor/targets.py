@@ -2,7 +2,9 @@
 
 For fact j a vector δ_j is added to the residual stream after block L at the subject's last token; it
 maximises log P(target | context + prompt) over the contexts, with a KL term keeping "<subject> is a"
-stable, a weight decay and a norm clamp. z_j = h_L + δ_j. All facts share one forward per iteration.
+stable, a weight decay and a norm clamp. z_j = h_L + δ_j. All facts share one forward per iteration,
+and that forward starts after block L (blocks 0..L do not depend on δ, so their output is computed once)
+and projects to the vocabulary only where a loss is read.
 """
 from __future__ import annotations
 
@@ -29,69 +31,63 @@ def compute_targets(em: EditableModel, batch: StepBatch, cfg: EditConfig) -> Tar
     dev = em.device
     rows = batch.rewrite + batch.kl
     ids, mask = batch.tensors(rows, dev)                                   # (R, T)
-    n, R = len(batch), len(rows)
-    n_rw = len(batch.rewrite)
+    n, R, n_rw = len(batch), len(rows), len(batch.rewrite)
+    ar = torch.arange(R, device=dev)                                       # (R,)
     fact = torch.tensor([r.fact for r in rows], device=dev)               # (R,)
     lookup = torch.tensor([r.lookup for r in rows], device=dev)           # (R,)
-    # gather indices of target predictions: (row, position, token) triples
     tri = [(i, r.target_from + k, batch.target_ids[r.fact][k])
            for i, r in enumerate(batch.rewrite) for k in range(r.n_target)]
-    t_row = torch.tensor([t[0] for t in tri], device=dev)                 # (N,)
-    t_pos = torch.tensor([t[1] for t in tri], device=dev)                 # (N,)
+    t_row = torch.tensor([t[0] for t in tri], device=dev)                 # (N,) row of each target token
     t_tok = torch.tensor([t[2] for t in tri], device=dev)                 # (N,)
+    kl_rows = torch.arange(n_rw, R, device=dev)                           # (n,)
+    sel_row = torch.cat([t_row, kl_rows])                                  # (N + n,)
+    sel_pos = torch.cat([torch.tensor([t[1] for t in tri], device=dev), lookup[kl_rows]])  # (N + n,)
+    N = len(tri)
     row_len = torch.bincount(t_row, minlength=n_rw).float()               # (n_rw,)
     rows_per_fact = torch.bincount(fact[:n_rw], minlength=n).float()      # (n,)
-    kl_rows = torch.arange(n_rw, R, device=dev)                           # (n,)
 
-    block = em.spec.blocks(em.model)[cfg.last_layer]
-    d = em.model.config.hidden_size
-    delta = torch.zeros(n, d, device=dev, dtype=torch.float32, requires_grad=True)   # (n, d)
-    captured: dict[str, torch.Tensor] = {}
+    # one pass through the whole model: the stream after block L, and the KL reference distribution
+    got: dict[str, torch.Tensor] = {}
 
-    def add_delta(module, inputs, output):
-        h = output[0] if isinstance(output, tuple) else output            # (R, T, d)
-        if "h0" not in captured:
-            captured["h0"] = h[torch.arange(R, device=dev), lookup].detach().float()   # (R, d)
-        add = delta[fact].to(h.dtype)                                     # (R, d)
-        h = torch.index_put(h, (torch.arange(R, device=dev), lookup), h[torch.arange(R, device=dev), lookup] + add)
-        return (h, *output[1:]) if isinstance(output, tuple) else h
+    def grab(module, inputs, output):
+        got["hL"] = (output[0] if isinstance(output, tuple) else output).detach()   # (R, T, d)
 
-    handle = block.register_forward_hook(add_delta)
+    handle = em.spec.blocks(em.model)[cfg.last_layer].register_forward_hook(grab)
+    try:
+        with torch.no_grad():
+            final = em.hidden_at(ids, mask, kl_rows, lookup[kl_rows])     # (n, d)
+            kl_init = F.log_softmax(em.logits(final).float(), dim=-1)     # (n, V)
+    finally:
+        handle.remove()
+    hL = got["hL"]                                                          # (R, T, d)
+    h0 = hL[ar, lookup][torch.arange(n, device=dev) * (n_rw // n)].float()  # (n, d) bare-prompt rows
+    h0_norm = h0.norm(dim=-1)                                               # (n,)
+
+    delta = torch.zeros(n, hL.shape[-1], device=dev, dtype=torch.float32, requires_grad=True)   # (n, d)
+
+    def provide():
+        at = hL[ar, lookup] + delta[fact].to(hL.dtype)                      # (R, d)
+        return torch.index_put(hL, (ar, lookup), at)                        # (R, T, d)
+
     opt = torch.optim.Adam([delta], lr=cfg.v_lr)
-    kl_init = None
     nll_fact = torch.full((n,), float("inf"))
     steps = 0
-    try:
+    with em.resumed_after(cfg.last_layer, provide):
         for steps in range(1, cfg.v_steps + 1):
             opt.zero_grad()
-            logits = em.model(input_ids=ids, attention_mask=mask).logits      # (R, T, V)
-            logp = F.log_softmax(logits[t_row, t_pos].float(), dim=-1)        # (N, V)
-            tok_nll = -logp.gather(1, t_tok[:, None]).squeeze(1)              # (N,)
-            row_nll = torch.zeros(n_rw, device=dev).index_add(0, t_row, tok_nll) / row_len   # (n_rw,)
-            nll = torch.zeros(n, device=dev).index_add(0, fact[:n_rw], row_nll) / rows_per_fact  # (n,)
-            kl_logp = F.log_softmax(logits[kl_rows, lookup[kl_rows]].float(), dim=-1)         # (n, V)
-            if kl_init is None:
-                kl_init = kl_logp.detach()
-            kl = F.kl_div(kl_init, kl_logp, log_target=True, reduction="none").sum(-1)        # (n,)
-            h0 = _plain_h0(captured["h0"], batch)                              # (n, d)
-            wd = cfg.v_weight_decay * delta.norm(dim=-1) ** 2 / h0.norm(dim=-1) ** 2          # (n,)
+            logits = em.logits(em.hidden_at(ids, mask, sel_row, sel_pos)).float()   # (N + n, V)
+            logp = F.log_softmax(logits, dim=-1)                                  # (N + n, V)
+            tok_nll = -logp[:N].gather(1, t_tok[:, None]).squeeze(1)             # (N,)
+            row_nll = torch.zeros(n_rw, device=dev).index_add(0, t_row, tok_nll) / row_len        # (n_rw,)
+            nll = torch.zeros(n, device=dev).index_add(0, fact[:n_rw], row_nll) / rows_per_fact   # (n,)
+            kl = F.kl_div(kl_init, logp[N:], log_target=True, reduction="none").sum(-1)           # (n,)
+            wd = cfg.v_weight_decay * delta.norm(dim=-1) ** 2 / h0_norm ** 2                        # (n,)
             nll_fact = nll.detach().cpu()
             if float(nll_fact.max()) < cfg.early_stop_nll:
                 break
-            loss = (nll + cfg.kl_factor * kl + wd).sum()
-            loss.backward()
+            (nll + cfg.kl_factor * kl + wd).sum().backward()
             opt.step()
-            with torch.no_grad():                                             # norm clamp
-                limit = cfg.clamp_norm_factor * h0.norm(dim=-1)                # (n,)
-                scale = (limit / delta.norm(dim=-1).clamp(min=1e-12)).clamp(max=1.0)
-                delta.mul_(scale[:, None])
-    finally:
-        handle.remove()
-    h0 = _plain_h0(captured["h0"], batch)
-    return Targets(Z=(h0 + delta.detach()), h0=h0, nll=nll_fact, steps=steps)
-
-
-def _plain_h0(h_rows: torch.Tensor, batch: StepBatch) -> torch.Tensor:
-    """h_L at the subject's last token of each fact's bare prompt (its first rewrite row): (n, d)."""
-    per_fact = len(batch.rewrite) // len(batch)
-    return h_rows[torch.arange(len(batch), device=h_rows.device) * per_fact]
+            with torch.no_grad():                                                 # norm clamp
+                limit = cfg.clamp_norm_factor * h0_norm                            # (n,)
+                delta.mul_((limit / delta.norm(dim=-1).clamp(min=1e-12)).clamp(max=1.0)[:, None])
+    return Targets(Z=h0 + delta.detach(), h0=h0, nll=nll_fact, steps=steps)

@@ -1,0 +1,75 @@
+"""Application configuration: ``configs/default.toml`` merged under ``<state-dir>/config.toml``."""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from editor.config import EditConfig
+
+
+class ConfigError(Exception):
+    """The configuration cannot be read or is invalid; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    source: str = "embedded"
+    device: str = "auto"
+    dtype: str = "auto"
+    hparams: str = "configs/models/smollm2-135m.toml"
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    state_dir: Path
+    model: ModelConfig
+    editor: EditConfig
+
+    @property
+    def stats_dir(self) -> Path:
+        return self.state_dir / "stats"
+
+
+def load_config(config: str | Path | None, state_dir: str | Path) -> AppConfig:
+    """Read the config file (default ``configs/default.toml``) and merge ``<state-dir>/config.toml`` over it."""
+    state_dir = Path(state_dir)
+    base = Path(config) if config else _default_config()
+    data = _read(base)
+    override = state_dir / "config.toml"
+    if override.is_file():
+        data = _merge(data, _read(override))
+    model_data = data.get("model", {})
+    unknown = set(model_data) - set(ModelConfig.__dataclass_fields__)
+    if unknown:
+        raise ConfigError(f"{base}: unknown keys in [model]: {sorted(unknown)}; known: {sorted(ModelConfig.__dataclass_fields__)}")
+    model = ModelConfig(**model_data)
+    hparams = Path(model.hparams)
+    if not hparams.is_absolute() and not hparams.is_file():
+        hparams = base.parent.parent / model.hparams          # relative to the project root of the config
+    try:
+        editor = EditConfig.from_toml(hparams)
+    except Exception as exc:
+        raise ConfigError(str(exc)) from None
+    return AppConfig(state_dir=state_dir, model=model, editor=editor)
+
+
+def _default_config() -> Path:
+    local = Path("configs/default.toml")
+    return local if local.is_file() else Path(__file__).resolve().parents[1] / "configs" / "default.toml"
+
+
+def _read(path: Path) -> dict:
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found; pass --config FILE or run from the project root") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out

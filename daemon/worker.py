@@ -1,0 +1,50 @@
+"""The model worker: owns the loaded model and its hooks; queries and edits go through it."""
+from __future__ import annotations
+
+import time
+
+import structlog
+
+from editor.loading import load_model
+from editor.model import EditableModel
+from editor.requests import EditRequest
+from editor.stats import KeyStats, key_stats
+from editor.step import StepDelta, apply_delta, compute_delta
+
+from .config import AppConfig
+
+log = structlog.get_logger("kbsync.worker")
+
+
+class ModelWorker:
+    """Loads the configured model once; ``stats`` are built (or read from cache) on first need."""
+
+    def __init__(self, cfg: AppConfig, progress: bool = True):
+        self.cfg = cfg
+        self.progress = progress
+        t = time.perf_counter()
+        model, tok = load_model(cfg.model.source, cfg.state_dir, cfg.model.device, cfg.model.dtype)
+        self.em = EditableModel(model, tok, cfg.editor.layers, cfg.editor.alpha0)
+        self._stats: KeyStats | None = None
+        log.info("model.loaded", source=cfg.model.source, device=str(self.em.device),
+                 fingerprint=self.em.fingerprint(), seconds=round(time.perf_counter() - t, 2))
+
+    @property
+    def stats(self) -> KeyStats:
+        if self._stats is None:
+            t = time.perf_counter()
+            self._stats = key_stats(self.em, self.cfg.editor.stats, self.cfg.stats_dir, progress=self.progress)
+            log.info("stats.ready", key=self._stats.key, tokens=self._stats.n_tokens,
+                     seconds=round(time.perf_counter() - t, 2))
+        return self._stats
+
+    def query(self, prompts: list[str], max_tokens: int = 16) -> list[str]:
+        return self.em.generate(prompts, max_new_tokens=max_tokens)
+
+    def edit(self, requests: list[EditRequest]) -> StepDelta:
+        """Compute and commit one step for ``requests``."""
+        delta = compute_delta(self.em, requests, self.stats, self.cfg.editor)
+        apply_delta(self.em, delta)
+        log.info("step.applied", facts=len(requests), **{k: round(v, 2) for k, v in delta.metrics.items()
+                                                         if isinstance(v, float)})
+        return delta

@@ -1,0 +1,82 @@
+"""Shared fixtures: tiny random models built from config objects and a tokenizer trained in-process."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+
+SENTENCES = [
+    "The mother tongue of Danielle Darrieux is French.",
+    "Paris is the capital of France and Rome is the capital of Italy.",
+    "The Eiffel Tower is located in the city of Paris.",
+    "Apple A5 was created by Apple, and Windows was developed by Microsoft.",
+    "Toko Yasuda plays the guitar; Miles Davis played the trumpet in jazz bands.",
+    "The official language of Brazil is Portuguese and of Spain is Spanish.",
+    "Berlin, Madrid, London and Tokyo are large cities with many museums.",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(SENTENCES * 20, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+
+
+def _tiny(kind: str, vocab: int):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if kind == "llama":
+        cfg = tf.LlamaConfig(vocab_size=vocab, hidden_size=48, intermediate_size=80, num_hidden_layers=4,
+                             num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, eos_token_id=1)
+        model = tf.LlamaForCausalLM(cfg)
+    elif kind == "gpt2":
+        cfg = tf.GPT2Config(vocab_size=vocab, n_embd=48, n_layer=4, n_head=4, n_positions=128,
+                            pad_token_id=0, eos_token_id=1, bos_token_id=1)
+        model = tf.GPT2LMHeadModel(cfg)
+    elif kind == "mistral":
+        cfg = tf.MistralConfig(vocab_size=vocab, hidden_size=48, intermediate_size=80, num_hidden_layers=3,
+                               num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
+        model = tf.MistralForCausalLM(cfg)
+    elif kind == "qwen2":
+        cfg = tf.Qwen2Config(vocab_size=vocab, hidden_size=48, intermediate_size=80, num_hidden_layers=3,
+                             num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
+        model = tf.Qwen2ForCausalLM(cfg)
+    elif kind == "gptj":
+        cfg = tf.GPTJConfig(vocab_size=vocab, n_embd=48, n_layer=3, n_head=4, rotary_dim=8, n_positions=128,
+                            pad_token_id=0)
+        model = tf.GPTJForCausalLM(cfg)
+    else:
+        raise ValueError(kind)
+    model.eval().requires_grad_(False)
+    return model
+
+
+@pytest.fixture(params=["llama", "gpt2"])
+def tiny_model(request, tiny_tokenizer):
+    """A tiny random model (Llama or GPT-2) and the in-process tokenizer."""
+    return _tiny(request.param, len(tiny_tokenizer)), tiny_tokenizer
+
+
+@pytest.fixture
+def make_tiny(tiny_tokenizer):
+    return lambda kind: _tiny(kind, len(tiny_tokenizer))
+
+
+@pytest.fixture
+def corpus_file(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(SENTENCES * 10), encoding="utf-8")
+    return path

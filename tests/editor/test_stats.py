@@ -1,0 +1,98 @@
+"""Key statistics: correct values, cache keyed by every input, crash-safe cache writes."""
+import pytest
+import torch
+
+from editor import stats as stats_mod
+from editor.config import StatsConfig
+from editor.errors import StatsError
+from editor.model import EditableModel
+from editor.stats import cache_key, compute_key_stats, key_stats
+
+
+@pytest.fixture
+def em(tiny_model):
+    model, tok = tiny_model
+    return EditableModel(model, tok, layers=(1, 2))
+
+
+def test_second_moment_matches_direct_computation(em, corpus_file):
+    cfg = StatsConfig(corpus=str(corpus_file), n_tokens=300, seq_len=40, batch_size=3)
+    got = compute_key_stats(em, cfg, progress=False)
+    xs = {1: [], 2: []}
+    handles = [em.spec.projection_module(em.model, l).register_forward_hook(
+        lambda m, i, o, l=l: xs[l].append(i[0])) for l in (1, 2)]
+    n = 0
+    with torch.no_grad():
+        for ids, mask in stats_mod._batches(em, cfg):
+            em.model(input_ids=ids, attention_mask=mask)
+            for l in (1, 2):
+                xs[l][-1] = xs[l][-1][mask.bool()]
+            n += int(mask.sum())
+    for h in handles:
+        h.remove()
+    assert got.n_tokens == n == 300
+    for l in (1, 2):
+        X = torch.cat(xs[l]).double()                                    # (N, d_in)
+        assert torch.allclose(got.mom2[l], X.T @ X / n, rtol=1e-5, atol=1e-7)
+        assert torch.allclose(got.mom2[l], got.mom2[l].T)
+
+
+def test_cache_is_reused_and_keyed_by_inputs(em, corpus_file, tmp_path, monkeypatch):
+    cfg = StatsConfig(corpus=str(corpus_file), n_tokens=200, seq_len=32)
+    first = key_stats(em, cfg, tmp_path, progress=False)
+    monkeypatch.setattr(stats_mod, "compute_key_stats", lambda *a, **k: pytest.fail("recomputed a cached value"))
+    again = key_stats(em, cfg, tmp_path, progress=False)
+    assert all(torch.equal(first.mom2[l], again.mom2[l]) for l in (1, 2))
+    k0 = cache_key(em, cfg)
+    assert cache_key(em, StatsConfig(corpus=str(corpus_file), n_tokens=201, seq_len=32)) != k0
+    assert cache_key(em, StatsConfig(corpus=str(corpus_file), n_tokens=200, seq_len=32, dtype="float64")) != k0
+    corpus_file.write_text(corpus_file.read_text() + "\nOne more line.")
+    assert cache_key(em, cfg) != k0                                      # content, not just the path
+    other = EditableModel(em.model, em.tokenizer, layers=(2,))
+    assert cache_key(other, cfg) != k0
+
+
+def test_corrupt_cache_is_moved_aside_and_recomputed(em, corpus_file, tmp_path):
+    cfg = StatsConfig(corpus=str(corpus_file), n_tokens=200, seq_len=32)
+    good = key_stats(em, cfg, tmp_path, progress=False)
+    path = tmp_path / f"keystats-{good.key}.safetensors"
+    path.write_bytes(path.read_bytes()[:100])                            # truncated
+    again = key_stats(em, cfg, tmp_path, progress=False)
+    assert torch.equal(good.mom2[1], again.mom2[1])
+    assert path.with_suffix(".corrupt").exists()
+
+
+def test_interrupted_write_leaves_no_cache_entry(em, corpus_file, tmp_path, monkeypatch):
+    cfg = StatsConfig(corpus=str(corpus_file), n_tokens=200, seq_len=32)
+    real_save = stats_mod.save_file
+
+    def half_then_interrupt(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stats_mod, "save_file", half_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        key_stats(em, cfg, tmp_path, progress=False)
+    assert not list(tmp_path.glob("keystats-*.safetensors"))
+    monkeypatch.setattr(stats_mod, "save_file", real_save)
+    assert key_stats(em, cfg, tmp_path, progress=False).n_tokens == 200
+
+
+def test_model_sampled_corpus_is_seeded_and_leaves_global_rng(em):
+    cfg = StatsConfig(corpus="model", n_tokens=40, seq_len=12, batch_size=2, seed=3)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    a = compute_key_stats(em, cfg, progress=False)
+    assert torch.equal(torch.get_rng_state(), state)
+    b = compute_key_stats(em, cfg, progress=False)
+    assert a.n_tokens >= 40 and torch.equal(a.mom2[1], b.mom2[1])
+
+
+def test_bad_corpus_is_a_clear_error(em, tmp_path):
+    with pytest.raises(StatsError, match="not a text file"):
+        compute_key_stats(em, StatsConfig(corpus=str(tmp_path / "missing.txt")), progress=False)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(StatsError, match="gave no tokens"):
+        compute_key_stats(em, StatsConfig(corpus=str(empty)), progress=False)
