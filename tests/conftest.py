@@ -80,3 +80,18 @@ def corpus_file(tmp_path):
     path = tmp_path / "corpus.txt"
     path.write_text("\n".join(SENTENCES * 10), encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """The real default model (SmolLM2-135M-Instruct), converted once into .cache/state and reused."""
+    from editor.loading import load_model
+
+    return load_model("embedded", ROOT / ".cache" / "state", device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def counterfact():
+    import json
+
+    return json.loads((DATA / "counterfact-edit.json").read_text())
