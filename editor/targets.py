@@ -27,24 +27,18 @@ class Targets:
 
 
 def compute_targets(em: EditableModel, batch: StepBatch, cfg: EditConfig) -> Targets:
-    """Optimise δ for every fact at once; the model and its hooks are left as they were."""
+    """Optimise δ for every fact at once; the model and its hooks are left as they were.
+
+    A fact whose target NLL falls below ``cfg.early_stop_nll`` is frozen and its rows leave the batch,
+    so later iterations only pay for the facts still learning.
+    """
     dev = em.device
     rows = batch.rewrite + batch.kl
     ids, mask = batch.tensors(rows, dev)                                   # (R, T)
     n, R, n_rw = len(batch), len(rows), len(batch.rewrite)
     ar = torch.arange(R, device=dev)                                       # (R,)
-    fact = torch.tensor([r.fact for r in rows], device=dev)               # (R,)
     lookup = torch.tensor([r.lookup for r in rows], device=dev)           # (R,)
-    tri = [(i, r.target_from + k, batch.target_ids[r.fact][k])
-           for i, r in enumerate(batch.rewrite) for k in range(r.n_target)]
-    t_row = torch.tensor([t[0] for t in tri], device=dev)                 # (N,) row of each target token
-    t_tok = torch.tensor([t[2] for t in tri], device=dev)                 # (N,)
     kl_rows = torch.arange(n_rw, R, device=dev)                           # (n,)
-    sel_row = torch.cat([t_row, kl_rows])                                  # (N + n,)
-    sel_pos = torch.cat([torch.tensor([t[1] for t in tri], device=dev), lookup[kl_rows]])  # (N + n,)
-    N = len(tri)
-    row_len = torch.bincount(t_row, minlength=n_rw).float()               # (n_rw,)
-    rows_per_fact = torch.bincount(fact[:n_rw], minlength=n).float()      # (n,)
 
     # one pass through the whole model: the stream after block L, and the KL reference distribution
     got: dict[str, torch.Tensor] = {}
@@ -64,30 +58,72 @@ def compute_targets(em: EditableModel, batch: StepBatch, cfg: EditConfig) -> Tar
     h0_norm = h0.norm(dim=-1)                                               # (n,)
 
     delta = torch.zeros(n, hL.shape[-1], device=dev, dtype=torch.float32, requires_grad=True)   # (n, d)
+    frozen = torch.zeros_like(delta, requires_grad=False)                   # (n, d) δ of converged facts
+    active = torch.ones(n, dtype=torch.bool)                                # (n,)
+    cur: dict[str, _Active] = {}
 
     def provide():
-        at = hL[ar, lookup] + delta[fact].to(hL.dtype)                      # (R, d)
-        return torch.index_put(hL, (ar, lookup), at)                        # (R, T, d)
+        a = cur["a"]
+        at = a.hL[a.ar, a.lookup] + delta[a.fact].to(hL.dtype)              # (R_a, d)
+        return torch.index_put(a.hL, (a.ar, a.lookup), at)                  # (R_a, T, d)
 
     opt = torch.optim.Adam([delta], lr=cfg.v_lr)
     nll_fact = torch.full((n,), float("inf"))
     steps = 0
     with em.resumed_after(cfg.last_layer, provide):
         for steps in range(1, cfg.v_steps + 1):
+            if "a" not in cur or not torch.equal(cur["a"].active, active):
+                cur["a"] = _Active(batch, active.clone(), ids, mask, hL, dev)
+            a = cur["a"]
             opt.zero_grad()
-            logits = em.logits(em.hidden_at(ids, mask, sel_row, sel_pos)).float()   # (N + n, V)
-            logp = F.log_softmax(logits, dim=-1)                                  # (N + n, V)
-            tok_nll = -logp[:N].gather(1, t_tok[:, None]).squeeze(1)             # (N,)
-            row_nll = torch.zeros(n_rw, device=dev).index_add(0, t_row, tok_nll) / row_len        # (n_rw,)
-            nll = torch.zeros(n, device=dev).index_add(0, fact[:n_rw], row_nll) / rows_per_fact   # (n,)
-            kl = F.kl_div(kl_init, logp[N:], log_target=True, reduction="none").sum(-1)           # (n,)
-            wd = cfg.v_weight_decay * delta.norm(dim=-1) ** 2 / h0_norm ** 2                        # (n,)
-            nll_fact = nll.detach().cpu()
-            if float(nll_fact.max()) < cfg.early_stop_nll:
+            logits = em.logits(em.hidden_at(a.ids, a.mask, a.sel_row, a.sel_pos)).float()   # (N_a + n_a, V)
+            logp = F.log_softmax(logits, dim=-1)                                  # (N_a + n_a, V)
+            tok_nll = -logp[:a.N].gather(1, a.t_tok[:, None]).squeeze(1)         # (N_a,)
+            row_nll = torch.zeros(a.n_rw, device=dev).index_add(0, a.t_row, tok_nll) / a.row_len   # (n_rw_a,)
+            nll = torch.zeros(n, device=dev).index_add(0, a.fact[:a.n_rw], row_nll) / a.rows_per_fact  # (n,)
+            kl = torch.zeros(n, device=dev).index_add(                            # (n,)
+                0, a.kl_fact, F.kl_div(kl_init[a.kl_fact], logp[a.N:], log_target=True, reduction="none").sum(-1))
+            wd = cfg.v_weight_decay * delta.norm(dim=-1) ** 2 / h0_norm ** 2     # (n,)
+            nll_fact[active] = nll.detach().cpu()[active]
+            done = active & (nll_fact < cfg.early_stop_nll)                       # (n,)
+            if done.any():
+                frozen[done.to(dev)] = delta.detach()[done.to(dev)]
+                active &= ~done
+            if not active.any():
                 break
-            (nll + cfg.kl_factor * kl + wd).sum().backward()
+            live = active.to(dev).float()                                         # (n,)
+            ((nll + cfg.kl_factor * kl + wd) * live).sum().backward()
             opt.step()
-            with torch.no_grad():                                                 # norm clamp
-                limit = cfg.clamp_norm_factor * h0_norm                            # (n,)
+            with torch.no_grad():
+                limit = cfg.clamp_norm_factor * h0_norm                            # (n,) norm clamp
                 delta.mul_((limit / delta.norm(dim=-1).clamp(min=1e-12)).clamp(max=1.0)[:, None])
+                delta[~active.to(dev)] = frozen[~active.to(dev)]                   # Adam momentum must not move them
     return Targets(Z=h0 + delta.detach(), h0=h0, nll=nll_fact, steps=steps)
+
+
+class _Active:
+    """Index tensors for the rows of the facts still being optimised."""
+
+    def __init__(self, batch: StepBatch, active: torch.Tensor, ids, mask, hL, dev):
+        self.active = active
+        keep_rw = [i for i, r in enumerate(batch.rewrite) if active[r.fact]]
+        keep_kl = [j for j in range(len(batch)) if active[j]]
+        rows = [batch.rewrite[i] for i in keep_rw] + [batch.kl[j] for j in keep_kl]
+        index = torch.tensor(keep_rw + [len(batch.rewrite) + j for j in keep_kl], device=dev)
+        self.ids, self.mask, self.hL = ids[index], mask[index], hL[index]  # (R_a, T), (R_a, T), (R_a, T, d)
+        self.n_rw = len(keep_rw)
+        self.ar = torch.arange(len(rows), device=dev)                       # (R_a,)
+        self.fact = torch.tensor([r.fact for r in rows], device=dev)       # (R_a,)
+        self.lookup = torch.tensor([r.lookup for r in rows], device=dev)   # (R_a,)
+        tri = [(i, r.target_from + k, batch.target_ids[r.fact][k])
+               for i, r in enumerate(rows[:self.n_rw]) for k in range(r.n_target)]
+        self.N = len(tri)
+        self.t_row = torch.tensor([t[0] for t in tri], device=dev)          # (N_a,)
+        self.t_tok = torch.tensor([t[2] for t in tri], device=dev)          # (N_a,)
+        self.kl_fact = torch.tensor(keep_kl, device=dev)                    # (n_a,)
+        kl_local = torch.arange(self.n_rw, len(rows), device=dev)           # (n_a,)
+        self.sel_row = torch.cat([self.t_row, kl_local])                     # (N_a + n_a,)
+        self.sel_pos = torch.cat([torch.tensor([t[1] for t in tri], device=dev, dtype=torch.long),
+                                  self.lookup[kl_local]])                    # (N_a + n_a,)
+        self.row_len = torch.bincount(self.t_row, minlength=self.n_rw).float()          # (n_rw_a,)
+        self.rows_per_fact = torch.bincount(self.fact[:self.n_rw], minlength=len(batch)).float().clamp(min=1)  # (n,)
