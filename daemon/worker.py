@@ -33,7 +33,8 @@ class ModelWorker:
     def stats(self) -> KeyStats:
         if self._stats is None:
             t = time.perf_counter()
-            self._stats = key_stats(self.em, self.cfg.editor.stats, self.cfg.stats_dir, progress=self.progress)
+            self._stats = key_stats(self.em, self.cfg.editor.stats, self.cfg.stats_dir,
+                                    progress=self.progress).to(self.em.device)
             log.info("stats.ready", key=self._stats.key, tokens=self._stats.n_tokens,
                      seconds=round(time.perf_counter() - t, 2))
         return self._stats

@@ -33,6 +33,10 @@ class KeyStats:
     n_tokens: int
     key: str
 
+    def to(self, device) -> "KeyStats":
+        """The same statistics on ``device`` (move once, not every step)."""
+        return KeyStats({l: m.to(device) for l, m in self.mom2.items()}, self.n_tokens, self.key)
+
     def for_layer(self, layer: int) -> torch.Tensor:
         try:
             return self.mom2[layer]
@@ -97,7 +101,8 @@ def compute_key_stats(em: EditableModel, cfg: StatsConfig, progress: bool = True
     acc_dtype = {"float32": torch.float32, "float64": torch.float64}.get(cfg.dtype)
     if acc_dtype is None:
         raise StatsError(f"stats dtype {cfg.dtype!r} must be float32 or float64")
-    sums = {l: torch.zeros(em.hooks[l].d_in, em.hooks[l].d_in, dtype=torch.float64) for l in em.layers}
+    # float64 totals on the model's device; each chunk's x xᵀ in acc_dtype (no per-batch host copies on GPU)
+    sums = {l: torch.zeros(em.hooks[l].d_in, em.hooks[l].d_in, dtype=torch.float64, device=em.device) for l in em.layers}
     count = 0
     mask_holder: dict[str, torch.Tensor] = {}
     last = em.layers[-1]
@@ -112,7 +117,7 @@ def compute_key_stats(em: EditableModel, cfg: StatsConfig, progress: bool = True
             x = inputs[0]                                              # (B, T, d_in)
             real = mask_holder["mask"].bool()                          # (B, T)
             k = x[real].to(acc_dtype)                                  # (N, d_in)
-            sums[layer] += (k.T @ k).to("cpu", torch.float64)          # (d_in, d_in)
+            sums[layer] += (k.T @ k).to(torch.float64)                 # (d_in, d_in)
             if layer == last:
                 raise _Stop
         return fn
@@ -138,7 +143,7 @@ def compute_key_stats(em: EditableModel, cfg: StatsConfig, progress: bool = True
             h.remove()
     if count == 0:
         raise StatsError(f"corpus {cfg.corpus!r} gave no tokens; point [stats] corpus at a text file or 'model'")
-    return KeyStats({l: s / count for l, s in sums.items()}, count, key)
+    return KeyStats({l: (s / count).cpu() for l, s in sums.items()}, count, key)
 
 
 def _batches(em: EditableModel, cfg: StatsConfig) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
