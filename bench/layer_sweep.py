@@ -47,10 +47,10 @@ def evaluate(em, tok, cases, base_loc) -> dict:
     return out
 
 
-def run(model, tok, cases, layers, lam, steps, batch, stats_tokens) -> dict:
-    cfg = EditConfig.from_toml(ROOT / "configs/models/smollm2-135m.toml").replace(
-        layers=tuple(layers), mom2_weight=lam,
-        stats=StatsConfig(corpus=str(DATA / "wikitext2-valid.txt"), n_tokens=stats_tokens, seq_len=256))
+def run(model, tok, cases, layers, lam, steps, batch, stats_tokens, corpus) -> dict:
+    base = EditConfig.from_toml(ROOT / "configs/models/smollm2-135m.toml")
+    stats_cfg = base.stats if corpus == "config" else StatsConfig(corpus=corpus, n_tokens=stats_tokens, seq_len=256)
+    cfg = base.replace(layers=tuple(layers), mom2_weight=lam, stats=stats_cfg)
     em = EditableModel(model, tok, cfg.layers, cfg.alpha0)
     try:
         stats = key_stats(em, cfg.stats, ROOT / ".cache/state/stats", progress=False)
@@ -61,7 +61,7 @@ def run(model, tok, cases, layers, lam, steps, batch, stats_tokens) -> dict:
             chunk = edited[s * batch:(s + 1) * batch]
             apply_delta(em, compute_delta(em, [EditRequest(c["subject"], c["prompt"], c["target_new"]) for c in chunk], stats, cfg))
         seconds = (time.perf_counter() - t) / steps
-        return {"layers": list(layers), "lambda": lam, **evaluate(em, tok, edited, base_loc),
+        return {"layers": list(layers), "lambda": lam, "corpus": corpus, **evaluate(em, tok, edited, base_loc),
                 "seconds_per_step": round(seconds, 1)}
     finally:
         em.close()
@@ -73,6 +73,10 @@ def main():
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--batch", type=int, default=5)
     ap.add_argument("--stats-tokens", type=int, default=20_000)
+    ap.add_argument("--grid", default=None,
+                    help="configurations as FIRST-LAST@LAMBDA,... (default: the windows and λ values above)")
+    ap.add_argument("--corpus", default=str(DATA / "wikitext2-valid.txt"),
+                    help="statistics corpus; 'config' = the model config's own [editor.stats]")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/out/layer_sweep.json")
     args = ap.parse_args()
     a, b = (int(x) for x in args.cases.split(":"))
@@ -80,16 +84,22 @@ def main():
     cases = json.loads((DATA / "counterfact-edit.json").read_text())[a:b]
     model, tok = load_model("embedded", ROOT / ".cache/state", device="cpu", dtype="float32")
     grid = [(w, 1500.0) for w in WINDOWS] + [((3, 4, 5, 6, 7), lam) for lam in LAMBDAS if lam != 1500.0]
+    if args.grid:
+        grid = []
+        for item in args.grid.split(","):
+            span, lam = item.split("@")
+            lo, hi = (int(x) for x in span.split("-"))
+            grid.append((tuple(range(lo, hi + 1)), float(lam)))
     results = []
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for layers, lam in grid:
-        results.append(run(model, tok, cases, layers, lam, args.steps, args.batch, args.stats_tokens))
+        results.append(run(model, tok, cases, layers, lam, args.steps, args.batch, args.stats_tokens, args.corpus))
         print(json.dumps(results[-1]), flush=True)
         args.out.write_text(json.dumps({"cases": args.cases, "steps": args.steps, "batch": args.batch,
                                         "results": results}, indent=2))
-    print("\n| layers | λ | efficacy | paraphrase | locality | s/step |\n|---|---|---|---|---|---|")
+    print("\n| layers | λ | corpus | efficacy | paraphrase | locality | s/step |\n|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['layers'][0]}-{r['layers'][-1]} | {r['lambda']:g} | {r['efficacy']:.2f} | "
+        print(f"| {r['layers'][0]}-{r['layers'][-1]} | {r['lambda']:g} | {Path(r['corpus']).name} | {r['efficacy']:.2f} | "
               f"{r['paraphrase_efficacy']:.2f} | {r['locality']:.2f} | {r['seconds_per_step']} |")
 
 

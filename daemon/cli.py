@@ -10,6 +10,7 @@ import click
 from editor.errors import EditorError
 
 from .config import ConfigError, load_config
+from .facts_cli import facts
 from .logs import configure_logging
 
 
@@ -125,6 +126,9 @@ def demo(obj: Ctx, facts_file, max_tokens, as_json):
            "seconds": round(delta.metrics["total_s"], 2)}
     human = "\n".join(f"{p}\n  before:{b!r}\n  after: {a!r}" for p, b, a in zip(prompts, before, after))
     _emit(as_json, doc, human + f"\n(one step, {len(requests)} facts, {doc['seconds']} s)")
+
+
+cli.add_command(facts)
 
 
 def main() -> None:

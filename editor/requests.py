@@ -28,7 +28,7 @@ class EditRequest:
     @property
     def text(self) -> str:
         """The prompt with the subject filled in."""
-        return self.prompt.format(self.subject) if "{}" in self.prompt else self.prompt
+        return self.prompt.replace("{}", self.subject, 1) if "{}" in self.prompt else self.prompt
 
     @property
     def target_text(self) -> str:
@@ -69,14 +69,14 @@ class StepBatch:
         self.keys: list[Row] = []     # contexts x prompts, no target; contexts[0] == "{}" gives h_L
         for j, r in enumerate(requests):
             for c in contexts:
-                row = subject_row(tok, c.format(r.text), r.subject, j)
+                row = subject_row(tok, c.replace("{}", r.text, 1), r.subject, j)
                 self.keys.append(Row(list(row.ids), row.lookup, j))
                 t = self.target_ids[j]
                 row.target_from = len(row.ids) - 1
                 row.n_target = len(t)
                 row.ids = row.ids + t[:-1]
                 self.rewrite.append(row)
-        self.kl = [subject_row(tok, kl_template.format(r.subject), r.subject, j) for j, r in enumerate(requests)]
+        self.kl = [subject_row(tok, kl_template.replace("{}", r.subject, 1), r.subject, j) for j, r in enumerate(requests)]
         self.plain = [row for row in self.keys if row is self.keys[row.fact * len(contexts)]]
         self.pad_id = tok.pad_token_id
 

@@ -147,3 +147,8 @@ def test_bad_requests_are_rejected():
         EditRequest("Paris", "{} is in", "  ")
     assert EditRequest("Paris", "{} is in", "Italy").text == "Paris is in"
     assert EditRequest("Paris", "{} is in", "Italy").target_text == " Italy"
+
+
+def test_braces_in_facts_are_literal_text():
+    r = EditRequest("C{x}", "The language {} is written in", "{Rust}")
+    assert r.text == "The language C{x} is written in" and r.target_text == " {Rust}"
