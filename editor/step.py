@@ -59,10 +59,13 @@ class StepDelta:
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], meta: dict[str, str],
                     requests: tuple[EditRequest, ...] = ()) -> "StepDelta":
-        layers = tuple(
-            LayerDelta(l, torch.from_numpy(arrays[f"{l}.U"]), torch.from_numpy(arrays[f"{l}.V"]),
-                       torch.from_numpy(arrays[f"{l}.K"]), float(arrays[f"{l}.alpha"][0]))
-            for l in (int(x) for x in meta["layers"].split(",")))
+        try:
+            layers = tuple(
+                LayerDelta(l, torch.from_numpy(arrays[f"{l}.U"]), torch.from_numpy(arrays[f"{l}.V"]),
+                           torch.from_numpy(arrays[f"{l}.K"]), float(arrays[f"{l}.alpha"][0]))
+                for l in (int(x) for x in meta["layers"].split(",") if x))
+        except (KeyError, ValueError, IndexError) as exc:
+            raise DeltaMismatch(f"stored delta is incomplete ({exc!r} missing or malformed)") from None
         return cls(layers, tuple(requests), meta["model_fingerprint"], meta["config_digest"])
 
 
@@ -108,6 +111,20 @@ def apply_delta(em: EditableModel, delta: StepDelta) -> None:
     check_delta(em, delta)
     for ld in delta.layers:
         em.hooks[ld.layer].commit(ld.U, ld.V, ld.K, ld.alpha)
+
+
+def restore_state(em: EditableModel, deltas: list[StepDelta]) -> None:
+    """Rebuild the hook state exactly as it was after committing ``deltas`` in order (from the base model).
+
+    Every delta is checked first, so a bad one leaves the current state untouched. Replaying the same
+    commits in the same order gives bit-identical Δ, Σ K Kᵀ and α.
+    """
+    for d in deltas:
+        check_delta(em, d)
+    em.reset()
+    for d in deltas:
+        for ld in d.layers:
+            em.hooks[ld.layer].commit(ld.U, ld.V, ld.K, ld.alpha)
 
 
 def check_delta(em: EditableModel, delta: StepDelta) -> None:

@@ -152,3 +152,29 @@ def test_bad_requests_are_rejected():
 def test_braces_in_facts_are_literal_text():
     r = EditRequest("C{x}", "The language {} is written in", "{Rust}")
     assert r.text == "The language C{x} is written in" and r.target_text == " {Rust}"
+
+
+def test_restore_is_bit_exact_back_and_forward(setup):
+    """After 5 steps, restoring the first 3 deltas equals the state captured after step 3; then 5 again."""
+    em, cfg, stats = setup
+    deltas, states = [], []
+    for i in range(5):
+        deltas.append(compute_delta(em, [REQUESTS[i % 3]], stats, cfg))
+        apply_delta(em, deltas[-1])
+        states.append(em.state())
+    step_mod.restore_state(em, deltas[:3])
+    assert all(torch.equal(em.state()[k], states[2][k]) for k in states[2])
+    step_mod.restore_state(em, deltas)
+    assert all(torch.equal(em.state()[k], states[4][k]) for k in states[4])
+    step_mod.restore_state(em, [])
+    assert all(h.rank == 0 and not h.D.any() for h in em.hooks.values())
+
+
+def test_restore_checks_every_delta_before_touching_state(setup):
+    em, cfg, stats = setup
+    good = compute_delta(em, REQUESTS[:1], stats, cfg)
+    apply_delta(em, good)
+    before = em.state()
+    with pytest.raises(DeltaMismatch):
+        step_mod.restore_state(em, [good, dataclasses.replace(good, model_fingerprint="f" * 16)])
+    assert all(torch.equal(em.state()[k], before[k]) for k in before)
