@@ -53,7 +53,9 @@ def run(model, tok, cases, layers, lam, steps, batch, stats_tokens, corpus) -> d
     cfg = base.replace(layers=tuple(layers), mom2_weight=lam, stats=stats_cfg)
     em = EditableModel(model, tok, cfg.layers, cfg.alpha0)
     try:
+        t = time.perf_counter()
         stats = key_stats(em, cfg.stats, ROOT / ".cache/state/stats", progress=False)
+        stats_s = time.perf_counter() - t
         edited = cases[:steps * batch]
         base_loc = em.next_token_logits([c["locality_prompt"] for c in edited]).argmax(-1)
         t = time.perf_counter()
@@ -62,7 +64,7 @@ def run(model, tok, cases, layers, lam, steps, batch, stats_tokens, corpus) -> d
             apply_delta(em, compute_delta(em, [EditRequest(c["subject"], c["prompt"], c["target_new"]) for c in chunk], stats, cfg))
         seconds = (time.perf_counter() - t) / steps
         return {"layers": list(layers), "lambda": lam, "corpus": corpus, **evaluate(em, tok, edited, base_loc),
-                "seconds_per_step": round(seconds, 1)}
+                "seconds_per_step": round(seconds, 1), "stats_seconds": round(stats_s, 1)}
     finally:
         em.close()
 

@@ -35,7 +35,7 @@ class StatsConfig:
 class EditConfig:
     """COMEBA-HK hyper-parameters. Paper notation in comments."""
 
-    layers: tuple[int, ...] = (3, 4, 5, 6, 7)
+    layers: tuple[int, ...] = (1, 2, 3, 4, 5)
     mom2_weight: float = 15000.0           # λ
     alpha0: float = 2.2                    # α0
     v_lr: float = 0.5
