@@ -28,10 +28,15 @@ test-fast: install
 stats: install
 	$(VENV)/bin/kbsync --state-dir $(STATE) stats build
 
+KBSYNC := $(VENV)/bin/kbsync --state-dir $(STATE)
+
+# Until the daemon lands (issue 6): the tour in-process — statistics, import, one sync, ask, history.
 run: install
-	$(VENV)/bin/kbsync --state-dir $(STATE) model prepare
-	$(VENV)/bin/kbsync --state-dir $(STATE) stats build
-	$(VENV)/bin/kbsync --state-dir $(STATE) demo
+	$(KBSYNC) stats build
+	$(KBSYNC) facts import examples/facts.jsonl
+	$(KBSYNC) sync
+	$(KBSYNC) query "The mother tongue of Danielle Darrieux is" --max-tokens 6
+	$(KBSYNC) log
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -9,9 +9,12 @@ import click
 
 from editor.errors import EditorError
 
+from kb import KBError
+
 from .config import ConfigError, load_config
 from .facts_cli import facts
 from .logs import configure_logging
+from .errors import ServiceError
 
 
 class Ctx:
@@ -24,6 +27,19 @@ class Ctx:
     def worker(self, progress: bool = True):
         from .worker import ModelWorker
         return ModelWorker(self.config(), progress=progress)
+
+    def service(self, progress: bool = True):
+        from .service import Service
+        return Service(self.config(), progress=progress)
+
+
+def _version_arg(value: str) -> int | None:
+    if value in ("base", "0"):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a version id; use a number from `kbsync log`, or 'base'") from None
 
 
 def _emit(as_json: bool, doc, human: str) -> None:
@@ -76,56 +92,138 @@ def stats_build(obj: Ctx, as_json):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @click.pass_obj
 def query(obj: Ctx, prompt, max_tokens, as_json):
-    """Greedy completion of PROMPT by the model (the base model until versions land).
+    """Greedy completion of PROMPT by the model at HEAD.
 
     \b
     Example:
-      kbsync query "The Eiffel Tower is in the city of" --max-tokens 8
+      kbsync query "The mother tongue of Danielle Darrieux is" --max-tokens 8
     """
-    worker = obj.worker(progress=not as_json)
-    text = worker.query([prompt], max_tokens)[0]
-    _emit(as_json, {"text": text, "version": None}, prompt + text)
+    svc = obj.service(progress=not as_json)
+    try:
+        texts, version = svc.query([prompt], max_tokens)
+    finally:
+        svc.close()
+    _emit(as_json, {"text": texts[0], "version": version}, f"{prompt}{texts[0]}\n(version {version or 'base'})")
 
 
 @cli.command()
-@click.argument("facts_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--max-tokens", default=8, show_default=True, type=click.IntRange(1, 128))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @click.pass_obj
-def demo(obj: Ctx, facts_file, max_tokens, as_json):
-    """Edit the model in-process with the facts of a JSONL file (one step) and show answers before and after.
-
-    Each line is {"subject": ..., "prompt": ..., "target": ...}; the prompt contains the subject or '{}'.
-    Nothing is stored: this shows the editor at work until the daemon runs the full pipeline.
+def status(obj: Ctx, as_json):
+    """HEAD version, pending and failed counts, model.
 
     \b
     Example:
-      kbsync demo examples/facts.jsonl
+      kbsync status --json
     """
-    from editor.requests import EditRequest
+    svc = obj.service()
+    try:
+        doc = svc.status()
+    finally:
+        svc.close()
+    _emit(as_json, doc, f"head: {doc['head'] or 'base'}  pending: {doc['pending']}  failed: {doc['failed']}  "
+                        f"facts: {doc['facts']}  versions: {doc['versions']}  model: {doc['model']}")
 
-    requests = []
-    for n, line in enumerate(facts_file.read_text(encoding="utf-8-sig").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-            requests.append(EditRequest(rec["subject"], rec["prompt"], rec["target"]))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise click.ClickException(f"{facts_file}:{n}: not a fact ({exc}); "
-                                       'expected {"subject": ..., "prompt": ..., "target": ...}')
-    if not requests:
-        raise click.ClickException(f"{facts_file} holds no facts")
-    worker = obj.worker(progress=not as_json)
-    prompts = [r.text for r in requests]
-    before = worker.query(prompts, max_tokens)
-    delta = worker.edit(requests)
-    after = worker.query(prompts, max_tokens)
-    doc = {"facts": [{"prompt": p, "target": r.target, "before": b, "after": a}
-                     for p, r, b, a in zip(prompts, requests, before, after)],
-           "seconds": round(delta.metrics["total_s"], 2)}
-    human = "\n".join(f"{p}\n  before:{b!r}\n  after: {a!r}" for p, b, a in zip(prompts, before, after))
-    _emit(as_json, doc, human + f"\n(one step, {len(requests)} facts, {doc['seconds']} s)")
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@click.pass_obj
+def sync(obj: Ctx, as_json):
+    """Apply pending facts now, as consecutive steps of at most B facts (one version each).
+
+    \b
+    Example:
+      kbsync facts import examples/facts.jsonl && kbsync sync
+    """
+    svc = obj.service(progress=not as_json)
+    try:
+        reports = svc.sync(actor="cli")
+        head = svc.ledger.head()
+    finally:
+        svc.close()
+    doc = {"steps": [r.to_json() for r in reports], "head": head.id if head else None}
+    human = "\n".join(f"version {r.version}: {r.kind}, {r.facts} facts, {r.seconds:.1f} s" + (f" ({r.error})" if r.error else "")
+                      for r in reports) or "nothing pending"
+    _emit(as_json, doc, human + f"\nhead: {doc['head'] or 'base'}")
+
+
+@cli.command("log")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@click.pass_obj
+def log_cmd(obj: Ctx, as_json):
+    """Version history, HEAD marked with '*' (versions off HEAD's history with '-').
+
+    \b
+    Example:
+      kbsync log --json
+    """
+    svc = obj.service()
+    try:
+        rows = svc.log()
+    finally:
+        svc.close()
+    lines = [f"{'*' if r['head'] else (' ' if r['on_head_chain'] else '-')} {r['id']:>4}  parent {r['parent'] or 'base':>4}  "
+             f"{r['facts']:>3} facts  {r['created_at']}  {r['note'] or ''}" for r in rows]
+    _emit(as_json, rows, "\n".join(lines) or "no versions yet (the base model)")
+
+
+@cli.command()
+@click.argument("version", type=int)
+@click.pass_obj
+def show(obj: Ctx, version):
+    """One version: its parent, metrics, blob and the facts it carries (JSON).
+
+    \b
+    Example:
+      kbsync show 3
+    """
+    svc = obj.service()
+    try:
+        doc = svc.show(version)
+    finally:
+        svc.close()
+    _emit(True, doc, "")
+
+
+@cli.command()
+@click.argument("version")
+@click.option("--reason", default="", help="Why (kept in the audit log).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@click.pass_obj
+def rollback(obj: Ctx, version, reason, as_json):
+    """Move HEAD to VERSION (back or forward; 'base' = the unedited model). Later versions stay in history.
+
+    \b
+    Example:
+      kbsync rollback 2 --reason "bad batch from import 2026-11-25"
+    """
+    svc = obj.service()
+    try:
+        doc = svc.rollback(_version_arg(version), actor="cli", reason=reason)
+    finally:
+        svc.close()
+    _emit(as_json, doc, f"head: {doc['head'] or 'base'} (was {doc['from'] or 'base'})")
+
+
+@cli.command()
+@click.argument("version", type=int)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@click.pass_obj
+def revert(obj: Ctx, version, as_json):
+    """Take one step out of HEAD's history: back to its parent, later steps' facts re-applied as new steps.
+
+    \b
+    Example:
+      kbsync revert 2
+    """
+    svc = obj.service(progress=not as_json)
+    try:
+        reports = svc.revert(version, actor="cli")
+        head = svc.ledger.head()
+    finally:
+        svc.close()
+    doc = {"steps": [r.to_json() for r in reports], "head": head.id if head else None}
+    _emit(as_json, doc, f"reverted {version}; head: {doc['head'] or 'base'} ({len(reports)} new versions)")
 
 
 cli.add_command(facts)
@@ -144,7 +242,7 @@ def main() -> None:
     except click.ClickException as exc:
         exc.show()
         sys.exit(1)
-    except (EditorError, ConfigError) as exc:
+    except (EditorError, ConfigError, ServiceError, KBError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:

@@ -21,10 +21,29 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class SyncConfig:
+    batch_size: int = 10          # B: facts per step (one version per step)
+    max_steps: int = 100          # steps one sync may apply before yielding
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.max_steps < 1:
+            raise ConfigError("[sync] batch_size and max_steps must be at least 1")
+
+
+@dataclass(frozen=True)
 class AppConfig:
     state_dir: Path
     model: ModelConfig
     editor: EditConfig
+    sync: SyncConfig = SyncConfig()
+
+    @property
+    def db_path(self) -> Path:
+        return self.state_dir / "kb.sqlite"
+
+    @property
+    def blob_dir(self) -> Path:
+        return self.state_dir / "versions"
 
     @property
     def stats_dir(self) -> Path:
@@ -44,6 +63,11 @@ def load_config(config: str | Path | None, state_dir: str | Path) -> AppConfig:
     if unknown:
         raise ConfigError(f"{base}: unknown keys in [model]: {sorted(unknown)}; known: {sorted(ModelConfig.__dataclass_fields__)}")
     model = ModelConfig(**model_data)
+    sync_data = data.get("sync", {})
+    unknown = set(sync_data) - set(SyncConfig.__dataclass_fields__)
+    if unknown:
+        raise ConfigError(f"{base}: unknown keys in [sync]: {sorted(unknown)}; known: {sorted(SyncConfig.__dataclass_fields__)}")
+    sync = SyncConfig(**sync_data)
     hparams = Path(model.hparams)
     if not hparams.is_absolute() and not hparams.is_file():
         hparams = base.parent.parent / model.hparams          # relative to the project root of the config
@@ -51,7 +75,7 @@ def load_config(config: str | Path | None, state_dir: str | Path) -> AppConfig:
         editor = EditConfig.from_toml(hparams)
     except Exception as exc:
         raise ConfigError(str(exc)) from None
-    return AppConfig(state_dir=state_dir, model=model, editor=editor)
+    return AppConfig(state_dir=state_dir, model=model, editor=editor, sync=sync)
 
 
 def _default_config() -> Path:

@@ -19,11 +19,12 @@ log = structlog.get_logger("kbsync.worker")
 class ModelWorker:
     """Loads the configured model once; ``stats`` are built (or read from cache) on first need."""
 
-    def __init__(self, cfg: AppConfig, progress: bool = True):
+    def __init__(self, cfg: AppConfig, progress: bool = True, preloaded=None):
+        """``preloaded``: an already loaded (model, tokenizer) to serve instead of loading ``cfg.model``."""
         self.cfg = cfg
         self.progress = progress
         t = time.perf_counter()
-        model, tok = load_model(cfg.model.source, cfg.state_dir, cfg.model.device, cfg.model.dtype)
+        model, tok = preloaded or load_model(cfg.model.source, cfg.state_dir, cfg.model.device, cfg.model.dtype)
         self.em = EditableModel(model, tok, cfg.editor.layers, cfg.editor.alpha0)
         self._stats: KeyStats | None = None
         log.info("model.loaded", source=cfg.model.source, device=str(self.em.device),
@@ -38,6 +39,10 @@ class ModelWorker:
             log.info("stats.ready", key=self._stats.key, tokens=self._stats.n_tokens,
                      seconds=round(time.perf_counter() - t, 2))
         return self._stats
+
+    def close(self) -> None:
+        """Detach the hooks: the model object is the base model again."""
+        self.em.close()
 
     def query(self, prompts: list[str], max_tokens: int = 16) -> list[str]:
         return self.em.generate(prompts, max_new_tokens=max_tokens)

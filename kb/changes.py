@@ -1,8 +1,10 @@
 """The change log's reading side: pending batches (coalesced per key) and their outcomes.
 
 A change is ``pending`` until a version carries it (``applied``, with ``version_id``) or it fails
-(``failed``, with ``error``). "Pending" thus means "not carried by the version at HEAD": when the ledger
-moves HEAD back past a version, ``reopen`` makes that version's changes pending again.
+(``failed``, with ``error``). When the ledger (``kb.ledger``) moves HEAD so that no version on HEAD's chain
+carries a change any more, the change is ``held``: not pending, so the daemon does not apply a rolled-back edit
+again on its next tick; moving HEAD back onto a version carrying it makes it ``applied`` again.
+``reopen`` (put a version's changes back in the queue) predates the ledger; with it, prefer ``Ledger.move_head``.
 """
 from __future__ import annotations
 
@@ -94,11 +96,12 @@ class ChangeLog:
             keys = conn.execute("SELECT count(*) FROM (SELECT 1 FROM changes WHERE status = 'pending' "
                                 "GROUP BY subject, template)").fetchone()[0]
             failed = conn.execute("SELECT count(*) FROM changes WHERE status = 'failed'").fetchone()[0]
+            held = conn.execute("SELECT count(*) FROM changes WHERE status = 'held'").fetchone()[0]
             total = conn.execute("SELECT count(*) FROM changes").fetchone()[0]
-        return Counts(facts, pending, keys, failed, total - pending - failed)
+        return Counts(facts, pending, keys, failed, total - pending - failed - held, held)
 
     def list(self, status: str | None = None, *, limit: int | None = None) -> list[Change]:
-        """Changes in log order, optionally only those with ``status`` (pending, applied, failed)."""
+        """Changes in log order, optionally only those with ``status`` (pending, applied, failed, held)."""
         sql = "SELECT * FROM changes" + (" WHERE status = ?" if status else "") + " ORDER BY id"
         args: list = [status] if status else []
         if limit is not None:

@@ -39,3 +39,35 @@ class ChangeStateError(KBError):
 
 class MigrationError(KBError):
     """The database schema could not be brought up to date (or is newer than this kbsync)."""
+
+
+class VersionNotFoundError(KBError):
+    """No version with this id in the ledger."""
+
+    def __init__(self, version_id: object):
+        self.version_id = version_id
+        super().__init__(f"no version {version_id} in the ledger; see `kbsync log` for the versions there are")
+
+
+class BlobError(KBError):
+    """A version's delta blob is missing, truncated, corrupted or unreadable; ``version_id`` names the version.
+
+    The ledger itself stays usable: other versions still load, and HEAD can be moved to one of them.
+    """
+
+    def __init__(self, version_id: int, problem: str, path: object = None):
+        self.version_id, self.problem, self.path = version_id, problem, path
+        way_out = "roll back to an earlier version with `kbsync rollback N` (see `kbsync log`)"
+        if path is not None:
+            way_out += f", or restore the file {path} from a backup"
+        super().__init__(f"version {version_id}: {problem}; {way_out}")
+
+
+class ModelMismatchError(BlobError):
+    """A version's blob was computed for another model than the one it is loaded for (fingerprints differ)."""
+
+    def __init__(self, version_id: int, found: str, expected: str, path: object = None):
+        self.found, self.expected = found, expected
+        super().__init__(version_id, f"its delta blob was made for model {found!r}, not for {expected!r} "
+                                     "(configure the model it was made for, or use a version made for this one)",
+                         path)

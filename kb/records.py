@@ -1,4 +1,4 @@
-"""Typed, frozen records that cross the ``kb`` API: facts, their provenance, changes, batches, reports."""
+"""Typed, frozen records that cross the ``kb`` API: facts, their provenance, changes, batches, versions, reports."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,9 @@ from typing import Literal
 SLOT = "{}"
 
 Op = Literal["upsert", "delete"]
-Status = Literal["pending", "applied", "failed"]
+#: pending: carried by no version yet (and not failed); applied: carried by a version on HEAD's chain;
+#: held: carried only by versions off HEAD's chain (rolled back, not re-queued); failed: a step refused it.
+Status = Literal["pending", "applied", "failed", "held"]
 
 
 @dataclass(frozen=True)
@@ -124,13 +126,56 @@ class Batch:
 
 @dataclass(frozen=True)
 class Counts:
-    """Sizes for ``kbsync status``: facts in the store, pending changes (and distinct keys), failed changes."""
+    """Sizes for ``kbsync status``: facts in the store, pending changes (and distinct keys), failed, applied
+    and held changes (held: carried only by versions off HEAD's chain, after a rollback)."""
 
     facts: int
     pending: int
     pending_keys: int
     failed: int
     applied: int
+    held: int = 0
+
+
+@dataclass(frozen=True)
+class Version:
+    """One immutable step in the ledger: its parent, fingerprints, content-addressed blob and what it carries.
+
+    ``n_facts`` is the number of distinct fact keys among the changes it carries; ``note`` is the commit's reason.
+    """
+
+    id: int
+    parent: int | None
+    created_at: str
+    config_digest: str
+    model_fingerprint: str
+    blob_sha256: str
+    blob_bytes: int
+    n_facts: int
+    metrics: dict
+    note: str | None = None
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "parent": self.parent, "created_at": self.created_at,
+                "config_digest": self.config_digest, "model_fingerprint": self.model_fingerprint,
+                "blob_sha256": self.blob_sha256, "blob_bytes": self.blob_bytes, "n_facts": self.n_facts,
+                "metrics": dict(self.metrics), "note": self.note}
+
+
+@dataclass(frozen=True)
+class HeadMove:
+    """One row of HEAD's append-only audit log: who moved it, when, from where to where (None: base), why."""
+
+    id: int
+    at: str
+    actor: str
+    from_version: int | None
+    to_version: int | None
+    reason: str
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "at": self.at, "actor": self.actor, "from_version": self.from_version,
+                "to_version": self.to_version, "reason": self.reason}
 
 
 @dataclass(frozen=True)

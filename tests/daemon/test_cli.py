@@ -42,20 +42,43 @@ def test_stats_build_then_cached(project):
     assert files[0].stat().st_mtime_ns == mtime                 # read from cache, not rewritten
 
 
-def test_query_and_demo(project):
-    out = json.loads(kbsync(project, "query", "Paris is the capital of", "--max-tokens", "3", "--json").stdout)
-    assert set(out) == {"text", "version"} and isinstance(out["text"], str)
+def test_facts_sync_log_rollback_query(project):
     facts = project / "facts.jsonl"
-    facts.write_text('{"subject": "Paris", "prompt": "{} is the capital of", "target": "Italy"}\n')
-    doc = json.loads(kbsync(project, "demo", str(facts), "--json").stdout)
-    assert doc["facts"][0]["prompt"] == "Paris is the capital of" and doc["seconds"] > 0
+    facts.write_text('{"subject": "Paris", "prompt": "{} is the capital of", "target": "Italy"}\n'
+                     '{"subject": "Apple A5", "prompt": "Apple A5 was created by", "target": "Microsoft"}\n')
+    kbsync(project, "facts", "import", str(facts))
+    status = json.loads(kbsync(project, "status", "--json").stdout)
+    assert status["head"] is None and status["pending"] == 2 and status["model"]
+    first = json.loads(kbsync(project, "sync", "--json").stdout)
+    assert [s["kind"] for s in first["steps"]] == ["edit"] and first["head"] == first["steps"][0]["version"]
+    (project / "more.jsonl").write_text('{"subject": "Toko Yasuda", "prompt": "Toko Yasuda plays the", "target": "piano"}\n')
+    kbsync(project, "facts", "import", str(project / "more.jsonl"))
+    second = json.loads(kbsync(project, "sync", "--json").stdout)
+    v1, v2 = first["head"], second["head"]
+    log = json.loads(kbsync(project, "log", "--json").stdout)
+    assert [(r["id"], r["parent"], r["facts"], r["head"]) for r in log] == [(v1, None, 2, False), (v2, v1, 1, True)]
+    assert {"created_at"} <= set(log[0])
+    shown = json.loads(kbsync(project, "show", str(v1)).stdout)
+    assert sorted(c["subject"] for c in shown["changes"]) == ["Apple A5", "Paris"]
+    at_v2 = json.loads(kbsync(project, "query", "Toko Yasuda plays the", "--json").stdout)
+    assert at_v2["version"] == v2
+    out = json.loads(kbsync(project, "rollback", str(v1), "--json").stdout)
+    assert out == {"from": v2, "head": v1}
+    assert json.loads(kbsync(project, "query", "Toko Yasuda plays the", "--json").stdout)["version"] == v1
+    status = json.loads(kbsync(project, "status", "--json").stdout)
+    assert status["head"] == v1 and status["pending"] == 0          # rolled-back facts are not re-queued
+    assert json.loads(kbsync(project, "sync", "--json").stdout)["steps"] == []
+    kbsync(project, "rollback", str(v2))                               # and forward again
+    assert json.loads(kbsync(project, "status", "--json").stdout)["head"] == v2
+    kbsync(project, "rollback", "base")
+    assert json.loads(kbsync(project, "status", "--json").stdout)["head"] is None
 
 
 def test_errors_are_clear_with_exit_codes(project, tmp_path):
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"subject": "Paris", "prompt": "Rome is nice", "target": "Italy"}\n')
-    proc = kbsync(project, "demo", str(bad), check=False)
-    assert proc.returncode == 1 and "does not contain subject" in proc.stderr
+    proc = kbsync(project, "rollback", "42", check=False)
+    assert proc.returncode == 1 and "42" in proc.stderr and "kbsync log" in proc.stderr
+    proc = kbsync(project, "rollback", "yesterday", check=False)
+    assert proc.returncode == 2 and "not a version id" in proc.stderr
     proc = kbsync(project, "query", check=False)                   # missing argument: usage error
     assert proc.returncode == 2 and "PROMPT" in proc.stderr
     (tmp_path / "broken.toml").write_text("[model\n")
@@ -64,9 +87,11 @@ def test_errors_are_clear_with_exit_codes(project, tmp_path):
     assert proc.returncode == 1 and "not valid TOML" in proc.stderr
 
 
-@pytest.mark.parametrize("args", [[], ["stats"], ["stats", "build"], ["query"], ["demo"]])
+@pytest.mark.parametrize("args", [[], ["stats"], ["stats", "build"], ["query"], ["status"], ["sync"], ["log"],
+                                  ["show"], ["rollback"], ["revert"], ["facts"], ["facts", "add"],
+                                  ["facts", "import"], ["facts", "list"], ["facts", "rm"]])
 def test_every_command_has_help_with_an_example(args):
     proc = subprocess.run([sys.executable, "-m", "daemon", *args, "--help"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0 and "Usage:" in proc.stdout
-    if args and args != ["stats"]:
+    if args and args not in (["stats"],):
         assert "Example" in proc.stdout

@@ -1,0 +1,289 @@
+"""The service layer: the one place where ``kb`` facts become ``editor`` edits. CLI and HTTP call it.
+
+Versions follow DESIGN.md §3. A sync takes the pending changes in batches of at most B: upserts become
+one COMEBA-HK step (one version) each; deletes rebuild the model without the deleted facts: back to the
+parent of the first version that carried one, then the later facts are replayed as new steps. Rebuilds
+(deletes and ``revert``) are computed in memory first and committed as one ledger transaction, so a crash
+leaves either the old HEAD or the whole new chain.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import structlog
+
+from editor.errors import EditorError
+from editor.requests import EditRequest, StepBatch
+from editor.step import StepDelta, apply_delta, compute_delta, restore_state
+from kb import FactStore, KBError
+from kb.ledger import Ledger, PlannedVersion
+
+from .config import AppConfig
+from .errors import ServiceError
+
+log = structlog.get_logger("kbsync.service")
+
+BASE = None  # the version id of the unedited model
+
+
+@dataclass(frozen=True)
+class StepReport:
+    version: int | None
+    facts: int
+    kind: str            # "edit", "replay", "record" (a version with no weights), "failed"
+    seconds: float
+    error: str | None = None
+
+    def to_json(self) -> dict:
+        return {"version": self.version, "facts": self.facts, "kind": self.kind,
+                "seconds": round(self.seconds, 2), "error": self.error}
+
+
+class Service:
+    """Facts, versions and the model of one state directory. The model loads on first need."""
+
+    def __init__(self, cfg: AppConfig, progress: bool = True, preloaded=None):
+        self.cfg = cfg
+        self.progress = progress
+        self._preloaded = preloaded
+        self.store = FactStore(cfg.db_path)
+        self.ledger = Ledger(self.store, cfg.blob_dir)
+        self._worker = None
+        self._served: int | None | str = "unloaded"   # the version the live hooks are at
+
+    def close(self) -> None:
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None
+        self.store.close()
+
+    # ----- the model ---------------------------------------------------------------------------
+    @property
+    def worker(self):
+        if self._worker is None:
+            from .worker import ModelWorker
+            self._worker = ModelWorker(self.cfg, progress=self.progress, preloaded=self._preloaded)
+            head = self.ledger.head()
+            self._restore(head.id if head else BASE)
+        return self._worker
+
+    @property
+    def model_loaded(self) -> bool:
+        return self._worker is not None
+
+    def _deltas(self, version_id: int | None) -> list[StepDelta]:
+        fp = self.worker.em.fingerprint()
+        out = []
+        for v in self.ledger.chain(version_id):
+            arrays, meta = self.ledger.load(v.id, expect_fingerprint=fp)
+            try:
+                out.append(StepDelta.from_arrays(arrays, meta))
+            except EditorError as exc:
+                raise ServiceError(f"version {v.id}: {exc}; roll back to an earlier version with "
+                                   f"`kbsync rollback {v.parent if v.parent is not None else 'base'}`") from None
+        return out
+
+    def _restore(self, version_id: int | None) -> None:
+        t = time.perf_counter()
+        deltas = self._deltas(version_id)
+        try:
+            restore_state(self.worker.em, deltas)
+        except EditorError as exc:
+            raise ServiceError(f"cannot restore version {version_id}: {exc}. The configured model or its "
+                               "editable layers differ from the ones the versions were made with; restore the "
+                               "config, or `kbsync rollback base` to start again from the base model") from None
+        self._served = version_id
+        log.info("model.restored", version=version_id, steps=len(deltas),
+                 seconds=round(time.perf_counter() - t, 3))
+
+    def _at_head(self) -> int | None:
+        head = self.ledger.head()
+        head_id = head.id if head else BASE
+        if self._served != head_id:
+            self._restore(head_id)
+        return head_id
+
+    # ----- reads ---------------------------------------------------------------------------------
+    def status(self) -> dict:
+        head = self.ledger.head()
+        counts = self.store.counts()
+        doc = {"head": head.id if head else None, "pending": counts.pending, "pending_keys": counts.pending_keys,
+               "failed": counts.failed, "facts": counts.facts, "versions": len(self.ledger.versions()),
+               "model": self.cfg.model.source, "device": None, "model_loaded": self.model_loaded}
+        if self.model_loaded:
+            doc["device"] = str(self.worker.em.device)
+            doc["fingerprint"] = self.worker.em.fingerprint()
+        return doc
+
+    def log(self) -> list[dict]:
+        head = self.ledger.head()
+        on_chain = {v.id for v in self.ledger.chain(head.id if head else BASE)}
+        return [{"id": v.id, "parent": v.parent, "facts": v.n_facts, "created_at": v.created_at,
+                 "head": head is not None and v.id == head.id, "on_head_chain": v.id in on_chain,
+                 "note": v.note, "bytes": v.blob_bytes, "metrics": v.metrics}
+                for v in self.ledger.versions()]
+
+    def show(self, version_id: int) -> dict:
+        v = self._version(version_id)
+        return {**v.to_json(), "changes": [c.to_json() for c in self.ledger.carried(v.id)]}
+
+    def query(self, prompts: list[str], max_tokens: int = 16) -> tuple[list[str], int | None]:
+        version = self._at_head()
+        return self.worker.query(prompts, max_tokens), version
+
+    # ----- writes --------------------------------------------------------------------------------
+    def sync(self, actor: str = "cli") -> list[StepReport]:
+        """Apply pending changes as consecutive steps of at most B facts (at most ``max_steps`` steps)."""
+        self._at_head()
+        reports: list[StepReport] = []
+        for _ in range(self.cfg.sync.max_steps):
+            batch = self.store.next_batch(self.cfg.sync.batch_size)
+            if not len(batch):
+                break
+            deletes = [e for e in batch if e.change.op == "delete"]
+            upserts = [e for e in batch if e.change.op == "upsert"]
+            if deletes:
+                reports.append(self._delete(deletes, actor))
+            if upserts:
+                reports.append(self._edit(upserts, actor))
+        return reports
+
+    def rollback(self, version_id: int | None, actor: str = "cli", reason: str = "") -> dict:
+        """Move HEAD to ``version_id`` (``None`` = the base model); later versions stay in history."""
+        if version_id is not None:
+            self._version(version_id)
+        before = self.ledger.head()
+        self.ledger.move_head(version_id, actor=actor, reason=reason or f"rollback to {version_id or 'base'}")
+        if self.model_loaded:
+            self._restore(version_id)
+        log.info("head.rollback", frm=before.id if before else None, to=version_id, actor=actor)
+        return {"from": before.id if before else None, "head": version_id}
+
+    def revert(self, version_id: int, actor: str = "cli") -> list[StepReport]:
+        """Take one step out: back to its parent, then the later steps' facts applied again as new steps."""
+        v = self._version(version_id)
+        head = self.ledger.head()
+        chain = self.ledger.chain(head.id if head else BASE)
+        ids = [c.id for c in chain]
+        if v.id not in ids:
+            raise ServiceError(f"version {v.id} is not on HEAD's history (HEAD is {head.id if head else 'base'}); "
+                               f"`kbsync rollback {v.id}` first, or revert a version listed by `kbsync log`")
+        later = chain[ids.index(v.id) + 1:]
+        return self._rebuild(v.parent, later, exclude=set(), extra_ids=[], actor=actor,
+                             reason=f"revert {v.id}")
+
+    # ----- steps -----------------------------------------------------------------------------------
+    def _edit(self, entries, actor: str) -> StepReport:
+        t = time.perf_counter()
+        good, bad = self._checked(entries)
+        for e, why in bad:
+            self.store.mark_failed(e.change_ids, why)
+            log.warning("fact.failed", change=e.change.id, subject=e.change.subject, reason=why)
+        if not good:
+            return StepReport(None, 0, "failed", time.perf_counter() - t, "; ".join(w for _, w in bad))
+        requests = [_request(e.change) for e in good]
+        change_ids = [i for e in good for i in e.change_ids]
+        delta = compute_delta(self.worker.em, requests, self.worker.stats, self.cfg.editor)
+        version = self._commit_one(delta, change_ids, actor, f"sync: {len(requests)} facts")
+        apply_delta(self.worker.em, delta)
+        self._served = version.id
+        log.info("step.committed", version=version.id, facts=len(requests),
+                 seconds=round(time.perf_counter() - t, 2))
+        return StepReport(version.id, len(requests), "edit", time.perf_counter() - t)
+
+    def _delete(self, entries, actor: str) -> StepReport:
+        head = self.ledger.head()
+        chain = self.ledger.chain(head.id if head else BASE)
+        keys = {e.change.key for e in entries}
+        del_ids = [i for e in entries for i in e.change_ids]
+        first = next((i for i, v in enumerate(chain)
+                      if any(c.op == "upsert" and c.key in keys for c in self.ledger.carried(v.id))), None)
+        if first is None:      # nothing of these facts is in the model: record the deletes only
+            reports = self._rebuild(head.id if head else BASE, [], exclude=keys, extra_ids=del_ids,
+                                    actor=actor, reason="delete (facts not in the model)")
+        else:
+            reports = self._rebuild(chain[first].parent, chain[first:], exclude=keys, extra_ids=del_ids,
+                                    actor=actor, reason=f"delete {len(keys)} facts: rebuild from {chain[first].id}")
+        return StepReport(reports[-1].version if reports else None, sum(r.facts for r in reports),
+                          "replay", sum(r.seconds for r in reports))
+
+    def _rebuild(self, parent: int | None, versions, exclude: set, extra_ids: list[int], actor: str,
+                 reason: str) -> list[StepReport]:
+        """From ``parent``, replay the facts carried by ``versions`` (minus ``exclude`` keys) as new steps.
+
+        Computed on the live model restored to ``parent``; committed in one ledger transaction.
+        """
+        t = time.perf_counter()
+        latest = {}
+        for v in versions:
+            for c in self.ledger.carried(v.id):
+                if c.key not in exclude and (c.key not in latest or c.id > latest[c.key].id):
+                    latest[c.key] = c
+        replay = sorted((c for c in latest.values() if c.op == "upsert"), key=lambda c: c.id)
+        dropped = sorted(c.id for c in latest.values() if c.op == "delete")
+        B = self.cfg.sync.batch_size
+        chunks = [replay[i:i + B] for i in range(0, len(replay), B)]
+        planned: list[PlannedVersion] = []
+        deltas: list[StepDelta] = []
+        try:
+            self._restore(parent)
+            for k, chunk in enumerate(chunks):
+                delta = compute_delta(self.worker.em, [_request(c) for c in chunk], self.worker.stats, self.cfg.editor)
+                apply_delta(self.worker.em, delta)
+                deltas.append(delta)
+                ids = [c.id for c in chunk] + (extra_ids + dropped if k == len(chunks) - 1 else [])
+                planned.append(self._plan(delta, ids, f"{reason} (step {k + 1}/{len(chunks)})"))
+            if not chunks and (extra_ids or dropped):
+                planned.append(self._plan(None, extra_ids + dropped, reason))
+            if planned:
+                committed = self.ledger.commit_chain(planned, parent=parent, actor=actor, reason=reason)
+            else:
+                self.ledger.move_head(parent, actor=actor, reason=reason)
+                committed = []
+        except BaseException:
+            self._served = "unloaded"          # the live hooks hold a half-built chain: restore from the ledger
+            self._at_head()
+            raise
+        self._served = committed[-1].id if committed else parent
+        log.info("head.rebuilt", reason=reason, parent=parent, versions=[v.id for v in committed],
+                 facts=len(replay), seconds=round(time.perf_counter() - t, 2))
+        per = (time.perf_counter() - t) / max(1, len(committed))
+        return [StepReport(v.id, v.n_facts, "replay" if d is not None else "record", per)
+                for v, d in zip(committed, deltas + [None] * (len(committed) - len(deltas)))]
+
+    def _plan(self, delta: StepDelta | None, change_ids: list[int], note: str) -> PlannedVersion:
+        em = self.worker.em
+        arrays, meta = delta.to_arrays() if delta is not None else ({}, {"layers": ""})
+        metrics = {k: v for k, v in (delta.metrics if delta else {}).items()}
+        return PlannedVersion(arrays=arrays, meta=meta, change_ids=list(change_ids),
+                              config_digest=self.cfg.editor.digest(), model_fingerprint=em.fingerprint(),
+                              metrics=metrics, note=note)
+
+    def _commit_one(self, delta: StepDelta, change_ids: list[int], actor: str, note: str):
+        p = self._plan(delta, change_ids, note)
+        return self.ledger.commit(p.arrays, p.meta, p.change_ids, config_digest=p.config_digest,
+                                  model_fingerprint=p.model_fingerprint, metrics=p.metrics, actor=actor,
+                                  reason=note)
+
+    def _checked(self, entries):
+        """Split batch entries into those the editor can take and (entry, reason) for the rest."""
+        good, bad = [], []
+        for e in entries:
+            try:
+                StepBatch(self.worker.em.tokenizer, [_request(e.change)], self.cfg.editor.contexts,
+                          self.cfg.editor.kl_template)
+                good.append(e)
+            except EditorError as exc:
+                bad.append((e, str(exc)))
+        return good, bad
+
+    def _version(self, version_id: int):
+        try:
+            return self.ledger.get(version_id)
+        except KBError as exc:
+            raise ServiceError(str(exc)) from None
+
+
+def _request(change) -> EditRequest:
+    return EditRequest(change.subject, change.template, change.target)

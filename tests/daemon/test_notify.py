@@ -1,0 +1,186 @@
+"""daemon.notify against real AF_UNIX datagram sockets standing in for systemd's notify socket."""
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+import uuid
+
+import pytest
+from structlog.testing import capture_logs
+
+from daemon.notify import Notifier, WatchdogPinger
+
+
+class Receiver:
+    """A bound SOCK_DGRAM socket that collects what the notifier sends."""
+
+    def __init__(self, address: str | bytes):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(address)
+
+    def get(self, timeout: float = 2.0) -> str:
+        self.sock.settimeout(timeout)
+        return self.sock.recv(4096).decode()
+
+    def drain(self) -> list[str]:
+        out = []
+        self.sock.settimeout(0.0)
+        while True:
+            try:
+                out.append(self.sock.recv(4096).decode())
+            except BlockingIOError:
+                return out
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def path_socket(tmp_path, monkeypatch):
+    path = tmp_path / "notify.sock"
+    if len(str(path)) > 100:  # AF_UNIX paths are limited to 108 bytes
+        pytest.skip("tmp_path too long for an AF_UNIX socket")
+    rx = Receiver(str(path))
+    monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+    yield rx
+    rx.close()
+
+
+@pytest.fixture
+def abstract_socket(monkeypatch):
+    name = f"kbsync-test-{uuid.uuid4().hex}"
+    rx = Receiver(b"\0" + name.encode())
+    monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)
+    yield rx
+    rx.close()
+
+
+def test_lifecycle_messages_arrive_in_order_on_a_path_socket(path_socket):
+    n = Notifier()
+    assert n.enabled
+    assert n.ready() and n.status("HEAD v3, 2 pending") and n.watchdog() and n.stopping()
+    assert [path_socket.get() for _ in range(4)] == [
+        "READY=1", "STATUS=HEAD v3, 2 pending", "WATCHDOG=1", "STOPPING=1"]
+    assert path_socket.drain() == []
+
+
+def test_lifecycle_messages_arrive_on_an_abstract_socket(abstract_socket):
+    n = Notifier()
+    n.ready()
+    n.status("idle")
+    n.watchdog()
+    n.stopping()
+    assert [abstract_socket.get() for _ in range(4)] == ["READY=1", "STATUS=idle", "WATCHDOG=1", "STOPPING=1"]
+
+
+def test_status_is_folded_to_one_line(path_socket):
+    Notifier().status("HEAD v1\npending 0")
+    assert path_socket.get() == "STATUS=HEAD v1 pending 0"
+
+
+def test_reloading_carries_the_monotonic_clock(path_socket):
+    before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    assert Notifier().reloading()
+    after = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    first, second = path_socket.get().split("\n")
+    assert first == "RELOADING=1"
+    key, value = second.split("=")
+    assert key == "MONOTONIC_USEC" and before <= int(value) <= after
+
+
+def test_without_notify_socket_everything_is_a_silent_no_op(monkeypatch):
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    monkeypatch.setenv("WATCHDOG_USEC", "1000000")
+    n = Notifier()
+    assert not n.enabled
+    with capture_logs() as logs:
+        assert not any([n.ready(), n.status("x"), n.watchdog(), n.stopping(), n.reloading()])
+    assert logs == []
+    assert n.watchdog_interval() is None
+
+
+def test_an_unreachable_socket_is_logged_not_raised(tmp_path, monkeypatch):
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "gone.sock"))
+    with capture_logs() as logs:
+        assert Notifier().ready() is False
+    assert [e["event"] for e in logs] == ["notify.failed"]
+    assert logs[0]["message"] == "READY=1" and "FileNotFoundError" in logs[0]["error"]
+
+
+def test_environ_is_read_from_the_mapping_given(path_socket):
+    n = Notifier({"NOTIFY_SOCKET": os.environ["NOTIFY_SOCKET"], "WATCHDOG_USEC": "3000000"})
+    assert n.watchdog_interval() == 3.0
+
+
+@pytest.mark.parametrize("usec, pid, expected", [
+    ("4000000", None, 4.0),
+    ("4000000", "self", 4.0),
+    ("4000000", "other", None),
+    ("0", None, None),
+    ("soon", None, None),
+    (None, None, None),
+])
+def test_watchdog_interval(usec, pid, expected):
+    env = {"NOTIFY_SOCKET": "@x"}
+    if usec is not None:
+        env["WATCHDOG_USEC"] = usec
+    if pid is not None:
+        env["WATCHDOG_PID"] = str(os.getpid() if pid == "self" else os.getpid() + 1)
+    assert Notifier(env).watchdog_interval() == expected
+
+
+def test_pinger_pings_while_healthy_and_stops_when_not(path_socket):
+    healthy = threading.Event()
+    healthy.set()
+    pinger = WatchdogPinger(Notifier(), healthy.is_set, interval_s=0.05)
+    pinger.start()
+    try:
+        time.sleep(0.4)
+        pings = path_socket.drain()
+        assert len(pings) >= 3 and set(pings) == {"WATCHDOG=1"}
+        healthy.clear()  # the main loop is wedged
+        time.sleep(0.1)  # a ping already past its health check may still land
+        path_socket.drain()
+        time.sleep(0.4)
+        assert path_socket.drain() == []
+        assert pinger.alive  # still watching: pings resume if the loop recovers
+        healthy.set()
+        assert path_socket.get() == "WATCHDOG=1"
+    finally:
+        pinger.stop()
+    assert not pinger.alive
+
+
+def test_pinger_treats_a_raising_health_check_as_unhealthy(path_socket):
+    def broken() -> bool:
+        raise RuntimeError("loop state unknown")
+
+    with capture_logs() as logs:
+        pinger = WatchdogPinger(Notifier(), broken, interval_s=0.05)
+        pinger.start()
+        time.sleep(0.2)
+        pinger.stop()
+    assert path_socket.drain() == []
+    assert "watchdog.check_failed" in {e["event"] for e in logs}
+
+
+def test_pinger_defaults_to_half_the_watchdog_and_stops_promptly(path_socket, monkeypatch):
+    monkeypatch.setenv("WATCHDOG_USEC", str(60_000_000))
+    pinger = WatchdogPinger(Notifier(), lambda: True)
+    assert pinger.interval_s == 30.0
+    pinger.start()
+    assert path_socket.get() == "WATCHDOG=1"  # the first ping goes out at once
+    t = time.perf_counter()
+    pinger.stop()
+    assert time.perf_counter() - t < 1.0 and not pinger.alive
+
+
+def test_pinger_without_a_watchdog_does_nothing(path_socket, monkeypatch):
+    monkeypatch.delenv("WATCHDOG_USEC", raising=False)
+    pinger = WatchdogPinger(Notifier(), lambda: True)
+    pinger.start()
+    assert pinger.interval_s is None and not pinger.alive
+    pinger.stop()
+    assert path_socket.drain() == []

@@ -1,0 +1,238 @@
+"""daemon.scheduler with a real BackgroundScheduler, short intervals and counting tick functions."""
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+from structlog.testing import capture_logs
+
+from daemon.scheduler import SyncScheduler, TickRecord
+
+HOUR = 3600.0
+
+
+class Counter:
+    """A tick function that counts calls, optionally sleeps or blocks, and tracks concurrency."""
+
+    def __init__(self, sleep_s: float = 0.0, gate: threading.Event | None = None):
+        self.calls = 0
+        self.active = 0
+        self.max_active = 0
+        self.sleep_s = sleep_s
+        self.gate = gate
+        self.entered = threading.Event()
+        self._lock = threading.Lock()
+
+    def __call__(self) -> int:
+        with self._lock:
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+            self.calls += 1
+            n = self.calls
+        self.entered.set()
+        try:
+            if self.gate is not None:
+                self.gate.wait(10)
+            time.sleep(self.sleep_s)
+            return n
+        finally:
+            with self._lock:
+                self.active -= 1
+
+
+def wait_until(cond: Callable[[], bool], timeout: float = 3.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.01)
+    return cond()
+
+
+@pytest.fixture
+def make() -> Iterator[Callable[..., SyncScheduler]]:
+    """Build schedulers and make sure every one is shut down after the test."""
+    made: list[SyncScheduler] = []
+
+    def _make(tick, **kw) -> SyncScheduler:
+        s = SyncScheduler(tick, **kw)
+        made.append(s)
+        return s
+
+    yield _make
+    for s in made:
+        s.shutdown(wait=False)
+
+
+def test_interval_ticks_repeatedly_and_records_the_last(make):
+    tick = Counter()
+    with capture_logs() as logs:
+        s = make(tick, interval_s=0.1)
+        s.start()
+        assert s.running
+        assert wait_until(lambda: tick.calls >= 3)
+    rec = s.last_tick
+    assert isinstance(rec, TickRecord) and rec.ok and rec.reason == "schedule"
+    assert isinstance(rec.result, int) and rec.duration_s >= 0 and rec.started_at <= time.time()
+    events = [e["event"] for e in logs]
+    assert events.count("tick.start") >= 3 and events.count("tick.done") >= 3
+    assert all("duration_s" in e for e in logs if e["event"] == "tick.done")
+
+
+def test_ticks_never_overlap_even_when_run_now_is_hammered(make):
+    tick = Counter(sleep_s=0.05)
+    s = make(tick, interval_s=0.03, pending=lambda: 100, batch_size=1, size_poll_s=0.02)
+    s.start()
+    stop = time.monotonic() + 0.8
+
+    def hammer() -> None:
+        while time.monotonic() < stop:
+            s.run_now()
+            time.sleep(0.001)
+
+    threads = [threading.Thread(target=hammer) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    s.shutdown(wait=True)
+    assert tick.max_active == 1
+    assert 3 <= tick.calls <= 0.85 / 0.05 + 2  # back to back at most, never in parallel
+
+
+def test_requests_during_a_tick_coalesce_into_one_follow_up(make):
+    gate = threading.Event()
+    tick = Counter(gate=gate)
+    s = make(tick, interval_s=HOUR)
+    s.start()
+    s.run_now()
+    assert tick.entered.wait(2) and s.busy
+    for _ in range(50):
+        s.run_now()
+    gate.set()
+    assert wait_until(lambda: tick.calls == 2 and not s.busy)
+    time.sleep(0.2)
+    assert tick.calls == 2 and tick.max_active == 1
+    assert s.last_tick is not None and s.last_tick.reason == "manual"
+
+
+def test_run_now_can_wait_for_its_result(make):
+    tick = Counter(sleep_s=0.05)
+    s = make(tick, interval_s=HOUR)
+    s.start()
+    rec = s.run_now(wait=True, timeout=3)
+    assert rec is not None and rec.reason == "manual" and rec.result == 1
+
+
+def test_size_trigger_runs_early_once_a_batch_is_pending(make):
+    waiting = [3]
+    tick = Counter()
+    s = make(tick, interval_s=HOUR, pending=lambda: waiting[0], batch_size=5, size_poll_s=0.05)
+    s.start()
+    time.sleep(0.3)
+    assert tick.calls == 0  # below the batch size: wait for the schedule
+    waiting[0] = 5
+    assert wait_until(lambda: tick.calls >= 1, timeout=2)
+    assert s.last_tick is not None and s.last_tick.reason == "size"
+
+
+def test_a_raising_tick_is_logged_and_the_schedule_goes_on(make):
+    calls = []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) <= 2:
+            raise RuntimeError("model worker not ready")
+        return "ok"
+
+    with capture_logs() as logs:
+        s = make(flaky, interval_s=0.1)
+        s.start()
+        assert wait_until(lambda: len(calls) >= 4)
+    failed = [e for e in logs if e["event"] == "tick.failed"]
+    assert len(failed) == 2 and failed[0]["error"] == "RuntimeError: model worker not ready"
+    assert failed[0]["log_level"] == "error" and "duration_s" in failed[0]
+    assert s.running and s.last_tick is not None and s.last_tick.result == "ok"
+
+
+def test_failed_tick_is_recorded(make):
+    def boom() -> None:
+        raise ValueError("bad batch")
+
+    s = make(boom, interval_s=HOUR)
+    s.start()
+    rec = s.run_now(wait=True, timeout=3)
+    assert rec is not None and not rec.ok and rec.error == "ValueError: bad batch" and rec.result is None
+
+
+def test_shutdown_is_prompt(make):
+    gate = threading.Event()
+    tick = Counter(gate=gate)
+    s = make(tick, interval_s=HOUR)
+    s.start()
+    s.run_now()
+    assert tick.entered.wait(2)
+    t = time.perf_counter()
+    s.shutdown(wait=False)  # mid-tick: returns without waiting for it
+    assert time.perf_counter() - t < 1.0 and not s.running
+    gate.set()
+
+    idle = make(Counter(), interval_s=HOUR)
+    idle.start()
+    t = time.perf_counter()
+    idle.shutdown(wait=True)
+    assert time.perf_counter() - t < 1.0 and not idle.running
+    assert idle.run_now() is None  # nothing is scheduled after shutdown
+
+
+@pytest.mark.parametrize("expr", ["every minute", "* * *", "61 * * * *"])
+def test_bad_cron_is_a_clear_value_error(expr):
+    with pytest.raises(ValueError, match="bad cron expression") as e:
+        SyncScheduler(lambda: None, cron=expr)
+    assert repr(expr) in str(e.value)
+
+
+def test_cron_schedule_and_interval_validation(make):
+    s = make(lambda: None, cron="*/5 * * * *")
+    assert s.next_run_time is None
+    s.start()
+    nxt = s.next_run_time
+    assert nxt is not None and nxt.minute % 5 == 0 and nxt.second == 0
+    with pytest.raises(ValueError, match="interval_s"):
+        SyncScheduler(lambda: None, interval_s=None)
+    with pytest.raises(ValueError, match="interval_s"):
+        SyncScheduler(lambda: None, interval_s=0)
+
+
+def test_reschedule_changes_the_interval(make):
+    tick = Counter()
+    s = make(tick, interval_s=HOUR)
+    s.start()
+    first = s.next_run_time
+    time.sleep(0.2)
+    assert tick.calls == 0
+    s.reschedule(interval_s=0.1)
+    assert s.next_run_time is not None and s.next_run_time < first
+    assert wait_until(lambda: tick.calls >= 2)
+    with pytest.raises(ValueError, match="bad cron"):
+        s.reschedule(cron="nonsense")
+    s.reschedule(cron="0 3 * * *")
+    nxt = s.next_run_time
+    assert nxt is not None and (nxt.hour, nxt.minute) == (3, 0)
+
+
+def test_pause_stops_the_triggers_but_not_run_now(make):
+    tick = Counter()
+    s = make(tick, interval_s=0.1, pending=lambda: 100, batch_size=1, size_poll_s=0.05)
+    s.pause()
+    s.start()
+    time.sleep(0.3)
+    assert tick.calls == 0 and s.next_run_time is None
+    assert s.run_now(wait=True, timeout=3) is not None and tick.calls == 1
+    s.reschedule(interval_s=0.05)  # still paused after a reload
+    time.sleep(0.2)
+    assert tick.calls == 1
+    s.resume()
+    assert wait_until(lambda: tick.calls >= 3)

@@ -1,0 +1,58 @@
+"""Versions on the real default model: rollback, revert and delete change what the model answers."""
+import pytest
+import torch
+
+from daemon.config import AppConfig, ModelConfig, SyncConfig
+from daemon.service import Service
+from editor.config import EditConfig, StatsConfig
+from tests.conftest import DATA, ROOT
+
+pytestmark = pytest.mark.model
+
+
+def test_rollback_revert_delete(default_model, counterfact, tmp_path):
+    model, tok = default_model
+    editor = EditConfig.from_toml(ROOT / "configs/models/smollm2-135m.toml").replace(
+        stats=StatsConfig(corpus=str(DATA / "wikitext2-valid.txt"), n_tokens=20_000, seq_len=256))
+    cfg = AppConfig(state_dir=tmp_path, model=ModelConfig(), editor=editor, sync=SyncConfig(batch_size=2))
+    cases = counterfact[200:206]                       # tuning range; 3 steps of 2 facts
+    svc = Service(cfg, progress=False, preloaded=(model, tok))
+    try:
+        prompts = [c["prompt"] for c in cases]
+        first = lambda s: tok(" " + s, add_special_tokens=False)["input_ids"][0]
+        new = torch.tensor([first(c["target_new"]) for c in cases])
+        old = torch.tensor([first(c["ground_truth"]) for c in cases])
+        base_top = svc.worker.em.next_token_logits(prompts).argmax(-1)
+
+        def holds() -> list[bool]:                       # prefers the new target over the true one
+            svc._at_head()
+            lp = svc.worker.em.next_token_logits(prompts).log_softmax(-1)
+            return (lp.gather(1, new[:, None]) > lp.gather(1, old[:, None])).squeeze(1).tolist()
+
+        def as_base() -> list[bool]:                     # answers as the unedited model did
+            svc._at_head()
+            return (svc.worker.em.next_token_logits(prompts).argmax(-1) == base_top).tolist()
+
+        for c in cases:
+            svc.store.add(c["subject"], c["prompt"], c["target_new"], source="test")
+        reports = svc.sync()
+        v1, v2, v3 = (r.version for r in reports)
+        assert all(holds())
+
+        svc.rollback(v1)
+        assert holds()[:2] == [True, True] and as_base()[2:] == [True] * 4
+        svc.rollback(v3)
+        assert all(holds())
+
+        svc.revert(v2)
+        h, b = holds(), as_base()
+        assert h[:2] == [True, True] and h[4:] == [True, True] and b[2:4] == [True, True]
+        assert svc.ledger.head().id not in (v1, v2, v3)
+
+        svc.store.remove(cases[4]["subject"], cases[4]["prompt"], source="test")
+        svc.sync()
+        h, b = holds(), as_base()
+        assert b[4] and h[5] and h[:2] == [True, True] and b[2:4] == [True, True]
+        assert svc.status()["pending"] == 0
+    finally:
+        svc.close()
