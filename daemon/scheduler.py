@@ -206,15 +206,16 @@ class SyncScheduler:
                 if self._stopping:
                     return
                 reason, self._requested, self._busy = self._requested, None, True
+            record: TickRecord | None = None
             try:
                 record = self._tick_once(reason)
-            finally:
+            finally:  # one critical section, so run_now(wait=True) never counts a tick twice or not at all
                 with self._lock:
                     self._busy = False
-            with self._lock:
-                self._last = record
-                self._finished += 1
-                self._lock.notify_all()
+                    if record is not None:
+                        self._last = record
+                        self._finished += 1
+                    self._lock.notify_all()
 
     def _tick_once(self, reason: str) -> TickRecord:
         started, t0 = time.time(), time.perf_counter()

@@ -109,6 +109,7 @@ class Service:
         head = self.ledger.head()
         counts = self.store.counts()
         doc = {"head": head.id if head else None, "pending": counts.pending, "pending_keys": counts.pending_keys,
+               "held": counts.held,
                "failed": counts.failed, "facts": counts.facts, "versions": len(self.ledger.versions()),
                "model": self.cfg.model.source, "device": None, "model_loaded": self.model_loaded}
         if self.model_loaded:
@@ -225,13 +226,11 @@ class Service:
         B = self.cfg.sync.batch_size
         chunks = [replay[i:i + B] for i in range(0, len(replay), B)]
         planned: list[PlannedVersion] = []
-        deltas: list[StepDelta] = []
         try:
             self._restore(parent)
             for k, chunk in enumerate(chunks):
                 delta = compute_delta(self.worker.em, [_request(c) for c in chunk], self.worker.stats, self.cfg.editor)
                 apply_delta(self.worker.em, delta)
-                deltas.append(delta)
                 ids = [c.id for c in chunk] + (extra_ids + dropped if k == len(chunks) - 1 else [])
                 planned.append(self._plan(delta, ids, f"{reason} (step {k + 1}/{len(chunks)})"))
             if not chunks and (extra_ids or dropped):
@@ -246,11 +245,11 @@ class Service:
             self._at_head()
             raise
         self._served = committed[-1].id if committed else parent
+        seconds = time.perf_counter() - t
         log.info("head.rebuilt", reason=reason, parent=parent, versions=[v.id for v in committed],
-                 facts=len(replay), seconds=round(time.perf_counter() - t, 2))
-        per = (time.perf_counter() - t) / max(1, len(committed))
-        return [StepReport(v.id, v.n_facts, "replay" if d is not None else "record", per)
-                for v, d in zip(committed, deltas + [None] * (len(committed) - len(deltas)))]
+                 facts=len(replay), seconds=round(seconds, 2))
+        return [StepReport(v.id, v.n_facts, "replay" if chunks else "record", seconds / len(committed))
+                for v in committed]
 
     def _plan(self, delta: StepDelta | None, change_ids: list[int], note: str) -> PlannedVersion:
         em = self.worker.em

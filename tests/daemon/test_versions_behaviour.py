@@ -22,37 +22,41 @@ def test_rollback_revert_delete(default_model, counterfact, tmp_path):
         first = lambda s: tok(" " + s, add_special_tokens=False)["input_ids"][0]
         new = torch.tensor([first(c["target_new"]) for c in cases])
         old = torch.tensor([first(c["ground_truth"]) for c in cases])
-        base_top = svc.worker.em.next_token_logits(prompts).argmax(-1)
+        def top() -> torch.Tensor:                       # greedy next token at HEAD
+            svc._at_head()
+            return svc.worker.em.next_token_logits(prompts).argmax(-1)
 
         def holds() -> list[bool]:                       # prefers the new target over the true one
             svc._at_head()
             lp = svc.worker.em.next_token_logits(prompts).log_softmax(-1)
             return (lp.gather(1, new[:, None]) > lp.gather(1, old[:, None])).squeeze(1).tolist()
 
-        def as_base() -> list[bool]:                     # answers as the unedited model did
-            svc._at_head()
-            return (svc.worker.em.next_token_logits(prompts).argmax(-1) == base_top).tolist()
-
-        for c in cases:
-            svc.store.add(c["subject"], c["prompt"], c["target_new"], source="test")
-        reports = svc.sync()
-        v1, v2, v3 = (r.version for r in reports)
+        base_top = top()
+        versions, tops = [], []
+        for step in range(3):                            # three syncs of two facts: v1, v2, v3
+            for c in cases[2 * step:2 * step + 2]:
+                svc.store.add(c["subject"], c["prompt"], c["target_new"], source="test")
+            versions += [r.version for r in svc.sync()]
+            tops.append(top())
+        v1, v2, v3 = versions
         assert all(holds())
 
-        svc.rollback(v1)
-        assert holds()[:2] == [True, True] and as_base()[2:] == [True] * 4
-        svc.rollback(v3)
-        assert all(holds())
+        svc.rollback(v1)                                 # steps 2-3 prompts answer as before them
+        assert torch.equal(top(), tops[0]) and holds()[:2] == [True, True]
+        svc.rollback(v3)                                 # and forward again
+        assert torch.equal(top(), tops[2])
 
-        svc.revert(v2)
-        h, b = holds(), as_base()
-        assert h[:2] == [True, True] and h[4:] == [True, True] and b[2:4] == [True, True]
+        svc.revert(v2)                                   # step 2's facts out, steps 1 and 3 kept
+        h = holds()
+        assert h[:2] == [True, True] and h[4:] == [True, True] and h[2:4] == [False, False]
+        assert torch.equal(top()[2:4], tops[0][2:4])
         assert svc.ledger.head().id not in (v1, v2, v3)
 
         svc.store.remove(cases[4]["subject"], cases[4]["prompt"], source="test")
-        svc.sync()
-        h, b = holds(), as_base()
-        assert b[4] and h[5] and h[:2] == [True, True] and b[2:4] == [True, True]
+        svc.sync()                                       # the deleted fact answers as the unedited model
+        h = holds()
+        assert int(top()[4]) == int(base_top[4]) and not h[4]
+        assert h[5] and h[:2] == [True, True] and h[2:4] == [False, False]
         assert svc.status()["pending"] == 0
     finally:
         svc.close()
