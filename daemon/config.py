@@ -31,11 +31,31 @@ class SyncConfig:
 
 
 @dataclass(frozen=True)
+class DaemonConfig:
+    interval_s: float = 60.0      # the sync schedule (ignored when cron is set)
+    cron: str = ""                # a 5-field crontab line, e.g. "*/5 * * * *"; empty = use interval_s
+    host: str = "127.0.0.1"       # the admin API; a non-loopback host needs a token
+    port: int = 8765
+    token: str = ""               # bearer token of the admin API (or env KBSYNC_TOKEN)
+    inbox_settle_s: float = 2.0   # a dropped file is taken once unchanged this long
+    rescan_s: float = 30.0        # full rescan of the inbox (catches missed file events)
+
+    def __post_init__(self):
+        if self.interval_s <= 0 and not self.cron:
+            raise ConfigError("[daemon] interval_s must be positive (or set cron)")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"[daemon] port must be in 0..65535, got {self.port}")
+        if self.inbox_settle_s < 0 or self.rescan_s <= 0:
+            raise ConfigError("[daemon] inbox_settle_s must be >= 0 and rescan_s > 0")
+
+
+@dataclass(frozen=True)
 class AppConfig:
     state_dir: Path
     model: ModelConfig
     editor: EditConfig
     sync: SyncConfig = SyncConfig()
+    daemon: DaemonConfig = DaemonConfig()
 
     @property
     def db_path(self) -> Path:
@@ -68,6 +88,14 @@ def load_config(config: str | Path | None, state_dir: str | Path) -> AppConfig:
     if unknown:
         raise ConfigError(f"{base}: unknown keys in [sync]: {sorted(unknown)}; known: {sorted(SyncConfig.__dataclass_fields__)}")
     sync = SyncConfig(**sync_data)
+    daemon_data = data.get("daemon", {})
+    unknown = set(daemon_data) - set(DaemonConfig.__dataclass_fields__)
+    if unknown:
+        raise ConfigError(f"{base}: unknown keys in [daemon]: {sorted(unknown)}; known: {sorted(DaemonConfig.__dataclass_fields__)}")
+    try:
+        daemon = DaemonConfig(**daemon_data)
+    except TypeError as exc:
+        raise ConfigError(f"{base}: [daemon]: {exc}") from None
     hparams = Path(model.hparams)
     if not hparams.is_absolute() and not hparams.is_file():
         hparams = base.parent.parent / model.hparams          # relative to the project root of the config
@@ -75,7 +103,7 @@ def load_config(config: str | Path | None, state_dir: str | Path) -> AppConfig:
         editor = EditConfig.from_toml(hparams)
     except Exception as exc:
         raise ConfigError(str(exc)) from None
-    return AppConfig(state_dir=state_dir, model=model, editor=editor, sync=sync)
+    return AppConfig(state_dir=state_dir, model=model, editor=editor, sync=sync, daemon=daemon)
 
 
 def _default_config() -> Path:

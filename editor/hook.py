@@ -46,7 +46,8 @@ class RoutingContext:
 
 
 class HookLayer:
-    """COMEBA-HK hook on one projection. Holds Δ as factors (U_t, V_t), a dense copy, Σ K Kᵀ and α."""
+    """COMEBA-HK hook on one projection. Holds Δ as factors (U_t, V_t) with a dense copy, the keys K_t
+    (for Σ K Kᵀ) and α."""
 
     def __init__(self, module: nn.Module, layer: int, d_in: int, d_out: int,
                  context: RoutingContext, alpha0: float):
@@ -67,11 +68,40 @@ class HookLayer:
         """Back to the base model: no deltas, no accumulated keys, α = α0."""
         self.U: list[torch.Tensor] = []   # each (d_out, r_t) float32
         self.V: list[torch.Tensor] = []   # each (d_in, r_t) float32
-        self.D = torch.zeros(self.d_out, self.d_in, dtype=torch.float32, device=self.device)  # Σ U Vᵀ
-        self.KK = torch.zeros(self.d_in, self.d_in, dtype=torch.float64, device=self.device)  # Σ K Kᵀ
+        self.K: list[torch.Tensor] = []   # each (d_in, r_t) float32, the steps' keys
         self.alpha = self.alpha0
         self._cat: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._D: torch.Tensor | None = None
+        self._KK = torch.zeros(self.d_in, self.d_in, dtype=torch.float64, device=self.device)
+        self._kk_steps = 0                # how many of self.K are summed into self._KK
         self.context.carry.pop(self.layer, None)
+
+    @property
+    def D(self) -> torch.Tensor:
+        """Σ_t U_t V_tᵀ (d_out, d_in) float32: one product of the concatenated factors, a pure function of
+        the committed steps, so a restored hook is bit-identical to the live one. Built when first needed."""
+        if self._D is None:
+            if self.U:
+                Uc, Vc = self._factors()
+                self._D = Uc @ Vc.T                                 # (d_out, d_in)
+            else:
+                self._D = torch.zeros(self.d_out, self.d_in, dtype=torch.float32, device=self.device)
+        return self._D
+
+    @property
+    def KK(self) -> torch.Tensor:
+        """Σ_t K_t K_tᵀ (d_in, d_in) float64, summed step by step in commit order when a step needs it
+        (restoring a version only stores the keys: serving never needs this sum)."""
+        while self._kk_steps < len(self.K):
+            K = self.K[self._kk_steps].to(torch.float64)            # (d_in, r_t)
+            self._KK += K @ K.T                                     # (d_in, d_in)
+            self._kk_steps += 1
+        return self._KK
+
+    def _factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._cat is None:
+            self._cat = (torch.cat(self.U, 1), torch.cat(self.V, 1))
+        return self._cat
 
     @property
     def rank(self) -> int:
@@ -81,13 +111,13 @@ class HookLayer:
         """Add one step's Δ = U Vᵀ, accumulate K Kᵀ and set α. U (d_out, n), V (d_in, n), K (d_in, n)."""
         U = U.to(self.device, torch.float32)                       # (d_out, n)
         V = V.to(self.device, torch.float32)                       # (d_in, n)
-        K = K.to(self.device, torch.float64)                       # (d_in, n)
+        K = K.to(self.device, torch.float32)                       # (d_in, n)
         self.U.append(U)
         self.V.append(V)
-        self.D += U @ V.T                                          # (d_out, d_in)
-        self.KK += K @ K.T                                         # (d_in, d_in)
+        self.K.append(K)
         self.alpha = float(alpha)
         self._cat = None
+        self._D = None
 
     @contextlib.contextmanager
     def trial(self, U: torch.Tensor, V: torch.Tensor):
@@ -109,9 +139,7 @@ class HookLayer:
         if self.U:
             r = self.rank
             if r * (self.d_in + self.d_out) < self.d_in * self.d_out:
-                if self._cat is None:
-                    self._cat = (torch.cat(self.U, 1), torch.cat(self.V, 1))
-                Uc, Vc = self._cat                                  # (d_out, r), (d_in, r)
+                Uc, Vc = self._factors()                            # (d_out, r), (d_in, r)
                 out = (xf @ Vc) @ Uc.T                              # (..., d_out)
             else:
                 out = xf @ self.D.T                                 # (..., d_out)

@@ -1,0 +1,270 @@
+"""The daemon's runtime: the service, the drop folder, the sync schedule and systemd notifications, together.
+
+One lock serialises all model work (queries, sync ticks, rollback, revert): the model worker is single
+threaded, and a query waits while a step computes, so it never sees a half-applied step. Reads that need
+no model (status, log) do not take it, so they answer during a step.
+
+Lifecycle (driven by ``daemon.server``): :meth:`Runtime.start` loads the model and its key statistics,
+then starts the drop folder, the scheduler and the watchdog pinger; :meth:`Runtime.ready` (once the API
+answers) writes ``<state>/daemon.json`` and sends READY=1; :meth:`Runtime.stop` stops everything, sends
+STOPPING=1, removes ``daemon.json`` and closes the service, unless a step is still computing: then the
+step is abandoned uncommitted (a version commit is atomic) and :attr:`Runtime.abandoned` tells the caller
+to exit without waiting for it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import structlog
+
+from kb import DropFolder
+
+from .config import AppConfig
+from .notify import Notifier, WatchdogPinger
+from .scheduler import SyncScheduler, TickRecord
+from .service import Service
+
+log = structlog.get_logger("kbsync.runtime")
+
+DAEMON_FILE = "daemon.json"
+HEALTHY_WITHIN_S = 30.0      # the main loop must have beaten this recently for WATCHDOG=1 pings
+
+
+class Runtime:
+    """Everything the running daemon owns, around one :class:`~daemon.service.Service`.
+
+    ``interval_s``/``cron``/``host``/``port`` override the ``[daemon]`` config (command-line flags);
+    ``reload_config`` (SIGHUP) re-reads the config and keeps those overrides.
+    """
+
+    def __init__(self, cfg: AppConfig, *, interval_s: float | None = None, cron: str | None = None,
+                 host: str | None = None, port: int | None = None, progress: bool = False, preloaded=None,
+                 notifier: Notifier | None = None, config_loader: Callable[[], AppConfig] | None = None):
+        self.cfg = cfg
+        self._overrides = {"interval_s": interval_s, "cron": cron}
+        self.host = host or cfg.daemon.host
+        self.port = cfg.daemon.port if port is None else port
+        self.lock = threading.RLock()
+        self.service = Service(cfg, progress=progress, preloaded=preloaded)
+        self.notifier = notifier or Notifier()
+        self.pinger = WatchdogPinger(self.notifier, self.healthy)
+        self._config_loader = config_loader
+        interval, cron_line = self._schedule(cfg)
+        self.scheduler = SyncScheduler(self._tick, interval_s=interval, cron=cron_line, pending=self._pending,
+                                       batch_size=cfg.sync.batch_size)
+        self.drops = DropFolder(self.service.store, cfg.state_dir / "inbox", settle_s=cfg.daemon.inbox_settle_s,
+                                rescan_s=cfg.daemon.rescan_s)
+        self.started_at: float | None = None
+        self.abandoned = False
+        self._beat = time.monotonic()
+        self._stopping = threading.Event()
+        self._stopped = False
+        self._last_exc: BaseException | None = None
+
+    # -- configuration -------------------------------------------------------------------------------
+
+    @property
+    def token(self) -> str:
+        """The admin API's bearer token: env ``KBSYNC_TOKEN``, else ``[daemon] token`` ('' = none)."""
+        return os.environ.get("KBSYNC_TOKEN") or self.cfg.daemon.token
+
+    @property
+    def daemon_file(self) -> Path:
+        return self.cfg.state_dir / DAEMON_FILE
+
+    def _schedule(self, cfg: AppConfig) -> tuple[float | None, str | None]:
+        """Command-line --cron, else --interval, else config cron, else config interval."""
+        if self._overrides["cron"]:
+            return None, self._overrides["cron"]
+        if self._overrides["interval_s"] is not None:
+            return self._overrides["interval_s"], None
+        return cfg.daemon.interval_s, cfg.daemon.cron or None
+
+    def reload_config(self) -> None:
+        """SIGHUP: re-read the config and apply the new schedule (the model is not reloaded)."""
+        if self._config_loader is None:
+            log.warning("config.reload_skipped", reason="no config loader")
+            return
+        self.notifier.reloading()
+        try:
+            cfg = self._config_loader()
+            interval, cron = self._schedule(cfg)
+            self.scheduler.reschedule(interval_s=interval, cron=cron)
+        except Exception as exc:   # a bad edit must not take the daemon down: keep the old config
+            log.error("config.reload_failed", error=f"{type(exc).__name__}: {exc}")
+        else:
+            self.cfg = cfg
+            log.info("config.reloaded", interval_s=interval, cron=cron)
+        finally:
+            self.notifier.ready()
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load the model and its key statistics, then start the drop folder, scheduler and pinger."""
+        t = time.perf_counter()
+        self.notifier.status("loading the model")
+        with self.lock:
+            worker = self.service.worker          # loads the model and restores HEAD
+            _ = worker.stats                      # key statistics: built or read from the cache
+        self.drops.start()
+        self.scheduler.start()
+        self.pinger.start()
+        self.started_at = time.time()
+        log.info("runtime.started", seconds=round(time.perf_counter() - t, 2), head=self._head())
+
+    def ready(self, port: int | None = None) -> None:
+        """The API answers: write ``daemon.json`` (for the CLI) and tell systemd READY=1."""
+        if port is not None:
+            self.port = port
+        doc = {"host": self.host, "port": self.port, "pid": os.getpid(), "url": self.url,
+               "started_at": self.started_at}
+        tmp = self.daemon_file.with_name(f".{DAEMON_FILE}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(doc))
+        os.replace(tmp, self.daemon_file)
+        self.notifier.ready()
+        self.publish_status()
+        log.info("runtime.ready", url=self.url, pid=os.getpid())
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Stop scheduling and watching, STOPPING=1, remove ``daemon.json``; close the service if idle.
+
+        Never waits for a step: if the model lock is not free within ``timeout`` the step is abandoned
+        (uncommitted) and :attr:`abandoned` is set, so the caller exits without joining it.
+        """
+        self.begin_stop()
+        if self._stopped:
+            return
+        self._stopped = True
+        if self.lock.acquire(timeout=timeout):
+            try:
+                self.service.close()
+            finally:
+                self.lock.release()
+        else:
+            self.abandoned = True
+            log.warning("step.abandoned", reason="shutting down mid-step; the step was not committed")
+        log.info("runtime.stopped", abandoned=self.abandoned)
+
+    def begin_stop(self) -> None:
+        """The quick, non-blocking part of :meth:`stop` (idempotent; safe from any thread)."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        self.notifier.stopping()
+        self.scheduler.shutdown(wait=False)
+        self.pinger.stop()
+        try:
+            self.drops.stop(timeout=2.0)
+        finally:
+            self._remove_daemon_file()
+
+    def _remove_daemon_file(self) -> None:
+        try:
+            if json.loads(self.daemon_file.read_text()).get("pid") == os.getpid():
+                self.daemon_file.unlink()
+        except (FileNotFoundError, ValueError):
+            pass
+
+    # -- health --------------------------------------------------------------------------------------
+
+    def beat(self) -> None:
+        """Called by the main loop on every turn."""
+        self._beat = time.monotonic()
+
+    def healthy(self) -> bool:
+        """The main loop turned recently and we are not shutting down (drives WATCHDOG=1)."""
+        return not self._stopping.is_set() and time.monotonic() - self._beat < HEALTHY_WITHIN_S
+
+    @property
+    def is_ready(self) -> bool:
+        """The model is loaded and the scheduler runs."""
+        return self.service.model_loaded and self.scheduler.running and not self._stopping.is_set()
+
+    @property
+    def url(self) -> str:
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(self.host, self.host)
+        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
+
+    # -- operations ----------------------------------------------------------------------------------
+
+    def status(self) -> dict:
+        """Service status plus the schedule's last and next tick (no model lock: answers during a step)."""
+        last, nxt = self.scheduler.last_tick, self.scheduler.next_run_time
+        return {**self.service.status(), "last_tick": _tick_json(last),
+                "next_tick": nxt.isoformat() if nxt is not None else None,
+                "daemon": {"pid": os.getpid(), "url": self.url, "started_at": self.started_at,
+                           "ready": self.is_ready}}
+
+    def sync_now(self, timeout: float | None = None) -> dict:
+        """Run a tick now through the scheduler (never overlapping a scheduled one); its step reports."""
+        record = self.scheduler.run_now(wait=True, timeout=timeout)
+        if record is None:
+            raise ShuttingDownError("the daemon is stopping (or the sync timed out); nothing was started")
+        if record.error is not None:
+            exc = self._last_exc
+            raise exc if exc is not None else RuntimeError(record.error)
+        return {"steps": record.result, "head": self._head()}
+
+    def rollback(self, version_id: int | None, actor: str = "api", reason: str = "") -> dict:
+        if version_id is not None:
+            self.service.ledger.get(version_id)     # VersionNotFoundError before waiting for the lock
+        with self.lock:
+            doc = self.service.rollback(version_id, actor=actor, reason=reason)
+        self.publish_status()
+        return doc
+
+    def revert(self, version_id: int, actor: str = "api") -> dict:
+        self.service.ledger.get(version_id)
+        with self.lock:
+            reports = self.service.revert(version_id, actor=actor)
+        self.publish_status()
+        return {"steps": [r.to_json() for r in reports], "head": self._head()}
+
+    def query(self, prompts: list[str], max_tokens: int = 16) -> tuple[list[str], int | None]:
+        with self.lock:
+            return self.service.query(prompts, max_tokens)
+
+    def publish_status(self) -> None:
+        """A STATUS= line for ``systemctl status``: HEAD and the pending count."""
+        head = self._head()
+        self.notifier.status(f"head {head if head is not None else 'base'}, "
+                             f"{self.service.store.counts().pending} pending")
+
+    # -- helpers -------------------------------------------------------------------------------------
+
+    def _tick(self) -> list[dict]:
+        try:
+            with self.lock:
+                reports = self.service.sync(actor="daemon")
+        except BaseException as exc:
+            self._last_exc = exc
+            raise
+        finally:
+            if not self._stopping.is_set():
+                self.publish_status()
+        self._last_exc = None
+        return [r.to_json() for r in reports]
+
+    def _pending(self) -> int:
+        return self.service.store.counts().pending
+
+    def _head(self) -> int | None:
+        head = self.service.ledger.head()
+        return head.id if head else None
+
+
+class ShuttingDownError(RuntimeError):
+    """The daemon is stopping and takes no new work."""
+
+
+def _tick_json(record: TickRecord | None) -> dict | None:
+    if record is None:
+        return None
+    return {"started_at": record.started_at, "duration_s": round(record.duration_s, 3), "reason": record.reason,
+            "ok": record.ok, "error": record.error}
