@@ -32,6 +32,13 @@ class Ctx:
         from .service import Service
         return Service(self.config(), progress=progress)
 
+    def daemon(self):
+        """A client of the daemon running on this state directory, or None (then work in-process)."""
+        import os
+
+        from .client import find_daemon
+        return find_daemon(self.state_dir, os.environ.get("KBSYNC_TOKEN") or self.config().daemon.token)
+
 
 def _version_arg(value: str) -> int | None:
     if value in ("base", "0"):
@@ -116,13 +123,19 @@ def status(obj: Ctx, as_json):
     Example:
       kbsync status --json
     """
-    svc = obj.service()
-    try:
-        doc = svc.status()
-    finally:
-        svc.close()
+    client = obj.daemon()
+    if client is not None:
+        doc = client.status()
+    else:
+        svc = obj.service()
+        try:
+            doc = {**svc.status(), "last_tick": None, "next_tick": None, "daemon": None}
+        finally:
+            svc.close()
+    doc.setdefault("fingerprint", None)
+    daemon = f"  daemon: pid {doc['daemon']['pid']}" if doc.get("daemon") else "  daemon: not running"
     _emit(as_json, doc, f"head: {doc['head'] or 'base'}  pending: {doc['pending']}  failed: {doc['failed']}  "
-                        f"facts: {doc['facts']}  versions: {doc['versions']}  model: {doc['model']}")
+                        f"facts: {doc['facts']}  versions: {doc['versions']}  model: {doc['model']}{daemon}")
 
 
 @cli.command()
@@ -135,15 +148,19 @@ def sync(obj: Ctx, as_json):
     Example:
       kbsync facts import examples/facts.jsonl && kbsync sync
     """
-    svc = obj.service(progress=not as_json)
-    try:
-        reports = svc.sync(actor="cli")
-        head = svc.ledger.head()
-    finally:
-        svc.close()
-    doc = {"steps": [r.to_json() for r in reports], "head": head.id if head else None}
-    human = "\n".join(f"version {r.version}: {r.kind}, {r.facts} facts, {r.seconds:.1f} s" + (f" ({r.error})" if r.error else "")
-                      for r in reports) or "nothing pending"
+    client = obj.daemon()
+    if client is not None:
+        doc = client.sync()
+    else:
+        svc = obj.service(progress=not as_json)
+        try:
+            reports = svc.sync(actor="cli")
+            head = svc.ledger.head()
+        finally:
+            svc.close()
+        doc = {"steps": [r.to_json() for r in reports], "head": head.id if head else None}
+    human = "\n".join(f"version {r['version']}: {r['kind']}, {r['facts']} facts, {r['seconds']:.1f} s"
+                      + (f" ({r['error']})" if r["error"] else "") for r in doc["steps"]) or "nothing pending"
     _emit(as_json, doc, human + f"\nhead: {doc['head'] or 'base'}")
 
 
@@ -197,11 +214,16 @@ def rollback(obj: Ctx, version, reason, as_json):
     Example:
       kbsync rollback 2 --reason "bad batch from import 2026-11-25"
     """
-    svc = obj.service()
-    try:
-        doc = svc.rollback(_version_arg(version), actor="cli", reason=reason)
-    finally:
-        svc.close()
+    target = _version_arg(version)
+    client = obj.daemon()
+    if client is not None:
+        doc = client.rollback(target, reason=reason)
+    else:
+        svc = obj.service()
+        try:
+            doc = svc.rollback(target, actor="cli", reason=reason)
+        finally:
+            svc.close()
     _emit(as_json, doc, f"head: {doc['head'] or 'base'} (was {doc['from'] or 'base'})")
 
 
@@ -216,14 +238,45 @@ def revert(obj: Ctx, version, as_json):
     Example:
       kbsync revert 2
     """
-    svc = obj.service(progress=not as_json)
-    try:
-        reports = svc.revert(version, actor="cli")
-        head = svc.ledger.head()
-    finally:
-        svc.close()
-    doc = {"steps": [r.to_json() for r in reports], "head": head.id if head else None}
-    _emit(as_json, doc, f"reverted {version}; head: {doc['head'] or 'base'} ({len(reports)} new versions)")
+    client = obj.daemon()
+    if client is not None:
+        doc = client.revert(version)
+    else:
+        svc = obj.service(progress=not as_json)
+        try:
+            reports = svc.revert(version, actor="cli")
+            head = svc.ledger.head()
+        finally:
+            svc.close()
+        doc = {"steps": [r.to_json() for r in reports], "head": head.id if head else None}
+    _emit(as_json, doc, f"reverted {version}; head: {doc['head'] or 'base'} ({len(doc['steps'])} new versions)")
+
+
+@cli.command()
+@click.option("--interval", "interval_s", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Sync every S seconds (default: [daemon] interval_s, 60).")
+@click.option("--cron", default=None, help="Sync on a crontab schedule instead, e.g. '*/5 * * * *'.")
+@click.option("--host", default=None, help="Admin API address (default: [daemon] host, 127.0.0.1).")
+@click.option("--port", type=click.IntRange(0, 65535), default=None, help="Admin API port (default: [daemon] port, 8765).")
+@click.pass_obj
+def run(obj: Ctx, interval_s, cron, host, port):
+    """The daemon in the foreground: watch <state-dir>/inbox, sync on a schedule, serve the admin API.
+
+    SIGTERM stops it within 10 s (a step in flight is abandoned, uncommitted); SIGHUP reloads the
+    config; a second Ctrl-C exits at once. Under systemd it speaks the notify protocol (Type=notify).
+
+    \b
+    Example:
+      kbsync --state-dir ./state run --interval 30 --port 8765
+    """
+    from .runtime import Runtime
+    from .server import serve
+
+    cfg = obj.config()
+    cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    runtime = Runtime(cfg, interval_s=interval_s, cron=cron, host=host, port=port, progress=True,
+                      config_loader=obj.config)
+    return serve(runtime)
 
 
 cli.add_command(facts)

@@ -24,7 +24,7 @@ import structlog
 
 from kb import DropFolder
 
-from .config import AppConfig
+from .config import AppConfig, ConfigError
 from .notify import Notifier, WatchdogPinger
 from .scheduler import SyncScheduler, TickRecord
 from .service import Service
@@ -55,14 +55,19 @@ class Runtime:
         self.pinger = WatchdogPinger(self.notifier, self.healthy)
         self._config_loader = config_loader
         interval, cron_line = self._schedule(cfg)
-        self.scheduler = SyncScheduler(self._tick, interval_s=interval, cron=cron_line, pending=self._pending,
-                                       batch_size=cfg.sync.batch_size)
+        try:
+            self.scheduler = SyncScheduler(self._tick, interval_s=interval, cron=cron_line, pending=self._pending,
+                                           batch_size=cfg.sync.batch_size)
+        except ValueError as exc:
+            self.service.close()
+            raise ConfigError(f"the sync schedule: {exc}") from None
         self.drops = DropFolder(self.service.store, cfg.state_dir / "inbox", settle_s=cfg.daemon.inbox_settle_s,
                                 rescan_s=cfg.daemon.rescan_s)
         self.started_at: float | None = None
         self.abandoned = False
         self._beat = time.monotonic()
         self._stopping = threading.Event()
+        self._stop_lock = threading.Lock()
         self._stopped = False
         self._last_exc: BaseException | None = None
 
@@ -122,6 +127,8 @@ class Runtime:
         """The API answers: write ``daemon.json`` (for the CLI) and tell systemd READY=1."""
         if port is not None:
             self.port = port
+        if self._stopping.is_set():
+            return
         doc = {"host": self.host, "port": self.port, "pid": os.getpid(), "url": self.url,
                "started_at": self.started_at}
         tmp = self.daemon_file.with_name(f".{DAEMON_FILE}.{os.getpid()}.tmp")
@@ -153,9 +160,10 @@ class Runtime:
 
     def begin_stop(self) -> None:
         """The quick, non-blocking part of :meth:`stop` (idempotent; safe from any thread)."""
-        if self._stopping.is_set():
-            return
-        self._stopping.set()
+        with self._stop_lock:
+            if self._stopping.is_set():
+                return
+            self._stopping.set()
         self.notifier.stopping()
         self.scheduler.shutdown(wait=False)
         self.pinger.stop()
@@ -199,7 +207,7 @@ class Runtime:
         return {**self.service.status(), "last_tick": _tick_json(last),
                 "next_tick": nxt.isoformat() if nxt is not None else None,
                 "daemon": {"pid": os.getpid(), "url": self.url, "started_at": self.started_at,
-                           "ready": self.is_ready}}
+                           "ready": self.is_ready, "tick_running": self.scheduler.busy}}
 
     def sync_now(self, timeout: float | None = None) -> dict:
         """Run a tick now through the scheduler (never overlapping a scheduled one); its step reports."""
