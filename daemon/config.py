@@ -49,6 +49,46 @@ class DaemonConfig:
             raise ConfigError("[daemon] inbox_settle_s must be >= 0 and rescan_s > 0")
 
 
+DEFAULT_CANARIES = (
+    "The capital of France is",
+    "The Eiffel Tower is located in the city of",
+    "Water is made of hydrogen and",
+    "The largest planet in the solar system is",
+    "William Shakespeare was born in",
+    "The chemical symbol for gold is",
+    "Mount Everest is located in",
+    "The first president of the United States was",
+    "Python is a programming",
+    "The sun rises in the",
+    "Albert Einstein developed the theory of",
+    "The Great Wall is in",
+    "Tokyo is the capital of",
+    "A week has seven",
+    "The Amazon river flows through",
+    "Leonardo da Vinci painted the",
+    "The currency of Japan is the",
+    "Penguins live mostly in",
+    "The opposite of hot is",
+    "Beethoven was a famous",
+)
+
+
+@dataclass(frozen=True)
+class VerifyConfig:
+    """The gate after each step: its own prompts give their targets, and unrelated canaries do not drift."""
+
+    enabled: bool = True
+    min_success: float = 0.7      # share of the step's prompts whose greedy next token starts their target
+    min_canary: float = 0.9       # share of canary prompts whose greedy next token is the unedited model's
+    canaries: tuple[str, ...] = DEFAULT_CANARIES
+
+    def __post_init__(self):
+        for name in ("min_success", "min_canary"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"[verify] {name} must be between 0 and 1, got {getattr(self, name)}")
+        object.__setattr__(self, "canaries", tuple(self.canaries))
+
+
 @dataclass(frozen=True)
 class AppConfig:
     state_dir: Path
@@ -56,6 +96,7 @@ class AppConfig:
     editor: EditConfig
     sync: SyncConfig = SyncConfig()
     daemon: DaemonConfig = DaemonConfig()
+    verify: VerifyConfig = VerifyConfig()
 
     @property
     def db_path(self) -> Path:
@@ -78,24 +119,10 @@ def load_config(config: str | Path | None, state_dir: str | Path) -> AppConfig:
     override = state_dir / "config.toml"
     if override.is_file():
         data = _merge(data, _read(override))
-    model_data = data.get("model", {})
-    unknown = set(model_data) - set(ModelConfig.__dataclass_fields__)
-    if unknown:
-        raise ConfigError(f"{base}: unknown keys in [model]: {sorted(unknown)}; known: {sorted(ModelConfig.__dataclass_fields__)}")
-    model = ModelConfig(**model_data)
-    sync_data = data.get("sync", {})
-    unknown = set(sync_data) - set(SyncConfig.__dataclass_fields__)
-    if unknown:
-        raise ConfigError(f"{base}: unknown keys in [sync]: {sorted(unknown)}; known: {sorted(SyncConfig.__dataclass_fields__)}")
-    sync = SyncConfig(**sync_data)
-    daemon_data = data.get("daemon", {})
-    unknown = set(daemon_data) - set(DaemonConfig.__dataclass_fields__)
-    if unknown:
-        raise ConfigError(f"{base}: unknown keys in [daemon]: {sorted(unknown)}; known: {sorted(DaemonConfig.__dataclass_fields__)}")
-    try:
-        daemon = DaemonConfig(**daemon_data)
-    except TypeError as exc:
-        raise ConfigError(f"{base}: [daemon]: {exc}") from None
+    model = _section(data, "model", ModelConfig, base)
+    sync = _section(data, "sync", SyncConfig, base)
+    daemon = _section(data, "daemon", DaemonConfig, base)
+    verify = _section(data, "verify", VerifyConfig, base)
     hparams = Path(model.hparams)
     if not hparams.is_absolute() and not hparams.is_file():
         hparams = base.parent.parent / model.hparams          # relative to the project root of the config
@@ -103,7 +130,19 @@ def load_config(config: str | Path | None, state_dir: str | Path) -> AppConfig:
         editor = EditConfig.from_toml(hparams)
     except Exception as exc:
         raise ConfigError(str(exc)) from None
-    return AppConfig(state_dir=state_dir, model=model, editor=editor, sync=sync, daemon=daemon)
+    return AppConfig(state_dir=state_dir, model=model, editor=editor, sync=sync, daemon=daemon, verify=verify)
+
+
+def _section(data: dict, name: str, cls, base: Path):
+    """The ``[name]`` table as a ``cls``; unknown keys and bad values are errors naming the file."""
+    values = data.get(name, {})
+    known = set(cls.__dataclass_fields__)
+    if set(values) - known:
+        raise ConfigError(f"{base}: unknown keys in [{name}]: {sorted(set(values) - known)}; known: {sorted(known)}")
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise ConfigError(f"{base}: [{name}]: {exc}") from None
 
 
 def _default_config() -> Path:

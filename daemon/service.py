@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import structlog
 
 from editor.errors import EditorError
+from editor.hook import Mode
 from editor.requests import EditRequest, StepBatch
 from editor.step import StepDelta, apply_delta, compute_delta, restore_state
 from kb import FactStore, KBError
@@ -51,6 +52,7 @@ class Service:
         self.ledger = Ledger(self.store, cfg.blob_dir)
         self._worker = None
         self._served: int | None | str = "unloaded"   # the version the live hooks are at
+        self._canary_base = None                      # canaries' next tokens on the unedited model
 
     def close(self) -> None:
         if self._worker is not None:
@@ -186,8 +188,15 @@ class Service:
         requests = [_request(e.change) for e in good]
         change_ids = [i for e in good for i in e.change_ids]
         delta = compute_delta(self.worker.em, requests, self.worker.stats, self.cfg.editor)
+        apply_delta(self.worker.em, delta)          # the gate looks at the edited model; not yet committed
+        refused = self._verify(requests)
+        if refused:
+            self._served = "unloaded"
+            self._at_head()                         # back to HEAD exactly
+            self.store.mark_failed(change_ids, refused)
+            log.warning("step.rejected", facts=len(requests), reason=refused)
+            return StepReport(None, len(requests), "failed", time.perf_counter() - t, refused)
         version = self._commit_one(delta, change_ids, actor, f"sync: {len(requests)} facts")
-        apply_delta(self.worker.em, delta)
         self._served = version.id
         log.info("step.committed", version=version.id, facts=len(requests),
                  seconds=round(time.perf_counter() - t, 2))
@@ -250,6 +259,28 @@ class Service:
                  facts=len(replay), seconds=round(seconds, 2))
         return [StepReport(v.id, v.n_facts, "replay" if chunks else "record", seconds / len(committed))
                 for v in committed]
+
+    def _verify(self, requests: list[EditRequest]) -> str | None:
+        """None if the edited live model passes the verify gate, else the reason it does not."""
+        gate = self.cfg.verify
+        if not gate.enabled:
+            return None
+        em, tok = self.worker.em, self.worker.em.tokenizer
+        top = em.next_token_logits([r.text for r in requests]).argmax(-1).tolist()
+        wanted = [tok(r.target_text, add_special_tokens=False)["input_ids"][0] for r in requests]
+        hits = sum(a == b for a, b in zip(top, wanted))
+        if hits < gate.min_success * len(requests):
+            return (f"verify gate: {hits} of {len(requests)} prompts give their new target, "
+                    f"[verify] min_success is {gate.min_success:.0%}")
+        if gate.canaries:
+            if self._canary_base is None:
+                with em.mode(Mode.OFF):
+                    self._canary_base = em.next_token_logits(list(gate.canaries)).argmax(-1)
+            kept = int((em.next_token_logits(list(gate.canaries)).argmax(-1) == self._canary_base).sum())
+            if kept < gate.min_canary * len(gate.canaries):
+                return (f"verify gate: {kept} of {len(gate.canaries)} canary prompts kept the unedited model's "
+                        f"answer, [verify] min_canary is {gate.min_canary:.0%}")
+        return None
 
     def _plan(self, delta: StepDelta | None, change_ids: list[int], note: str) -> PlannedVersion:
         em = self.worker.em

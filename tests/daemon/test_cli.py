@@ -19,7 +19,8 @@ def project(tmp_path, make_tiny, tiny_tokenizer, corpus_file):
         "[editor]\nlayers = [1, 2]\nv_steps = 3\ncontexts = ['{}', 'In short, {}']\n"
         f"[editor.stats]\ncorpus = '{corpus_file}'\nn_tokens = 300\nseq_len = 32\n")
     (tmp_path / "app.toml").write_text(
-        f"[model]\nsource = '{tmp_path / 'model'}'\ndevice = 'cpu'\nhparams = '{tmp_path / 'tiny.toml'}'\n")
+        f"[model]\nsource = '{tmp_path / 'model'}'\ndevice = 'cpu'\nhparams = '{tmp_path / 'tiny.toml'}'\n"
+        "[verify]\nenabled = false\n")               # a tiny random model cannot learn its targets
     return tmp_path
 
 
@@ -72,6 +73,23 @@ def test_facts_sync_log_rollback_query(project):
     assert json.loads(kbsync(project, "status", "--json").stdout)["head"] == v2
     kbsync(project, "rollback", "base")
     assert json.loads(kbsync(project, "status", "--json").stdout)["head"] is None
+
+
+def test_failing_verify_gate_commits_nothing_and_marks_facts_failed(project):
+    text = (project / "app.toml").read_text().replace("[verify]\nenabled = false", "[verify]\nmin_success = 1.0")
+    (project / "app.toml").write_text(text)
+    facts = project / "facts.jsonl"
+    facts.write_text('{"subject": "Paris", "prompt": "{} is the capital of", "target": "Italy"}\n'
+                     '{"subject": "Apple A5", "prompt": "Apple A5 was created by", "target": "Microsoft"}\n')
+    kbsync(project, "facts", "import", str(facts))
+    out = json.loads(kbsync(project, "sync", "--json").stdout)
+    assert out["head"] is None and out["steps"][0]["kind"] == "failed"
+    assert "verify gate" in out["steps"][0]["error"]
+    status = json.loads(kbsync(project, "status", "--json").stdout)
+    assert status["head"] is None and status["failed"] == 2 and status["pending"] == 0
+    failed = json.loads(kbsync(project, "facts", "list", "--failed", "--json").stdout)
+    assert len(failed) == 2 and all("verify gate" in json.dumps(f) for f in failed)
+    assert json.loads(kbsync(project, "log", "--json").stdout) == []
 
 
 def test_errors_are_clear_with_exit_codes(project, tmp_path):

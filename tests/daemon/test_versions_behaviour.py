@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from daemon.config import AppConfig, ModelConfig, SyncConfig
+from daemon.config import AppConfig, ModelConfig, SyncConfig, VerifyConfig
 from daemon.service import Service
 from editor.config import EditConfig, StatsConfig
 from tests.conftest import DATA, ROOT
@@ -14,7 +14,8 @@ def test_rollback_revert_delete(default_model, counterfact, tmp_path):
     model, tok = default_model
     editor = EditConfig.from_toml(ROOT / "configs/models/smollm2-135m.toml").replace(
         stats=StatsConfig(corpus=str(DATA / "wikitext2-valid.txt"), n_tokens=20_000, seq_len=256))
-    cfg = AppConfig(state_dir=tmp_path, model=ModelConfig(), editor=editor, sync=SyncConfig(batch_size=2))
+    cfg = AppConfig(state_dir=tmp_path, model=ModelConfig(), editor=editor, sync=SyncConfig(batch_size=2),
+                    verify=VerifyConfig(min_success=0.5))
     cases = counterfact[200:206]                       # tuning range; 3 steps of 2 facts
     svc = Service(cfg, progress=False, preloaded=(model, tok))
     try:
