@@ -29,7 +29,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
 from kb import FactNotFoundError, KBError, VersionNotFoundError
@@ -48,6 +48,11 @@ class RollbackBody(BaseModel):
 
 class RevertBody(BaseModel):
     version: int
+
+
+class QueryBody(BaseModel):
+    prompt: str = Field(min_length=1, max_length=8000)
+    max_tokens: int = Field(default=16, ge=1, le=512)
 
 
 def is_loopback(host: str) -> bool:
@@ -100,6 +105,11 @@ def create_app(runtime: Runtime) -> FastAPI:
     @app.post("/v1/admin/revert", dependencies=admin)
     async def revert(body: RevertBody) -> dict:
         return await _in_thread(partial(runtime.revert, body.version, actor="api"))
+
+    @app.post("/v1/admin/query", dependencies=admin)
+    async def query(body: QueryBody) -> dict:
+        texts, version = await _in_thread(partial(runtime.query, [body.prompt], body.max_tokens))
+        return {"text": texts[0], "version": version}
 
     _install_error_handlers(app)
     return app

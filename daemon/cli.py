@@ -99,18 +99,23 @@ def stats_build(obj: Ctx, as_json):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @click.pass_obj
 def query(obj: Ctx, prompt, max_tokens, as_json):
-    """Greedy completion of PROMPT by the model at HEAD.
+    """Greedy completion of PROMPT by the model at HEAD (through the running daemon when one is up).
 
     \b
     Example:
       kbsync query "The mother tongue of Danielle Darrieux is" --max-tokens 8
     """
-    svc = obj.service(progress=not as_json)
-    try:
-        texts, version = svc.query([prompt], max_tokens)
-    finally:
-        svc.close()
-    _emit(as_json, {"text": texts[0], "version": version}, f"{prompt}{texts[0]}\n(version {version or 'base'})")
+    client = obj.daemon()
+    if client is not None:
+        doc = client.query(prompt, max_tokens)
+    else:
+        svc = obj.service(progress=not as_json)
+        try:
+            texts, version = svc.query([prompt], max_tokens)
+        finally:
+            svc.close()
+        doc = {"text": texts[0], "version": version}
+    _emit(as_json, doc, f"{prompt}{doc['text']}\n(version {doc['version'] or 'base'})")
 
 
 @cli.command()

@@ -88,7 +88,8 @@ class Notifier:
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
                 sock.connect(_socket_address(self.address))
-                sock.sendall(message.encode())
+                # never block the daemon on a receiver that does not read (its queue holds ~10 datagrams)
+                sock.send(message.encode(), socket.MSG_DONTWAIT)
         except OSError as e:
             log.warning("notify.failed", socket=self.address, message=message,
                         error=f"{type(e).__name__}: {e}")

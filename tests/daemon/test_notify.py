@@ -184,3 +184,22 @@ def test_pinger_without_a_watchdog_does_nothing(path_socket, monkeypatch):
     assert pinger.interval_s is None and not pinger.alive
     pinger.stop()
     assert path_socket.drain() == []
+
+
+def test_a_full_receiver_queue_never_blocks_the_sender(tmp_path, monkeypatch):
+    import socket as _socket
+    import time as _time
+
+    from daemon.notify import Notifier as _Notifier
+
+    path = str(tmp_path / "full.sock")
+    receiver = _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM)
+    receiver.bind(path)
+    try:
+        n = _Notifier({"NOTIFY_SOCKET": path})
+        t = _time.monotonic()
+        results = [n.status(f"line {i}") for i in range(200)]          # far more than the queue holds
+        assert _time.monotonic() - t < 5
+        assert results[0] is True and results[-1] is False             # later ones dropped, not blocked
+    finally:
+        receiver.close()

@@ -90,8 +90,11 @@ def test_daemon_ingests_syncs_rolls_back_notifies_and_stops(project, notify_sock
         status = json.loads(kbsync(project, "status", "--json").stdout)
         assert status["head"] == done["head"] and status["pending"] == 0 and status["last_tick"]["ok"]
         head = status["head"]
+        asked = json.loads(kbsync(project, "query", "Paris is the capital of", "--max-tokens", "2", "--json").stdout)
+        assert asked["version"] == head                                     # answered by the daemon at HEAD
 
         assert json.loads(kbsync(project, "rollback", "base", "--json").stdout) == {"from": head, "head": None}
+        assert json.loads(kbsync(project, "query", "Paris is", "--json").stdout)["version"] is None
         assert json.loads(kbsync(project, "status", "--json").stdout)["head"] is None
         assert json.loads(kbsync(project, "sync", "--json").stdout) == {"steps": [], "head": None}
         proc_err = kbsync(project, "rollback", "42", check=False)
