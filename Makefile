@@ -30,13 +30,11 @@ stats: install
 
 KBSYNC := $(VENV)/bin/kbsync --state-dir $(STATE)
 
-# Until the daemon lands (issue 6): the tour in-process — statistics, import, one sync, ask, history.
+# Everything a newcomer needs: set-up, the default model and its key statistics (cached), then the daemon
+# in the foreground (Ctrl-C stops it). The drop folder is $(STATE)/inbox.
 run: install
 	$(KBSYNC) stats build
-	$(KBSYNC) facts import examples/facts.jsonl
-	$(KBSYNC) sync
-	$(KBSYNC) query "The mother tongue of Danielle Darrieux is" --max-tokens 6
-	$(KBSYNC) log
+	$(KBSYNC) run
 
 clean:
 	rm -rf $(VENV) .pytest_cache
