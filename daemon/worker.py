@@ -1,4 +1,4 @@
-"""The model worker: owns the loaded model and its hooks; queries and edits go through it."""
+"""The model worker: owns the loaded model, its hooks and its key statistics (edits: ``daemon.service``)."""
 from __future__ import annotations
 
 import time
@@ -7,9 +7,7 @@ import structlog
 
 from editor.loading import load_model
 from editor.model import EditableModel
-from editor.requests import EditRequest
 from editor.stats import KeyStats, key_stats
-from editor.step import StepDelta, apply_delta, compute_delta
 
 from .config import AppConfig
 
@@ -46,11 +44,3 @@ class ModelWorker:
 
     def query(self, prompts: list[str], max_tokens: int = 16) -> list[str]:
         return self.em.generate(prompts, max_new_tokens=max_tokens)
-
-    def edit(self, requests: list[EditRequest]) -> StepDelta:
-        """Compute and commit one step for ``requests``."""
-        delta = compute_delta(self.em, requests, self.stats, self.cfg.editor)
-        apply_delta(self.em, delta)
-        log.info("step.applied", facts=len(requests), **{k: round(v, 2) for k, v in delta.metrics.items()
-                                                         if isinstance(v, float)})
-        return delta
