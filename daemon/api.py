@@ -88,6 +88,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     def readyz() -> JSONResponse:
         ready = runtime.is_ready
         return JSONResponse({"ready": ready, "model_loaded": runtime.service.model_loaded,
+                             "degraded": runtime.service.degraded,
                              "scheduler_running": runtime.scheduler.running}, status_code=200 if ready else 503)
 
     @app.get("/v1/admin/status", dependencies=admin)

@@ -191,8 +191,9 @@ class Runtime:
 
     @property
     def is_ready(self) -> bool:
-        """The model is loaded and the scheduler runs."""
-        return self.service.model_loaded and self.scheduler.running and not self._stopping.is_set()
+        """The model is loaded at HEAD and the scheduler runs (not ready while HEAD cannot be restored)."""
+        return (self.service.model_loaded and self.service.degraded is None and self.scheduler.running
+                and not self._stopping.is_set())
 
     @property
     def url(self) -> str:

@@ -53,6 +53,7 @@ class Service:
         self._worker = None
         self._served: int | None | str = "unloaded"   # the version the live hooks are at
         self._canary_base = None                      # canaries' next tokens on the unedited model
+        self.degraded: str | None = None              # why HEAD could not be restored, if it could not
 
     def close(self) -> None:
         if self._worker is not None:
@@ -67,7 +68,13 @@ class Service:
             from .worker import ModelWorker
             self._worker = ModelWorker(self.cfg, progress=self.progress, preloaded=self._preloaded)
             head = self.ledger.head()
-            self._restore(head.id if head else BASE)
+            try:
+                self._restore(head.id if head else BASE)
+            except (ServiceError, KBError) as exc:
+                # Stay up (no crash loop under systemd): queries and syncs report this error until an
+                # operator rolls back to a version that restores.
+                self.degraded = str(exc)
+                log.error("model.restore_failed", head=head.id if head else None, error=self.degraded)
         return self._worker
 
     @property
@@ -96,6 +103,7 @@ class Service:
                                "editable layers differ from the ones the versions were made with; restore the "
                                "config, or `kbsync rollback base` to start again from the base model") from None
         self._served = version_id
+        self.degraded = None
         log.info("model.restored", version=version_id, steps=len(deltas),
                  seconds=round(time.perf_counter() - t, 3))
 
@@ -113,7 +121,8 @@ class Service:
         doc = {"head": head.id if head else None, "pending": counts.pending, "pending_keys": counts.pending_keys,
                "held": counts.held,
                "failed": counts.failed, "facts": counts.facts, "versions": len(self.ledger.versions()),
-               "model": self.cfg.model.source, "device": None, "model_loaded": self.model_loaded}
+               "model": self.cfg.model.source, "device": None, "model_loaded": self.model_loaded,
+               "degraded": self.degraded}
         if self.model_loaded:
             doc["device"] = str(self.worker.em.device)
             doc["fingerprint"] = self.worker.em.fingerprint()

@@ -32,7 +32,8 @@ def test_health_readiness_auth_and_admin_routes(runtime, project):
     r = http.get("/readyz")
     assert r.status_code == 503 and r.json()["ready"] is False            # model not loaded yet
     runtime.start()
-    assert http.get("/readyz").json() == {"ready": True, "model_loaded": True, "scheduler_running": True}
+    assert http.get("/readyz").json() == {"ready": True, "model_loaded": True, "degraded": None,
+                                        "scheduler_running": True}
 
     for headers in ({}, {"Authorization": "Bearer wrong"}):               # a token is configured: required
         r = http.get("/v1/admin/status", headers=headers)

@@ -113,3 +113,34 @@ def test_every_command_has_help_with_an_example(args):
     assert proc.returncode == 0 and "Usage:" in proc.stdout
     if args and args not in (["stats"],):
         assert "Example" in proc.stdout
+
+
+def test_a_corrupted_head_blob_is_a_clear_error_not_a_crash_loop(project):
+    from daemon.config import load_config
+    from daemon.service import Service
+    from kb import BlobError
+
+    facts = project / "facts.jsonl"
+    facts.write_text('{"subject": "Paris", "prompt": "{} is the capital of", "target": "Italy"}\n')
+    kbsync(project, "facts", "import", str(facts))
+    head = json.loads(kbsync(project, "sync", "--json").stdout)["head"]
+    cfg = load_config(project / "app.toml", project / "state")
+    svc = Service(cfg, progress=False)
+    blob = svc.ledger.blob_path(head)
+    blob.write_bytes(blob.read_bytes()[:-7])                      # truncated on disk
+    svc.close()
+
+    svc = Service(cfg, progress=False)
+    try:
+        svc.worker                                                 # loading does not raise: no crash loop
+        assert f"version {head}" in svc.status()["degraded"]
+        with pytest.raises(BlobError, match=f"version {head}.*kbsync rollback"):
+            svc.query(["Paris is"], 2)
+        svc.rollback(None)                                         # the operator's way out
+        assert svc.status()["degraded"] is None
+        assert svc.query(["Paris is"], 2)[1] is None
+    finally:
+        svc.close()
+    kbsync(project, "rollback", str(head))                         # HEAD moves; the blob is still bad
+    proc = kbsync(project, "query", "Paris is", "--json", check=False)
+    assert proc.returncode == 1 and f"version {head}" in proc.stderr
