@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 
 import structlog
+import torch
 
 from editor.errors import EditorError
 from editor.hook import Mode
@@ -196,16 +197,27 @@ class Service:
             return StepReport(None, 0, "failed", time.perf_counter() - t, "; ".join(w for _, w in bad))
         requests = [_request(e.change) for e in good]
         change_ids = [i for e in good for i in e.change_ids]
-        delta = compute_delta(self.worker.em, requests, self.worker.stats, self.cfg.editor)
-        apply_delta(self.worker.em, delta)          # the gate looks at the edited model; not yet committed
-        refused = self._verify(requests)
+        try:
+            delta = compute_delta(self.worker.em, requests, self.worker.stats, self.cfg.editor)
+        except (EditorError, torch.linalg.LinAlgError) as exc:   # this batch cannot be edited: do not retry it forever
+            self.store.mark_failed(change_ids, f"edit step failed: {exc}")
+            log.warning("step.failed", facts=len(requests), reason=str(exc))
+            return StepReport(None, len(requests), "failed", time.perf_counter() - t, str(exc))
+        try:
+            apply_delta(self.worker.em, delta)      # the gate looks at the edited model; not yet committed
+            refused = self._verify(requests)
+            if not refused:
+                version = self._commit_one(delta, change_ids, actor, f"sync: {len(requests)} facts")
+        except BaseException:
+            self._served = "unloaded"               # uncommitted: back to HEAD exactly
+            self._at_head()
+            raise
         if refused:
             self._served = "unloaded"
             self._at_head()                         # back to HEAD exactly
             self.store.mark_failed(change_ids, refused)
             log.warning("step.rejected", facts=len(requests), reason=refused)
             return StepReport(None, len(requests), "failed", time.perf_counter() - t, refused)
-        version = self._commit_one(delta, change_ids, actor, f"sync: {len(requests)} facts")
         self._served = version.id
         log.info("step.committed", version=version.id, facts=len(requests),
                  seconds=round(time.perf_counter() - t, 2))
