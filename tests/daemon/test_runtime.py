@@ -77,7 +77,7 @@ def test_daemon_ingests_syncs_rolls_back_notifies_and_stops(project, notify_sock
         assert got and got[-1] == "READY=1", (got, (project / "daemon.log").read_text()[-3000:])
         info = json.loads((state / "daemon.json").read_text())
         assert info["pid"] == proc.pid and info["port"] == port
-        http = httpx.Client(base_url=info["url"])
+        http = httpx.Client(base_url=info["url"], timeout=30)
         assert http.get("/readyz").status_code == 200
 
         status = json.loads(kbsync(project, "status", "--json").stdout)    # through the daemon
@@ -101,7 +101,7 @@ def test_daemon_ingests_syncs_rolls_back_notifies_and_stops(project, notify_sock
         assert proc_err.returncode == 1 and "42" in proc_err.stderr and "kbsync log" in proc_err.stderr
 
         proc.send_signal(signal.SIGHUP)                                     # reload the config, keep running
-        reload = messages(sock, "READY=1", timeout=10)
+        reload = messages(sock, "READY=1", timeout=30)
         assert [m for m in reload if m.startswith("RELOADING=1")] and reload[-1] == "READY=1"
         got += reload
         assert proc.poll() is None and http.get("/healthz").status_code == 200
@@ -158,7 +158,7 @@ def test_sigterm_mid_step_exits_within_10s_and_leaves_head_consistent(project): 
                                  "--interval", "0.5", "--port", str(port)], cwd=ROOT, env=env,
                                 stdout=log, stderr=subprocess.STDOUT)
     try:
-        http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5)
+        http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
 
         def mid_step():
             try:
