@@ -49,6 +49,20 @@ def _version_arg(value: str) -> int | None:
         raise click.BadParameter(f"{value!r} is not a version id; use a number from `kbsync log`, or 'base'") from None
 
 
+def _dispatch(obj: "Ctx", remote, local, progress: bool = True):
+    """``remote(client)`` through the running daemon when one is up, else ``local(service)`` in-process."""
+    client = obj.daemon()
+    if client is not None:
+        return remote(client)
+    with obj.service(progress=progress) as svc:
+        return local(svc)
+
+
+def _steps_doc(svc, reports) -> dict:
+    head = svc.ledger.head()
+    return {"steps": [r.to_json() for r in reports], "head": head.id if head else None}
+
+
 def _emit(as_json: bool, doc, human: str) -> None:
     click.echo(json.dumps(doc, indent=2, default=str) if as_json else human)
 
@@ -105,16 +119,11 @@ def query(obj: Ctx, prompt, max_tokens, as_json):
     Example:
       kbsync query "The mother tongue of Danielle Darrieux is" --max-tokens 8
     """
-    client = obj.daemon()
-    if client is not None:
-        doc = client.query(prompt, max_tokens)
-    else:
-        svc = obj.service(progress=not as_json)
-        try:
-            texts, version = svc.query([prompt], max_tokens)
-        finally:
-            svc.close()
-        doc = {"text": texts[0], "version": version}
+    def local(svc):
+        texts, version = svc.query([prompt], max_tokens)
+        return {"text": texts[0], "version": version}
+
+    doc = _dispatch(obj, lambda c: c.query(prompt, max_tokens), local, progress=not as_json)
     _emit(as_json, doc, f"{prompt}{doc['text']}\n(version {doc['version'] or 'base'})")
 
 
@@ -128,15 +137,8 @@ def status(obj: Ctx, as_json):
     Example:
       kbsync status --json
     """
-    client = obj.daemon()
-    if client is not None:
-        doc = client.status()
-    else:
-        svc = obj.service()
-        try:
-            doc = {**svc.status(), "last_tick": None, "next_tick": None, "daemon": None}
-        finally:
-            svc.close()
+    doc = _dispatch(obj, lambda c: c.status(),
+                    lambda svc: {**svc.status(), "last_tick": None, "next_tick": None, "daemon": None})
     doc.setdefault("fingerprint", None)
     daemon = f"  daemon: pid {doc['daemon']['pid']}" if doc.get("daemon") else "  daemon: not running"
     _emit(as_json, doc, f"head: {doc['head'] or 'base'}  pending: {doc['pending']}  failed: {doc['failed']}  "
@@ -153,17 +155,8 @@ def sync(obj: Ctx, as_json):
     Example:
       kbsync facts import examples/facts.jsonl && kbsync sync
     """
-    client = obj.daemon()
-    if client is not None:
-        doc = client.sync()
-    else:
-        svc = obj.service(progress=not as_json)
-        try:
-            reports = svc.sync(actor="cli")
-            head = svc.ledger.head()
-        finally:
-            svc.close()
-        doc = {"steps": [r.to_json() for r in reports], "head": head.id if head else None}
+    doc = _dispatch(obj, lambda c: c.sync(), lambda svc: _steps_doc(svc, svc.sync(actor="cli")),
+                    progress=not as_json)
     human = "\n".join(f"version {r['version']}: {r['kind']}, {r['facts']} facts, {r['seconds']:.1f} s"
                       + (f" ({r['error']})" if r["error"] else "") for r in doc["steps"]) or "nothing pending"
     _emit(as_json, doc, human + f"\nhead: {doc['head'] or 'base'}")
@@ -179,11 +172,8 @@ def log_cmd(obj: Ctx, as_json):
     Example:
       kbsync log --json
     """
-    svc = obj.service()
-    try:
+    with obj.service() as svc:
         rows = svc.log()
-    finally:
-        svc.close()
     lines = [f"{'*' if r['head'] else (' ' if r['on_head_chain'] else '-')} {r['id']:>4}  parent {r['parent'] or 'base':>4}  "
              f"{r['facts']:>3} facts  {r['created_at']}  {r['note'] or ''}" for r in rows]
     _emit(as_json, rows, "\n".join(lines) or "no versions yet (the base model)")
@@ -199,11 +189,8 @@ def show(obj: Ctx, version):
     Example:
       kbsync show 3
     """
-    svc = obj.service()
-    try:
+    with obj.service() as svc:
         doc = svc.show(version)
-    finally:
-        svc.close()
     _emit(True, doc, "")
 
 
@@ -220,15 +207,8 @@ def rollback(obj: Ctx, version, reason, as_json):
       kbsync rollback 2 --reason "bad batch from import 2026-11-25"
     """
     target = _version_arg(version)
-    client = obj.daemon()
-    if client is not None:
-        doc = client.rollback(target, reason=reason)
-    else:
-        svc = obj.service()
-        try:
-            doc = svc.rollback(target, actor="cli", reason=reason)
-        finally:
-            svc.close()
+    doc = _dispatch(obj, lambda c: c.rollback(target, reason=reason),
+                    lambda svc: svc.rollback(target, actor="cli", reason=reason))
     _emit(as_json, doc, f"head: {doc['head'] or 'base'} (was {doc['from'] or 'base'})")
 
 
@@ -243,17 +223,8 @@ def revert(obj: Ctx, version, as_json):
     Example:
       kbsync revert 2
     """
-    client = obj.daemon()
-    if client is not None:
-        doc = client.revert(version)
-    else:
-        svc = obj.service(progress=not as_json)
-        try:
-            reports = svc.revert(version, actor="cli")
-            head = svc.ledger.head()
-        finally:
-            svc.close()
-        doc = {"steps": [r.to_json() for r in reports], "head": head.id if head else None}
+    doc = _dispatch(obj, lambda c: c.revert(version), lambda svc: _steps_doc(svc, svc.revert(version, actor="cli")),
+                    progress=not as_json)
     _emit(as_json, doc, f"reverted {version}; head: {doc['head'] or 'base'} ({len(doc['steps'])} new versions)")
 
 

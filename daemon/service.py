@@ -56,6 +56,12 @@ class Service:
         self._canary_base = None                      # canaries' next tokens on the unedited model
         self.degraded: str | None = None              # why HEAD could not be restored, if it could not
 
+    def __enter__(self) -> "Service":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
         if self._worker is not None:
             self._worker.close()
