@@ -1,4 +1,5 @@
-"""The admin HTTP API (FastAPI): health, readiness, status, sync now, rollback, revert.
+"""The HTTP API (FastAPI): health, readiness, admin (status, sync now, rollback, revert), metrics, and the
+OpenAI-compatible serving API (``daemon.openai_api``).
 
 Routes:
 
@@ -9,12 +10,15 @@ Routes:
   ``{"steps": [...], "head": id}``.
 - ``POST /v1/admin/rollback`` ``{"version": int|null, "reason": str}``: ``{"from": id, "head": id}``.
 - ``POST /v1/admin/revert`` ``{"version": int}``: ``{"steps": [...], "head": id}``.
+- ``GET /metrics``: Prometheus text format; open on a loopback bind, else it needs the admin token.
 
 Admin routes need ``Authorization: Bearer TOKEN`` whenever a token is configured (``[daemon] token`` or
 env ``KBSYNC_TOKEN``); a token is optional on a loopback address and required on any other one.
 Errors are ``{"error": {"message", "type", "code"}}`` (``code`` is the HTTP status): 404 for unknown
 versions, 409 for operations the service refuses, 400 for other knowledge-base errors, 401 without a
-valid token, 503 while starting or stopping, 500 for anything unexpected.
+valid token, 503 while starting or stopping, 500 for anything unexpected. Routes of the serving API
+answer in OpenAI's error shape instead (``daemon.openai_api``). Every request body is limited to
+``[serve] max_body_bytes`` (413).
 """
 from __future__ import annotations
 
@@ -27,8 +31,9 @@ import anyio
 import structlog
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
@@ -36,6 +41,9 @@ from kb import FactNotFoundError, KBError, VersionNotFoundError
 
 from .config import ConfigError
 from .errors import ServiceError
+from .limits import BodyLimitMiddleware, ClientSlots
+from .metrics import MetricsMiddleware
+from .openai_api import OpenAIError, error_response, is_openai_path, openai_router
 from .runtime import Runtime, ShuttingDownError
 
 log = structlog.get_logger("kbsync.api")
@@ -73,12 +81,16 @@ def check_bind(host: str, token: str) -> None:
 
 
 def create_app(runtime: Runtime) -> FastAPI:
-    """The admin API over ``runtime`` (raises ConfigError for a non-loopback host without a token)."""
+    """The HTTP API over ``runtime`` (raises ConfigError for a non-loopback host without a token)."""
     token = runtime.token
     check_bind(runtime.host, token)
-    app = FastAPI(title="kbsync admin API", version="1")
+    app = FastAPI(title="kbsync API", version="1")
     app.state.runtime = runtime
     admin = [Depends(_bearer(token))]
+    app.state.slots = ClientSlots(runtime.cfg.serve.max_concurrent_per_client)
+    app.include_router(openai_router(runtime, app.state.slots))
+    app.add_middleware(BodyLimitMiddleware, max_bytes=runtime.cfg.serve.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=runtime.metrics)            # outermost: sees every status
 
     @app.get("/healthz")
     def healthz() -> dict:
@@ -90,6 +102,10 @@ def create_app(runtime: Runtime) -> FastAPI:
         return JSONResponse({"ready": ready, "model_loaded": runtime.service.model_loaded,
                              "degraded": runtime.service.degraded,
                              "scheduler_running": runtime.scheduler.running}, status_code=200 if ready else 503)
+
+    @app.get("/metrics", dependencies=[] if is_loopback(runtime.host) else admin)
+    def metrics() -> Response:
+        return Response(runtime.metrics.render(runtime.service), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/admin/status", dependencies=admin)
     def status() -> dict:
@@ -138,35 +154,65 @@ _KINDS = {400: "invalid_request", 401: "unauthorized", 404: "not_found", 405: "i
           409: "conflict", 422: "invalid_request", 503: "unavailable"}
 
 
-def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+def _error(request: Request, status: int, message: str, headers: dict | None = None, **openai) -> JSONResponse:
+    """The admin shape ``{"error": {"message", "type", "code": status}}``, or OpenAI's on its routes."""
+    if is_openai_path(request.url.path):
+        return error_response(status, message, headers=headers, **openai)
     kind = _KINDS.get(status, "internal_error" if status >= 500 else "invalid_request")
     return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status,
                         headers=headers)
 
 
+def _param(errors: list[dict]) -> str | None:
+    """The field the validation errors have in common ("messages.0.role"), without union branch tags."""
+    locs = [e["loc"][1:] if e["loc"][:1] == ("body",) else e["loc"] for e in errors]
+    common = []
+    for parts in zip(*locs):
+        if len(set(parts)) > 1:
+            break
+        common.append(str(parts[0]))
+    return ".".join(common) or None
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+        message = str(exc.detail)
+        if isinstance(exc.__cause__, UnicodeDecodeError):
+            message = f"the request body is not valid UTF-8: {exc.__cause__}"
+        return _error(request, exc.status_code, message, getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        return _error(422, f"invalid request: {problems}")
+        errors = exc.errors()
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors)
+        if not is_openai_path(request.url.path):
+            return _error(request, 422, f"invalid request: {problems}")
+        if any(e["type"] == "json_invalid" for e in errors):     # OpenAI answers 400 for all of these
+            return _error(request, 400, "the request body is not valid JSON: "
+                          + "; ".join(str(e.get("ctx", {}).get("error", e["msg"])) for e in errors))
+        return _error(request, 400, f"invalid request: {problems}", param=_param(errors))
+
+    @app.exception_handler(OpenAIError)
+    async def openai_error(request: Request, exc: OpenAIError) -> JSONResponse:
+        return error_response(exc.status, exc.message, exc.type, exc.param, exc.code)
 
     @app.exception_handler(ServiceError)
     async def refused(request: Request, exc: ServiceError) -> JSONResponse:
-        return _error(404 if isinstance(exc.__context__, VersionNotFoundError) else 409, str(exc))
+        if is_openai_path(request.url.path):                    # HEAD cannot be restored: not ready
+            return _error(request, 503, str(exc), code="not_ready")
+        return _error(request, 404 if isinstance(exc.__context__, VersionNotFoundError) else 409, str(exc))
 
     @app.exception_handler(KBError)
     async def kb_error(request: Request, exc: KBError) -> JSONResponse:
-        return _error(404 if isinstance(exc, (VersionNotFoundError, FactNotFoundError)) else 400, str(exc))
+        return _error(request, 404 if isinstance(exc, (VersionNotFoundError, FactNotFoundError)) else 400,
+                      str(exc))
 
     @app.exception_handler(ShuttingDownError)
     async def stopping(request: Request, exc: ShuttingDownError) -> JSONResponse:
-        return _error(503, str(exc))
+        return _error(request, 503, str(exc))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.error("api.error", path=request.url.path, error=f"{type(exc).__name__}: {exc}", exc_info=exc)
-        return _error(500, f"{type(exc).__name__}: {exc}")
+        return _error(request, 500, f"{type(exc).__name__}: {exc}")

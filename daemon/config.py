@@ -49,6 +49,27 @@ class DaemonConfig:
             raise ConfigError("[daemon] inbox_settle_s must be >= 0 and rescan_s > 0")
 
 
+@dataclass(frozen=True)
+class ServeConfig:
+    """The OpenAI-compatible serving API: model name, batching and request limits."""
+
+    model_name: str = ""               # the id in /v1/models; "" = derived from [model] source
+    batch_window_ms: float = 5.0       # requests arriving within this window are decoded as one batch
+    max_batch: int = 8                 # sequences (choices) decoded together at most
+    max_prompt_tokens: int = 2048      # longer prompts are refused (400)
+    max_output_tokens: int = 512       # the largest max_tokens a request may ask for (400 above)
+    max_body_bytes: int = 1_000_000    # larger request bodies are refused (413)
+    max_concurrent_per_client: int = 8  # requests one client address may have in flight (429 above)
+
+    def __post_init__(self):
+        if self.batch_window_ms < 0:
+            raise ConfigError("[serve] batch_window_ms must be >= 0")
+        for name in ("max_batch", "max_prompt_tokens", "max_output_tokens", "max_body_bytes",
+                     "max_concurrent_per_client"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"[serve] {name} must be at least 1, got {getattr(self, name)}")
+
+
 DEFAULT_CANARIES = (
     "The capital of France is",
     "The Eiffel Tower is located in the city of",
@@ -97,6 +118,7 @@ class AppConfig:
     sync: SyncConfig = SyncConfig()
     daemon: DaemonConfig = DaemonConfig()
     verify: VerifyConfig = VerifyConfig()
+    serve: ServeConfig = ServeConfig()
 
     @property
     def db_path(self) -> Path:
@@ -123,6 +145,7 @@ def load_config(config: str | Path | None, state_dir: str | Path) -> AppConfig:
     sync = _section(data, "sync", SyncConfig, base)
     daemon = _section(data, "daemon", DaemonConfig, base)
     verify = _section(data, "verify", VerifyConfig, base)
+    serve = _section(data, "serve", ServeConfig, base)
     hparams = Path(model.hparams)
     if not hparams.is_absolute() and not hparams.is_file():
         hparams = base.parent.parent / model.hparams          # relative to the project root of the config
@@ -130,7 +153,8 @@ def load_config(config: str | Path | None, state_dir: str | Path) -> AppConfig:
         editor = EditConfig.from_toml(hparams)
     except Exception as exc:
         raise ConfigError(str(exc)) from None
-    return AppConfig(state_dir=state_dir, model=model, editor=editor, sync=sync, daemon=daemon, verify=verify)
+    return AppConfig(state_dir=state_dir, model=model, editor=editor, sync=sync, daemon=daemon, verify=verify,
+                     serve=serve)
 
 
 def _section(data: dict, name: str, cls, base: Path):

@@ -1,8 +1,10 @@
 """The daemon's runtime: the service, the drop folder, the sync schedule and systemd notifications, together.
 
-One lock serialises all model work (queries, sync ticks, rollback, revert): the model worker is single
-threaded, and a query waits while a step computes, so it never sees a half-applied step. Reads that need
-no model (status, log) do not take it, so they answer during a step.
+One lock serialises all model work (queries, sync ticks, rollback, revert, and every batch the serving
+API decodes): the model worker is single threaded, and a query waits while a step computes, so it never
+sees a half-applied step; a served batch holds the lock from reading HEAD to its last token, so an answer
+never mixes two versions. Reads that need no model (status, log) do not take it, so they answer during a
+step.
 
 Lifecycle (driven by ``daemon.server``): :meth:`Runtime.start` loads the model and its key statistics,
 then starts the drop folder, the scheduler and the watchdog pinger; :meth:`Runtime.ready` (once the API
@@ -24,7 +26,10 @@ import structlog
 
 from kb import DropFolder
 
+from .batcher import Batcher, Job
 from .config import AppConfig, ConfigError
+from .decoding import decode
+from .metrics import Metrics
 from .notify import Notifier, WatchdogPinger
 from .scheduler import SyncScheduler, TickRecord
 from .service import Service
@@ -51,6 +56,8 @@ class Runtime:
         self.port = cfg.daemon.port if port is None else port
         self.lock = threading.RLock()
         self.service = Service(cfg, progress=progress, preloaded=preloaded)
+        self.metrics = Metrics()
+        self.batcher = Batcher(self._serve_batch, cfg.serve.batch_window_ms / 1000, cfg.serve.max_batch)
         self.notifier = notifier or Notifier()
         self.pinger = WatchdogPinger(self.notifier, self.healthy)
         self._config_loader = config_loader
@@ -165,6 +172,7 @@ class Runtime:
                 return
             self._stopping.set()
         self.notifier.stopping()
+        self.batcher.stop(ShuttingDownError("the daemon is stopping; the request was not started"))
         self.scheduler.shutdown(wait=False)
         self.pinger.stop()
         try:
@@ -225,6 +233,7 @@ class Runtime:
             self.service.ledger.get(version_id)     # VersionNotFoundError before waiting for the lock
         with self.lock:
             doc = self.service.rollback(version_id, actor=actor, reason=reason)
+        self.metrics.rollbacks.inc()
         self.publish_status()
         return doc
 
@@ -232,12 +241,18 @@ class Runtime:
         self.service.ledger.get(version_id)
         with self.lock:
             reports = self.service.revert(version_id, actor=actor)
+        self.metrics.reverts.inc()
+        self.metrics.record_steps(reports)
         self.publish_status()
         return {"steps": [r.to_json() for r in reports], "head": self._head()}
 
     def query(self, prompts: list[str], max_tokens: int = 16) -> tuple[list[str], int | None]:
         with self.lock:
             return self.service.query(prompts, max_tokens)
+
+    def serve(self, job: Job) -> None:
+        """Queue a serving request for the batcher (raises ShuttingDownError once stopping)."""
+        self.batcher.submit(job)
 
     def publish_status(self) -> None:
         """A STATUS= line for ``systemctl status``: HEAD and the pending count."""
@@ -258,7 +273,20 @@ class Runtime:
             if not self._stopping.is_set():
                 self.publish_status()
         self._last_exc = None
+        self.metrics.record_steps(reports)
         return [r.to_json() for r in reports]
+
+    def _serve_batch(self, jobs: list[Job]) -> None:
+        """The batcher's work: decode ``jobs`` together at HEAD, read under the same lock hold."""
+        rows = [row for job in jobs for row in job.rows]
+        with self.lock:
+            if self._stopping.is_set():
+                raise ShuttingDownError("the daemon is stopping; the request was not started")
+            em, version = self.service.model_at_head()
+            for job in jobs:
+                job.on_start(version)
+            decode(em, rows)
+        self.metrics.batch_size.observe(len(rows))
 
     def _pending(self) -> int:
         return self.service.store.counts().pending

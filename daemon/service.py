@@ -151,6 +151,11 @@ class Service:
         version = self._at_head()
         return self.worker.query(prompts, max_tokens), version
 
+    def model_at_head(self):
+        """The live model with HEAD's hook state, and HEAD's id. Hold the model lock while using it."""
+        version = self._at_head()
+        return self.worker.em, version
+
     # ----- writes --------------------------------------------------------------------------------
     def sync(self, actor: str = "cli") -> list[StepReport]:
         """Apply pending changes as consecutive steps of at most B facts (at most ``max_steps`` steps)."""

@@ -12,6 +12,10 @@ from .hook import HookLayer, Mode, RoutingContext
 from .registry import spec_for
 
 
+class _StopForward(Exception):
+    """Raised by a forward hook to end a pass early (see ``EditableModel.forward_until``)."""
+
+
 class EditableModel:
     """Owns the hooks of one model. All mutation goes through ``apply_delta``/``reset`` or context managers."""
 
@@ -34,7 +38,7 @@ class EditableModel:
         self._fingerprint: str | None = None
 
     def _capture(self, module, args, kwargs):
-        past = kwargs.get("past_key_values")
+        past = kwargs.get("cache", kwargs.get("past_key_values"))    # transformers 5 renamed it `cache`
         self.context.attention_mask = kwargs.get("attention_mask")
         self.context.incremental = past is not None and past.get_seq_length() > 0
         return None
@@ -107,6 +111,20 @@ class EditableModel:
             yield self
         finally:
             setattr(parent, name, blocks)
+            handle.remove()
+
+    def forward_until(self, layer: int, input_ids, attention_mask) -> None:
+        """Run blocks 0..``layer`` only (for forward hooks on them: keys, residuals, routing records);
+        nothing after block ``layer`` is computed."""
+        def stop(module, inputs, output):
+            raise _StopForward
+
+        handle = self.spec.blocks(self.model)[layer].register_forward_hook(stop)
+        try:
+            self.model.base_model(input_ids=input_ids, attention_mask=attention_mask)
+        except _StopForward:
+            pass
+        finally:
             handle.remove()
 
     def hidden_at(self, input_ids, attention_mask, rows, positions) -> torch.Tensor:
