@@ -12,6 +12,7 @@ from editor.errors import EditorError
 from kb import KBError
 
 from .config import ConfigError, load_config
+from .eval_cli import eval_cmd
 from .facts_cli import facts
 from .logs import configure_logging
 from .errors import ServiceError
@@ -256,6 +257,7 @@ def run(obj: Ctx, interval_s, cron, host, port):
 
 
 cli.add_command(facts)
+cli.add_command(eval_cmd)
 
 
 def main() -> None:

@@ -44,6 +44,7 @@ class EditConfig:
     kl_factor: float = 0.0625
     clamp_norm_factor: float = 4.0
     early_stop_nll: float = 0.05           # stop once every fact's target NLL is below this
+    opt_dtype: str = "float32"             # autocast dtype of the target optimisation ("bfloat16": AMX/GPU speed)
     contexts: tuple[str, ...] = DEFAULT_CONTEXTS
     kl_template: str = "{} is a"
     stats: StatsConfig = field(default_factory=StatsConfig)
@@ -55,6 +56,8 @@ class EditConfig:
             raise EditorError(f"editor config: `layers` must be strictly increasing, got {list(self.layers)}")
         if "{}" not in self.kl_template or not all("{}" in c for c in self.contexts):
             raise EditorError("editor config: `contexts` and `kl_template` must each contain '{}'")
+        if self.opt_dtype not in ("float32", "bfloat16", "float16"):
+            raise EditorError(f"editor config: `opt_dtype` must be float32, bfloat16 or float16, got {self.opt_dtype!r}")
         if self.contexts[0] != "{}":
             raise EditorError("editor config: the first of `contexts` must be '{}' (the bare prompt)")
 

@@ -69,14 +69,31 @@ class StepDelta:
         return cls(layers, tuple(requests), meta["model_fingerprint"], meta["config_digest"])
 
 
-def compute_delta(em: EditableModel, requests: list[EditRequest], stats: KeyStats, cfg: EditConfig) -> StepDelta:
-    """Compute one step for ``requests`` on top of ``em``'s committed state. ``em`` is left unchanged."""
+METHODS = ("comeba-hk", "no-hook", "memit")
+
+
+def method_mode(method: str) -> Mode:
+    """How a model edited with ``method`` runs: routed (COMEBA-HK) or Δ on every token (the ablations)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown editing method {method!r}; choose one of {', '.join(METHODS)}")
+    return Mode.VALIDATED if method == "comeba-hk" else Mode.TEMPORARY
+
+
+def compute_delta(em: EditableModel, requests: list[EditRequest], stats: KeyStats, cfg: EditConfig,
+                  method: str = "comeba-hk") -> StepDelta:
+    """Compute one step for ``requests`` on top of ``em``'s committed state. ``em`` is left unchanged.
+
+    ``method`` (benchmarks only): ``comeba-hk`` routes Δ through the hooks and accumulates Σ K Kᵀ;
+    ``no-hook`` is the same update applied to every token (the paper's ablation without hook layers);
+    ``memit`` applies Δ to every token and forgets earlier keys (C = λ E[k kᵀ]: plain sequential MEMIT).
+    """
+    live = method_mode(method)
     if tuple(cfg.layers) != em.layers:
         raise DeltaMismatch(f"config layers {list(cfg.layers)} differ from the model's hooked layers {list(em.layers)}")
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     batch = StepBatch(em.tokenizer, list(requests), cfg.contexts, cfg.kl_template)
-    with em.mode(Mode.VALIDATED):
+    with em.mode(live):
         targets = compute_targets(em, batch, cfg)
     times["targets_s"] = time.perf_counter() - t0
     Z = targets.Z                                                            # (n, d)
@@ -89,16 +106,18 @@ def compute_delta(em: EditableModel, requests: list[EditRequest], stats: KeyStat
             times["keys_s"] += time.perf_counter() - t
             t = time.perf_counter()
             R = (Z - hL).T.to(torch.float64) / (m - i)                       # (d_out, n)
-            C = cfg.mom2_weight * stats.for_layer(l).to(em.device) + em.hooks[l].KK   # (d_in, d_in)
+            C = cfg.mom2_weight * stats.for_layer(l).to(em.device)                # (d_in, d_in)
+            if method != "memit":
+                C = C + em.hooks[l].KK                                       # Σ_t K_t K_tᵀ of earlier steps
             K64 = K.to(torch.float64)                                        # (d_in, n)
             A = _solve(C + K64 @ K64.T, K64)                                 # (d_in, n)
             times["solve_s"] += time.perf_counter() - t
             U, V = R.to(torch.float32), A.to(torch.float32)                  # (d_out, n), (d_in, n)
             stack.enter_context(em.hooks[l].trial(U, V))
-            stack.enter_context(em.mode(Mode.VALIDATED, layers=[l]))
+            stack.enter_context(em.mode(live, layers=[l]))
             out.append((l, U, V, K.to(torch.float32)))
         t = time.perf_counter()
-        alphas = _adapted_alphas(em, batch)
+        alphas = _adapted_alphas(em, batch) if live is Mode.VALIDATED else {l: h.alpha for l, h in em.hooks.items()}
         times["routing_s"] = time.perf_counter() - t
     layers = tuple(LayerDelta(l, U, V, K, alphas[l]) for l, U, V, K in out)
     times["total_s"] = time.perf_counter() - t0
@@ -168,7 +187,7 @@ def _keys_and_residual(em: EditableModel, batch: StepBatch, layer: int, cfg: Edi
     handles = [em.spec.projection_module(em.model, layer).register_forward_hook(grab_key),
                em.spec.blocks(em.model)[cfg.last_layer].register_forward_hook(grab_h)]
     try:
-        em.model(input_ids=ids, attention_mask=mask)
+        em.forward_until(cfg.last_layer, ids, mask)
     finally:
         for h in handles:
             h.remove()
@@ -183,7 +202,7 @@ def _adapted_alphas(em: EditableModel, batch: StepBatch) -> dict[int, float]:
     """α ← min(α, min over the batch's prompts of max_i z_i), per layer (validated mode, trial deltas on)."""
     ids, mask = batch.tensors(batch.plain, em.device)
     with em.mode(Mode.VALIDATED), em.recording() as rec:
-        em.model(input_ids=ids, attention_mask=mask)
+        em.forward_until(max(em.layers), ids, mask)
     alphas = {}
     for l, hook in em.hooks.items():
         zmax = torch.cat(rec.get(l, [torch.tensor([])])).float()

@@ -8,6 +8,7 @@ and projects to the vocabulary only where a loss is read.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -68,15 +69,18 @@ def compute_targets(em: EditableModel, batch: StepBatch, cfg: EditConfig) -> Tar
         return torch.index_put(a.hL, (a.ar, a.lookup), at)                  # (R_a, T, d)
 
     opt = torch.optim.Adam([delta], lr=cfg.v_lr)
+    stack = contextlib.ExitStack()
+    stack.enter_context(_attention_for(em.model, dev, cfg.opt_dtype))
     nll_fact = torch.full((n,), float("inf"))
     steps = 0
-    with em.resumed_after(cfg.last_layer, provide):
+    with stack, em.resumed_after(cfg.last_layer, provide):
         for steps in range(1, cfg.v_steps + 1):
             if "a" not in cur or not torch.equal(cur["a"].active, active):
                 cur["a"] = _Active(batch, active.clone(), ids, mask, hL, dev)
             a = cur["a"]
             opt.zero_grad()
-            logits = em.logits(em.hidden_at(a.ids, a.mask, a.sel_row, a.sel_pos)).float()   # (N_a + n_a, V)
+            with _autocast(dev, cfg.opt_dtype):
+                logits = em.logits(em.hidden_at(a.ids, a.mask, a.sel_row, a.sel_pos)).float()   # (N_a + n_a, V)
             logp = F.log_softmax(logits, dim=-1)                                  # (N_a + n_a, V)
             tok_nll = -logp[:a.N].gather(1, a.t_tok[:, None]).squeeze(1)         # (N_a,)
             row_nll = torch.zeros(a.n_rw, device=dev).index_add(0, a.t_row, tok_nll) / a.row_len   # (n_rw_a,)
@@ -99,6 +103,28 @@ def compute_targets(em: EditableModel, batch: StepBatch, cfg: EditConfig) -> Tar
                 delta.mul_((limit / delta.norm(dim=-1).clamp(min=1e-12)).clamp(max=1.0)[:, None])
                 delta[~active.to(dev)] = frozen[~active.to(dev)]                   # Adam momentum must not move them
     return Targets(Z=h0 + delta.detach(), h0=h0, nll=nll_fact, steps=steps)
+
+
+def _autocast(dev: torch.device, dtype: str):
+    """Mixed precision for the optimisation's forward/backward (``opt_dtype``); float32 turns it off."""
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=dev.type, dtype=getattr(torch, dtype))
+
+
+@contextlib.contextmanager
+def _attention_for(model, dev: torch.device, dtype: str):
+    """Eager attention while optimising in reduced precision on CPU: there the fused SDPA kernel's
+    backward is ~10x slower in bfloat16 than in float32, while eager attention's matmuls use AMX."""
+    before = getattr(model.config, "_attn_implementation", None)
+    if dtype == "float32" or dev.type != "cpu" or before in (None, "eager"):
+        yield
+        return
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
 
 
 class _Active:

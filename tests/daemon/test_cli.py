@@ -144,3 +144,31 @@ def test_a_corrupted_head_blob_is_a_clear_error_not_a_crash_loop(project):
     kbsync(project, "rollback", str(head))                         # HEAD moves; the blob is still bad
     proc = kbsync(project, "query", "Paris is", "--json", check=False)
     assert proc.returncode == 1 and f"version {head}" in proc.stderr
+
+
+def test_eval_writes_report_and_plot(project, corpus_file):
+    records = [{"case_id": i, "subject": s, "prompt": p, "target_new": n, "ground_truth": t, "rephrase_prompt": r,
+                "locality_prompt": lp, "locality_ground_truth": la}
+               for i, (s, p, n, t, r, lp, la) in enumerate([
+                   ("Paris", "Paris is the capital of", "Italy", "France", "The city of Paris is the capital of",
+                    "Rome is the capital of", "Italy"),
+                   ("Apple A5", "Apple A5 was created by", "Microsoft", "Apple", "Apple A5 was developed by",
+                    "Windows was developed by", "Microsoft"),
+                   ("Toko Yasuda", "Toko Yasuda plays the", "piano", "guitar", "Toko Yasuda played the",
+                    "Miles Davis played the", "trumpet")])]
+    data = project / "cf.json"
+    data.write_text(json.dumps(records))
+    out = kbsync(project, "eval", "--data", str(data), "--cases", "0:3", "--steps", "3", "--batch", "1",
+                 "--eval-every", "1", "--method", "comeba-hk,memit", "--heldout", str(corpus_file),
+                 "--json", str(project / "r.json"), "--plot", str(project / "r.png"), "--no-progress")
+    report = json.loads((project / "r.json").read_text())
+    assert report["edits"] == 3 and report["seconds"] > 0 and list(report["methods"]) == ["comeba-hk", "memit"]
+    assert {"efficacy", "paraphrase_efficacy", "specificity", "reliability", "generality", "locality"} == set(report["final"])
+    assert [h["edits"] for h in report["methods"]["memit"]["history"]] == [1, 2, 3]
+    assert (project / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| comeba-hk |" in out.stdout and "| unedited |" in out.stdout
+    bad = kbsync(project, "eval", "--data", str(data), "--method", "rome", check=False)
+    assert bad.returncode == 2 and "unknown method" in bad.stderr
+    short = kbsync(project, "eval", "--data", str(data), "--cases", "0:3", "--steps", "2", "--batch", "2",
+                   "--no-progress", check=False)
+    assert short.returncode == 1 and "need 4 cases" in short.stderr

@@ -1,0 +1,261 @@
+"""Consecutive-editing benchmark: T steps of B edits, the field's two metric families, perplexity, speed.
+
+Token-level metrics (as EasyEdit and most toolkits report them), teacher-forced:
+  reliability  share of the target's tokens predicted (argmax) on the edit prompt
+  generality   the same on the paraphrase
+  locality     share of the locality answer's tokens whose prediction is unchanged from the unedited model
+Probability-based metrics (as MEMIT and AlphaEdit report them for COUNTERFACT), by mean NLL per token:
+  efficacy             P(new) > P(true) on the edit prompt
+  paraphrase_efficacy  the same on the paraphrase
+  specificity          the locality prompt still prefers its own answer over the new target
+Perplexity on held-out text, before and after. All metrics are means over every edit made so far.
+
+Methods (same cases, same model, one state reset between them): ``comeba-hk``, ``no-hook`` (the same
+update on every token), ``memit`` (sequential MEMIT: every token, no accumulation of earlier keys).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .config import EditConfig
+from .errors import EditorError
+from .hook import Mode
+from .model import EditableModel
+from .requests import EditRequest
+from .stats import KeyStats
+from .step import METHODS, apply_delta, compute_delta, method_mode
+
+METRICS = ("efficacy", "paraphrase_efficacy", "specificity", "reliability", "generality", "locality")
+SPLIT = ("targets_s", "keys_s", "solve_s", "routing_s")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One edit with its probes."""
+
+    case_id: int
+    subject: str
+    prompt: str
+    target_new: str
+    target_true: str
+    paraphrase: str
+    loc_prompt: str
+    loc_answer: str
+
+    @property
+    def request(self) -> EditRequest:
+        return EditRequest(self.subject, self.prompt, self.target_new)
+
+
+def load_cases(dataset: str, path: str | Path, span: tuple[int, int]) -> list[Case]:
+    """Cases ``span`` = (a, b) of a COUNTERFACT or zsRE file in the formats of ``shared/data``."""
+    try:
+        records = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise EditorError(f"dataset file {path} not found; pass --data PATH (COUNTERFACT or zsRE JSON)") from None
+    except json.JSONDecodeError as exc:
+        raise EditorError(f"dataset file {path} is not JSON: {exc}") from None
+    a, b = span
+    if not 0 <= a < b <= len(records):
+        raise EditorError(f"cases {a}:{b} are outside the {len(records)} records of {path}")
+    out = []
+    for i, r in enumerate(records[a:b], start=a):
+        try:
+            if dataset == "counterfact":
+                out.append(Case(int(r.get("case_id", i)), r["subject"], r["prompt"], r["target_new"], r["ground_truth"],
+                                r["rephrase_prompt"], r["locality_prompt"], r["locality_ground_truth"]))
+            elif dataset == "zsre":
+                loc = r["loc"].removeprefix("nq question: ")
+                true = (r.get("answers") or [r["pred"]])[0]
+                out.append(Case(i, r["subject"], r["src"], r["alt"], true, r["rephrase"], loc, r["loc_ans"]))
+            else:
+                raise EditorError(f"unknown dataset {dataset!r}: use counterfact or zsre")
+        except KeyError as exc:
+            raise EditorError(f"record {i} of {path} has no field {exc}; is it a {dataset} file?") from None
+    return out
+
+
+# ----- scoring ------------------------------------------------------------------------------------
+@dataclass
+class _Probe:
+    prompt: str
+    answer: str
+
+
+@torch.no_grad()
+def _score(em: EditableModel, probes: list[_Probe], batch_size: int = 64) -> list[tuple[float, torch.Tensor, torch.Tensor]]:
+    """For each probe: (mean NLL per answer token, argmax predictions at the answer, the answer's ids),
+    teacher-forced on ``prompt + answer`` in the model's current modes."""
+    tok = em.tokenizer
+    out = []
+    for i in range(0, len(probes), batch_size):
+        chunk = probes[i:i + batch_size]
+        rows, spans = [], []
+        for p in chunk:
+            ids = tok(p.prompt)["input_ids"]
+            ans = tok(p.answer if p.answer[:1].isspace() else " " + p.answer, add_special_tokens=False)["input_ids"]
+            rows.append(ids + ans[:-1])
+            spans.append((len(ids) - 1, torch.tensor(ans)))
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, r in enumerate(rows):
+            ids[j, :len(r)] = torch.tensor(r)
+            mask[j, :len(r)] = 1
+        logits = em.model(input_ids=ids.to(em.device), attention_mask=mask.to(em.device)).logits.float()   # (B, T, V)
+        logp = F.log_softmax(logits, dim=-1).cpu()
+        for j, (start, ans) in enumerate(spans):
+            lp = logp[j, start:start + len(ans)]                                 # (n_ans, V)
+            nll = float(-lp.gather(1, ans[:, None]).mean())
+            out.append((nll, lp.argmax(-1), ans))
+    return out
+
+
+def _probes(cases: list[Case]) -> list[_Probe]:
+    """Six probes per case, in a fixed order (see ``_metrics``)."""
+    out = []
+    for c in cases:
+        out += [_Probe(c.prompt, c.target_new), _Probe(c.prompt, c.target_true),
+                _Probe(c.paraphrase, c.target_new), _Probe(c.paraphrase, c.target_true),
+                _Probe(c.loc_prompt, c.loc_answer), _Probe(c.loc_prompt, c.target_new)]
+    return out
+
+
+def _metrics(scores, base_loc: list[torch.Tensor]) -> dict[str, float]:
+    n = len(scores) // 6
+    acc = {k: 0.0 for k in METRICS}
+    for i in range(n):
+        (pn, pn_pred, pn_ans), (pt, _, _), (qn, qn_pred, qn_ans), (qt, _, _), (ln, l_pred, _), (lx, _, _) = scores[6 * i:6 * i + 6]
+        acc["efficacy"] += pn < pt
+        acc["paraphrase_efficacy"] += qn < qt
+        acc["specificity"] += ln < lx
+        acc["reliability"] += float((pn_pred == pn_ans).float().mean())
+        acc["generality"] += float((qn_pred == qn_ans).float().mean())
+        acc["locality"] += float((l_pred == base_loc[i]).float().mean())
+    return {k: round(v / max(n, 1), 4) for k, v in acc.items()}
+
+
+@torch.no_grad()
+def perplexity(em: EditableModel, texts: list[str], seq_len: int = 256) -> float:
+    """Perplexity over ``texts`` cut into sequences of ``seq_len`` tokens (one per text), current modes."""
+    tok, nll, count = em.tokenizer, 0.0, 0
+    for t in texts:
+        ids = tok(t, return_tensors="pt")["input_ids"][:, :seq_len].to(em.device)
+        if ids.shape[1] < 2:
+            continue
+        logits = em.model(input_ids=ids).logits.float()
+        nll += float(F.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum"))
+        count += ids.shape[1] - 1
+    return math.exp(nll / max(count, 1))
+
+
+def heldout_texts(path: str | Path, n: int = 24, min_chars: int = 1200) -> list[str]:
+    """The last ``n`` long paragraphs of a plain-text corpus (WikiText-2 validation in the benchmarks)."""
+    lines = [l.strip() for l in Path(path).read_text(encoding="utf-8").splitlines()]
+    long = [l for l in lines if len(l) >= min_chars and not l.startswith("=")]
+    return long[-n:]
+
+
+@torch.no_grad()
+def generation_speed(em: EditableModel, mode: Mode, prompts: list[str], new_tokens: int, rounds: int) -> dict:
+    """Tokens per second of greedy KV-cached generation, hooked (``mode``) against the base model (OFF),
+    measured in alternating rounds in one run; ``ratio`` = hooked / base (1.0 = no slowdown)."""
+    tok = em.tokenizer
+    tok.padding_side = "left"
+    enc = {k: v.to(em.device) for k, v in tok(prompts, return_tensors="pt", padding=True).items()}
+    times = {"hooked": [], "base": []}
+
+    def run():
+        t = time.perf_counter()
+        em.model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                          pad_token_id=tok.pad_token_id)
+        return time.perf_counter() - t
+
+    with em.mode(mode):
+        run()                                                                   # warm-up
+    for _ in range(rounds):
+        for name, m in (("hooked", mode), ("base", Mode.OFF)):
+            with em.mode(m):
+                times[name].append(run())
+    tokens = len(prompts) * new_tokens
+    best = {k: min(v) for k, v in times.items()}
+    return {"tokens_per_s": round(tokens / best["hooked"], 1), "base_tokens_per_s": round(tokens / best["base"], 1),
+            "ratio": round(best["base"] / best["hooked"], 4), "rounds": rounds, "tokens": tokens}
+
+
+# ----- the run -----------------------------------------------------------------------------------
+def run_method(em: EditableModel, cases: list[Case], stats: KeyStats, cfg: EditConfig, *, method: str,
+               steps: int, batch: int, eval_every: int, base_loc, texts: list[str], speed_at=(),
+               speed_prompts: list[str] = (), progress=None) -> dict:
+    """One method, from the base model: ``steps`` steps of ``batch`` cases each, evaluated every
+    ``eval_every`` steps and at the end over every edit so far. ``em`` is reset before and after."""
+    live = method_mode(method)
+    em.reset()
+    history, speed, split = [], {}, {k: 0.0 for k in SPLIT}
+    edit_s = 0.0
+    probes = _probes(cases)
+    try:
+        for s in range(steps + 1):
+            done = s * batch
+            if s and (s % eval_every == 0 or s == steps):
+                with em.mode(live):
+                    history.append({"step": s, "edits": done, **_metrics(_score(em, probes[:6 * done]), base_loc)})
+            if done in speed_at:
+                speed[str(done)] = generation_speed(em, live, list(speed_prompts), 32, 3)
+            if s == steps:
+                break
+            chunk = cases[done:done + batch]
+            t = time.perf_counter()
+            delta = compute_delta(em, [c.request for c in chunk], stats, cfg, method=method)
+            apply_delta(em, delta)
+            edit_s += time.perf_counter() - t
+            for k in SPLIT:
+                split[k] += delta.metrics.get(k, 0.0)
+            if progress is not None:
+                progress(method, s + 1, steps, history[-1] if history else None)
+        with em.mode(live):
+            ppl = perplexity(em, texts)
+        edits = steps * batch
+        return {"method": method, "edits": edits, "final": {k: history[-1][k] for k in METRICS},
+                "perplexity": round(ppl, 4), "history": history,
+                "speed": {"edit_seconds": round(edit_s, 2), "edits_per_s": round(edits / edit_s, 4) if edit_s else None,
+                          "seconds_per_step": round(edit_s / steps, 2),
+                          "split_s": {k: round(v, 2) for k, v in split.items()},
+                          "inference": speed}}
+    finally:
+        em.reset()
+
+
+def evaluate(em: EditableModel, cases: list[Case], stats: KeyStats, cfg: EditConfig, *, methods=("comeba-hk",),
+             steps: int, batch: int, eval_every: int = 0, heldout: list[str] = (), speed_at=(),
+             stats_seconds: float | None = None, progress=None) -> dict:
+    """The whole report: the unedited model's metrics and perplexity, then each method side by side."""
+    for m in methods:
+        method_mode(m)
+    if steps * batch > len(cases):
+        raise EditorError(f"{steps} steps x {batch} edits need {steps * batch} cases, the range holds {len(cases)}")
+    cases = cases[:steps * batch]
+    t0 = time.perf_counter()
+    em.reset()
+    with em.mode(Mode.OFF):
+        base_scores = _score(em, _probes(cases))
+        base_loc = [base_scores[6 * i + 4][1] for i in range(len(cases))]
+        base = {"final": _metrics(base_scores, base_loc), "perplexity": round(perplexity(em, list(heldout)), 4)}
+    speed_prompts = [c.prompt for c in cases[:8]]
+    runs = {}
+    for m in methods:
+        runs[m] = run_method(em, cases, stats, cfg, method=m, steps=steps, batch=batch,
+                             eval_every=eval_every or steps, base_loc=base_loc, texts=list(heldout),
+                             speed_at=set(speed_at), speed_prompts=speed_prompts, progress=progress)
+    first = runs[methods[0]]
+    return {"edits": steps * batch, "steps": steps, "batch": batch, "seconds": round(time.perf_counter() - t0, 2),
+            "method": methods[0], "final": first["final"], "perplexity": first["perplexity"],
+            "base": base, "methods": runs, "stats_seconds": stats_seconds,
+            "config": cfg.to_dict()}

@@ -1,0 +1,119 @@
+"""The benchmark's pieces on tiny random models: dataset loading, metric definitions, methods, reports."""
+import json
+
+import pytest
+import torch
+
+from editor.config import EditConfig, StatsConfig
+from editor.errors import EditorError
+from editor.evaluation import Case, _metrics, _probes, _score, evaluate, load_cases, perplexity
+from editor.hook import Mode
+from editor.model import EditableModel
+from editor.stats import key_stats
+from editor.step import METHODS, apply_delta, compute_delta, method_mode
+from tests.conftest import DATA
+
+CASES = [
+    Case(0, "Danielle Darrieux", "The mother tongue of Danielle Darrieux is", "English", "French",
+         "Danielle Darrieux's mother tongue is", "The official language of Brazil is", "Portuguese"),
+    Case(1, "Paris", "Paris is the capital of", "Italy", "France",
+         "The city of Paris is the capital of", "Rome is the capital of", "Italy"),
+    Case(2, "Apple A5", "Apple A5 was created by", "Microsoft", "Apple",
+         "Apple A5 was developed by", "Windows was developed by", "Microsoft"),
+    Case(3, "Toko Yasuda", "Toko Yasuda plays the", "piano", "guitar",
+         "Toko Yasuda played the", "Miles Davis played the", "trumpet"),
+]
+
+
+@pytest.fixture
+def setup(make_tiny, tiny_tokenizer, corpus_file, tmp_path):
+    cfg = EditConfig(layers=(1, 2), v_steps=4, contexts=("{}", "In short, {}"),
+                     stats=StatsConfig(corpus=str(corpus_file), n_tokens=500, seq_len=32))
+    em = EditableModel(make_tiny("llama"), tiny_tokenizer, cfg.layers)
+    stats = key_stats(em, cfg.stats, tmp_path / "stats", progress=False)
+    return em, cfg, stats
+
+
+def test_loads_both_shared_formats_and_names_bad_input(tmp_path):
+    cf = load_cases("counterfact", DATA / "counterfact-edit.json", (5000, 5003))
+    raw = json.loads((DATA / "counterfact-edit.json").read_text())[5000]
+    assert len(cf) == 3 and cf[0].prompt == raw["prompt"] and cf[0].target_true == raw["ground_truth"]
+    assert cf[0].loc_answer == raw["locality_ground_truth"] and cf[0].request.target == raw["target_new"]
+    zs = load_cases("zsre", DATA / "zsre-train-1k.json", (0, 2))
+    assert zs[0].target_new == "unmanned aircraft" and not zs[0].loc_prompt.startswith("nq question:")
+    with pytest.raises(EditorError, match="outside the 1000 records"):
+        load_cases("zsre", DATA / "zsre-train-1k.json", (990, 1010))
+    with pytest.raises(EditorError, match="no field 'prompt'; is it a counterfact file"):
+        load_cases("counterfact", DATA / "zsre-train-1k.json", (0, 1))
+    (tmp_path / "x.json").write_text("{not json")
+    with pytest.raises(EditorError, match="is not JSON"):
+        load_cases("counterfact", tmp_path / "x.json", (0, 1))
+
+
+def test_metrics_follow_their_definitions(setup):
+    em, _, _ = setup
+    tok = em.tokenizer
+    # a case whose "new" target is the model's own greedy continuation: reliability 1 by definition
+    prompt = "The mother tongue of Danielle Darrieux is"
+    greedy = tok.decode(em.model.generate(**tok(prompt, return_tensors="pt"), max_new_tokens=1, do_sample=False,
+                                          pad_token_id=0)[0, -1:])
+    case = Case(0, "Danielle Darrieux", prompt, greedy, "French", prompt, "Rome is the capital of", "Italy")
+    with em.mode(Mode.OFF):
+        scores = _score(em, _probes([case]))
+    base_loc = [scores[4][1]]
+    m = _metrics(scores, base_loc)
+    assert m["locality"] == 1.0                      # the unedited model against itself
+    ids = tok(" " + greedy.strip(), add_special_tokens=False)["input_ids"]
+    if len(ids) == 1 and tok.decode(ids) == greedy:
+        assert m["reliability"] == 1.0 and m["generality"] == 1.0
+    nll_new, nll_true = scores[0][0], scores[1][0]
+    assert m["efficacy"] == float(nll_new < nll_true)
+    # a changed locality prediction counts as not local
+    flipped = [(scores[4][1] + 1) % len(tok)]
+    assert _metrics(scores, flipped)["locality"] == 0.0
+
+
+def test_memit_forgets_earlier_keys_comeba_hk_keeps_them(setup):
+    em, cfg, stats = setup
+    assert set(METHODS) == {"comeba-hk", "no-hook", "memit"}
+    assert method_mode("comeba-hk") is Mode.VALIDATED and method_mode("memit") is Mode.TEMPORARY
+    with pytest.raises(ValueError, match="unknown editing method"):
+        method_mode("rome")
+    apply_delta(em, compute_delta(em, [CASES[0].request], stats, cfg))
+    second = [CASES[1].request]
+    hk = compute_delta(em, second, stats, cfg, method="comeba-hk")
+    memit = compute_delta(em, second, stats, cfg, method="memit")
+    # MEMIT solves with C = λ E[k kᵀ] only: its V satisfies (C + K Kᵀ) V = K without the earlier keys
+    for ld in memit.layers:
+        C = cfg.mom2_weight * stats.for_layer(ld.layer).double()
+        K, V = ld.K.double(), ld.V.double()
+        assert torch.allclose((C + K @ K.T) @ V, K, atol=1e-6)
+    kk = {l: h.KK for l, h in em.hooks.items()}
+    for ld in hk.layers:
+        C = cfg.mom2_weight * stats.for_layer(ld.layer).double() + kk[ld.layer]
+        K, V = ld.K.double(), ld.V.double()
+        assert torch.allclose((C + K @ K.T) @ V, K, atol=1e-6)
+
+
+def test_report_has_the_contract_keys_and_resets_the_model(setup, corpus_file):
+    em, cfg, stats = setup
+    texts = [corpus_file.read_text()[:400]]
+    ppl0 = perplexity(em, texts)
+    seen = []
+    report = evaluate(em, CASES, stats, cfg, methods=("comeba-hk", "no-hook", "memit"), steps=2, batch=2,
+                      eval_every=1, heldout=texts, speed_at=(0,), progress=lambda *a: seen.append(a[:3]))
+    assert report["edits"] == 4 and report["seconds"] > 0 and report["method"] == "comeba-hk"
+    assert set(report["final"]) == {"efficacy", "paraphrase_efficacy", "specificity", "reliability",
+                                    "generality", "locality"}
+    assert all(0.0 <= v <= 1.0 for v in report["final"].values())
+    assert report["base"]["perplexity"] == pytest.approx(ppl0)
+    for name, run in report["methods"].items():
+        assert [h["edits"] for h in run["history"]] == [2, 4]
+        assert run["speed"]["edits_per_s"] > 0 and run["speed"]["split_s"]["targets_s"] > 0
+        assert run["speed"]["inference"]["0"]["ratio"] > 0
+    assert seen == [(m, s, 2) for m in ("comeba-hk", "no-hook", "memit") for s in (1, 2)]
+    # every method starts from the base model and the model is left unedited
+    assert all(h.rank == 0 for h in em.hooks.values())
+    assert perplexity(em, texts) == pytest.approx(ppl0)
+    with pytest.raises(EditorError, match="need 10 cases"):
+        evaluate(em, CASES, stats, cfg, steps=5, batch=2)
