@@ -44,7 +44,8 @@ class EditConfig:
     kl_factor: float = 0.0625
     clamp_norm_factor: float = 4.0
     early_stop_nll: float = 0.05           # stop once every fact's target NLL is below this
-    opt_dtype: str = "float32"             # autocast dtype of the target optimisation ("bfloat16": AMX/GPU speed)
+    opt_dtype: str = "float32"             # autocast dtype of the target optimisation ("bfloat16": faster on CPU/GPU)
+    prefix_cache: bool = True              # target optimisation: keys/values before each lookup computed once
     contexts: tuple[str, ...] = DEFAULT_CONTEXTS
     kl_template: str = "{} is a"
     stats: StatsConfig = field(default_factory=StatsConfig)

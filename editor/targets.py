@@ -4,11 +4,14 @@ For fact j a vector δ_j is added to the residual stream after block L at the su
 maximises log P(target | context + prompt) over the contexts, with a KL term keeping "<subject> is a"
 stable, a weight decay and a norm clamp. z_j = h_L + δ_j. All facts share one forward per iteration,
 and that forward starts after block L (blocks 0..L do not depend on δ, so their output is computed once)
-and projects to the vocabulary only where a loss is read.
+and projects to the vocabulary only where a loss is read. Positions before each row's lookup do not depend
+on δ either: their keys and values in blocks L+1.. are computed once (:class:`_Prefix`), and each iteration
+runs only the positions from the lookup on (``prefix_cache``; the same numbers as the full rows).
 """
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -65,8 +68,23 @@ def compute_targets(em: EditableModel, batch: StepBatch, cfg: EditConfig) -> Tar
 
     def provide():
         a = cur["a"]
+        if cur.get("feed") is not None:                                     # the prefix-cached path
+            return cur["feed"]
         at = a.hL[a.ar, a.lookup] + delta[a.fact].to(hL.dtype)              # (R_a, d)
         return torch.index_put(a.hL, (a.ar, a.lookup), at)                  # (R_a, T, d)
+
+    def final_hidden(a: _Active) -> torch.Tensor:
+        """Final hidden states at the positions a loss reads, (N_a + n_a, d)."""
+        if "prefix" not in cur:
+            return em.hidden_at(a.ids, a.mask, a.sel_row, a.sel_pos)
+        pre = cur["prefix"]
+        x = pre.suffix(a.hL)                                                # (R_a, S, d)
+        cur["feed"] = torch.index_put(x, (a.ar, torch.zeros_like(a.ar)), x[:, 0] + delta[a.fact].to(x.dtype))
+        try:
+            h = pre.run(em, cur["feed"])                                    # (R_a, S, d)
+        finally:
+            cur["feed"] = None
+        return h[a.sel_row, a.sel_pos - a.lookup[a.sel_row]]
 
     opt = torch.optim.Adam([delta], lr=cfg.v_lr)
     stack = contextlib.ExitStack()
@@ -76,11 +94,15 @@ def compute_targets(em: EditableModel, batch: StepBatch, cfg: EditConfig) -> Tar
     with stack, em.resumed_after(cfg.last_layer, provide):
         for steps in range(1, cfg.v_steps + 1):
             if "a" not in cur or not torch.equal(cur["a"].active, active):
-                cur["a"] = _Active(batch, active.clone(), ids, mask, hL, dev)
+                cur["a"] = a = _Active(batch, active.clone(), ids, mask, hL, dev)
+                cur.pop("prefix", None)
+                if cfg.prefix_cache and em.spec.prefix_cache:
+                    with torch.no_grad(), _autocast(dev, cfg.opt_dtype):
+                        cur["prefix"] = _Prefix(em, a, cur)
             a = cur["a"]
             opt.zero_grad()
             with _autocast(dev, cfg.opt_dtype):
-                logits = em.logits(em.hidden_at(a.ids, a.mask, a.sel_row, a.sel_pos)).float()   # (N_a + n_a, V)
+                logits = em.logits(final_hidden(a)).float()                       # (N_a + n_a, V)
             logp = F.log_softmax(logits, dim=-1)                                  # (N_a + n_a, V)
             tok_nll = -logp[:a.N].gather(1, a.t_tok[:, None]).squeeze(1)         # (N_a,)
             row_nll = torch.zeros(a.n_rw, device=dev).index_add(0, a.t_row, tok_nll) / a.row_len   # (n_rw_a,)
@@ -125,6 +147,65 @@ def _attention_for(model, dev: torch.device, dtype: str):
         yield
     finally:
         model.set_attn_implementation(before)
+
+
+class _Prefix:
+    """Keys and values of blocks L+1.. at every row's positions before its lookup, computed once.
+
+    Those positions never see δ (causal attention), so each iteration feeds only the positions from the
+    lookup on (S of them, right-padded) and attends to the cached prefix (P positions, left-padded).
+    The masks are additive (0 or the most negative float), which eager and SDPA attention both accept.
+    """
+
+    def __init__(self, em: EditableModel, a: "_Active", cur: dict):
+        from transformers import DynamicCache
+
+        dev, model = a.hL.device, em.model
+        R, T, _ = a.hL.shape
+        self.lookup = a.lookup                                              # (R,)
+        lengths = a.mask.sum(1)                                             # (R,)
+        P, S = max(int(self.lookup.max()), 1), int((lengths - self.lookup).max())
+        neg = torch.finfo(torch.float32).min
+        j = torch.arange(P, device=dev)                                     # (P,)
+        src_p = self.lookup[:, None] - P + j[None]                          # (R, P) source column; < 0 = pad
+        real_p = src_p >= 0                                                 # (R, P)
+        allowed = (j[None, :, None] >= j[None, None, :]) & real_p[:, None, :]          # (R, P, P) causal, real keys
+        allowed |= torch.eye(P, dtype=torch.bool, device=dev)[None]         # pad queries see themselves (no NaN)
+        mask_p = torch.zeros(R, 1, P, P, device=dev).masked_fill(~allowed[:, None], neg)   # (R, 1, P, P)
+        k = torch.arange(S, device=dev)                                     # (S,)
+        self.src_s = (self.lookup[:, None] + k[None]).clamp(max=T - 1)     # (R, S) source column of the suffix
+        self.pos_s = self.lookup[:, None] + k[None]                         # (R, S) positions
+        causal_s = (k[:, None] >= k[None, :])[None].expand(R, S, S)         # (R, S, S)
+        allowed_s = torch.cat([real_p[:, None, :].expand(R, S, P), causal_s], dim=2)      # (R, S, P + S)
+        self.mask_s = torch.zeros(R, 1, S, P + S, device=dev).masked_fill(~allowed_s[:, None], neg)
+        self.ar = torch.arange(R, device=dev)[:, None]                      # (R, 1)
+        self.cache_kw = "cache" if "cache" in inspect.signature(model.base_model.forward).parameters \
+            else "past_key_values"
+        cache = DynamicCache(config=model.config)
+        cur["feed"] = a.hL[self.ar, src_p.clamp(min=0)]                     # (R, P, d)
+        try:
+            model.base_model(input_ids=torch.zeros(R, P, dtype=torch.long, device=dev), attention_mask=mask_p,
+                             position_ids=src_p.clamp(min=0), use_cache=True, **{self.cache_kw: cache})
+        finally:
+            cur["feed"] = None
+        self.kv = [(l, layer.keys, layer.values) for l, layer in enumerate(cache.layers)
+                   if getattr(layer, "keys", None) is not None and layer.keys.numel()]
+
+    def suffix(self, hL: torch.Tensor) -> torch.Tensor:
+        """The residual stream after block L from each row's lookup on, (R, S, d)."""
+        return hL[self.ar, self.src_s]
+
+    def run(self, em: EditableModel, feed: torch.Tensor) -> torch.Tensor:
+        """Final hidden states of the suffix positions (fed through ``provide``), (R, S, d)."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=em.model.config)
+        for l, K, V in self.kv:                                             # a fresh cache over the same tensors
+            cache.update(K, V, l)
+        R, S = self.src_s.shape
+        return em.model.base_model(input_ids=torch.zeros(R, S, dtype=torch.long, device=feed.device),
+                                   attention_mask=self.mask_s, position_ids=self.pos_s, use_cache=True,
+                                   **{self.cache_kw: cache}).last_hidden_state
 
 
 class _Active:

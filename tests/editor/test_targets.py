@@ -1,4 +1,5 @@
 """Target optimisation: per-fact early stopping freezes converged facts; the model is left as it was."""
+import pytest
 import torch
 
 from editor.config import EditConfig
@@ -40,3 +41,26 @@ def test_converged_facts_are_frozen(tiny_model):
     assert torch.equal(split.Z[easy], split.h0[easy])                               # frozen at δ = 0
     assert not torch.equal(split.Z[1 - easy], split.h0[1 - easy])                   # the other kept learning
     assert split.steps == 6
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "mistral", "qwen2", "gptj"])
+def test_prefix_cache_gives_the_same_targets_as_full_rows(make_tiny, tiny_tokenizer, kind, monkeypatch):
+    import editor.targets as targets
+    runs = []
+    real_run = targets._Prefix.run
+    monkeypatch.setattr(targets._Prefix, "run", lambda self, *a: runs.append(self.src_s.shape) or real_run(self, *a))
+    model = make_tiny(kind)
+    # contexts of different lengths and a subject at the start: lookups differ, some rows have short prefixes
+    reqs = REQS + [EditRequest("Toko Yasuda", "Toko Yasuda plays the", "piano")]
+    cfg = EditConfig(layers=(1,), v_steps=5, contexts=("{}", "The following is a fact. {}", "In short, {}"))
+    em = EditableModel(model, tiny_tokenizer, cfg.layers)
+    batch = StepBatch(tiny_tokenizer, reqs, cfg.contexts, cfg.kl_template)
+    try:
+        with em.mode(Mode.VALIDATED):
+            full = compute_targets(em, batch, cfg.replace(prefix_cache=False))
+            cached = compute_targets(em, batch, cfg.replace(prefix_cache=True))
+    finally:
+        em.close()
+    assert len(runs) == cached.steps and runs[0][1] < batch.tensors(batch.rewrite + batch.kl, "cpu")[0].shape[1]
+    assert torch.allclose(cached.nll, full.nll, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(cached.Z, full.Z, rtol=1e-4, atol=1e-4) and not torch.equal(full.Z, full.h0)

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The consecutive-editing benchmarks of docs/benchmarks.md (default model, CPU). Reports on COUNTERFACT
+# cases from 5000 on (the layers and λ were tuned on cases 0-1999: docs/layers.md).
+#   bash bench/eval_runs.sh 200     # 20 steps x 10, three methods side by side (about 35 min on 2 cores)
+#   bash bench/eval_runs.sh 1000    # 100 steps x 10, COMEBA-HK, inference speed at 0/100/1000 edits
+#   bash bench/eval_runs.sh zsre    # 20 steps x 10 on zsRE, three methods
+set -euo pipefail
+cd "$(dirname "$0")/.."
+KBSYNC=".venv/bin/kbsync --state-dir ${STATE:-.cache/state}"
+case "${1:-200}" in
+  200)  $KBSYNC eval --dataset counterfact --cases 5000:5200 --steps 20 --batch 10 --eval-every 5 \
+          --method comeba-hk,no-hook,memit --speed-at 0,100 \
+          --json bench/out/eval-200.json --plot docs/img/eval-200.png ;;
+  1000) $KBSYNC eval --dataset counterfact --cases 5000:6000 --steps 100 --batch 10 --eval-every 10 \
+          --method comeba-hk --speed-at 0,100,1000 \
+          --json bench/out/eval-1000.json --plot docs/img/eval-1000.png ;;
+  zsre) $KBSYNC eval --dataset zsre --cases 0:200 --steps 20 --batch 10 --eval-every 5 \
+          --method comeba-hk,no-hook,memit \
+          --json bench/out/eval-zsre-200.json --plot docs/img/eval-zsre-200.png ;;
+  *) echo "usage: bash bench/eval_runs.sh 200|1000|zsre" >&2; exit 2 ;;
+esac

@@ -1,0 +1,296 @@
+"""Serving benchmarks on the real default model (CPU): hook overhead, HTTP latency, inbox-to-answer time,
+and how KV-cached decoding routes tokens that mention an edited subject again.
+
+    .venv/bin/python bench/serve_bench.py                    # all parts, JSON to bench/out/serve.json
+    .venv/bin/python bench/serve_bench.py --parts throughput,latency
+
+Parts:
+- ``throughput``: the serving decoder (``daemon.decoding.decode``), 8 prompts x 100 new tokens, the hooked
+  model against the base model in alternating rounds in one process, after 0, 100 and 1000 edits. The
+  hooks hold 10, then 100 steps of rank-10 factors of the real shapes (random values: the cost of a hooked
+  forward depends on the rank and shapes only, never on the values; the routing is computed either way).
+- ``latency``: ``kbsync``'s HTTP server (uvicorn on loopback) and the real ``openai`` client, 100-token
+  completions: one client after another, then 8 clients at once (batched by the server).
+- ``inbox``: a daemon with a 10 s interval; a fact file lands in the inbox; the time until the served
+  model answers with the new target (polling /v1/completions every 0.25 s).
+- ``decode``: 20 COUNTERFACT facts edited (2 steps x 10); a neutral lead-in is prefilled, then the edit
+  prompt is fed token by token through the KV cache (as generated text would be). The next token is
+  compared with the new target and with a full (uncached) forward of the same text, with the prompt's
+  routing statistics carried into the cached steps and without them (those steps then never route).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import shutil
+import statistics
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+STATE = ROOT / ".cache" / "state"                 # the converted model and key statistics, shared with tests
+PROMPTS = ["The capital of France is", "Once upon a time, in a small village,", "The mother tongue of Danielle Darrieux is",
+           "Python is a programming language that", "The Eiffel Tower is located in", "My favourite recipe for bread",
+           "Apple A5 was created by", "In 1969, the first humans"]
+
+
+def load():
+    from editor.loading import load_model
+    return load_model("embedded", STATE, device="cpu", dtype="float32")
+
+
+def hparams():
+    from editor.config import EditConfig
+    return EditConfig.from_toml(ROOT / "configs/models/smollm2-135m.toml")
+
+
+# ----- throughput ---------------------------------------------------------------------------------------
+def part_throughput(model, tok, rounds: int, new_tokens: int) -> dict:
+    from daemon.decoding import Row, Sampling, decode
+    from editor.hook import Mode
+    from editor.model import EditableModel
+
+    cfg = hparams()
+    em = EditableModel(model, tok, cfg.layers, cfg.alpha0)
+    g = torch.Generator().manual_seed(0)
+    rows = lambda: [Row(tok(p)["input_ids"], Sampling(max_tokens=new_tokens, temperature=0), lambda e: None,  # noqa: E731
+                        index=i) for i, p in enumerate(PROMPTS)]
+    # min_tokens: EOS must not end a row early, or the two sides would decode different amounts
+    eos = tok.eos_token_id
+
+    def timed(mode) -> float:
+        with em.mode(mode), _no_eos(model, eos):
+            t = time.perf_counter()
+            decode(em, rows())
+            return time.perf_counter() - t
+
+    out = {}
+    try:
+        for edits in (0, 100, 1000):
+            while sum(h.rank for h in em.hooks.values()) // len(em.hooks) < edits:
+                for h in em.hooks.values():               # one step of 10 edits: rank-10 factors, real shapes
+                    h.commit(torch.randn(h.d_out, 10, generator=g) * 0.01, torch.randn(h.d_in, 10, generator=g),
+                             torch.randn(h.d_in, 10, generator=g), alpha=2.2)
+            timed(Mode.VALIDATED)                          # warm-up (and the dense Δ is built)
+            times = {"hooked": [], "base": []}
+            for _ in range(rounds):
+                times["hooked"].append(timed(Mode.VALIDATED))
+                times["base"].append(timed(Mode.OFF))
+            tokens = len(PROMPTS) * new_tokens
+            best = {k: min(v) for k, v in times.items()}
+            out[str(edits)] = {"hooked_tokens_per_s": round(tokens / best["hooked"], 1),
+                               "base_tokens_per_s": round(tokens / best["base"], 1),
+                               "ratio": round(best["base"] / best["hooked"], 4), "rounds": rounds,
+                               "median_ratio": round(statistics.median(times["base"]) / statistics.median(times["hooked"]), 4)}
+            print(f"throughput {edits} edits: {out[str(edits)]}", flush=True)
+    finally:
+        em.close()
+    return out
+
+
+@contextlib.contextmanager
+def _no_eos(model, eos: int):
+    """EOS logits pushed down so every row decodes exactly max_tokens (the same work on both sides)."""
+    head = model.get_output_embeddings()
+
+    def hook(module, inputs, output):
+        output[..., eos] = -1e9
+        return output
+    handle = head.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+# ----- the HTTP server -------------------------------------------------------------------------------
+@contextlib.contextmanager
+def daemon(model, tok, state: Path, extra: str = ""):
+    """A Runtime on ``state`` with the real model, served by uvicorn on a free loopback port."""
+    import uvicorn
+
+    from daemon.api import create_app
+    from daemon.config import load_config
+    from daemon.notify import Notifier
+    from daemon.runtime import Runtime
+
+    (state / "stats").mkdir(parents=True, exist_ok=True)
+    for cached in (STATE / "stats").glob("keystats-*.safetensors"):              # reuse measured statistics
+        target = state / "stats" / cached.name
+        if not target.exists():
+            target.symlink_to(cached)
+    (state / "app.toml").write_text(f"[model]\nsource = 'embedded'\ndevice = 'cpu'\nhparams = "
+                                    f"'{ROOT / 'configs/models/smollm2-135m.toml'}'\n{extra}")
+    runtime = Runtime(load_config(state / "app.toml", state), notifier=Notifier({}), preloaded=(model, tok))
+    app = create_app(runtime)
+    runtime.start()
+    # statistics built by this run go to the shared cache too
+    for built in (state / "stats").glob("keystats-*.safetensors"):
+        if not built.is_symlink() and not (STATE / "stats" / built.name).exists():
+            (STATE / "stats").mkdir(parents=True, exist_ok=True)
+            shutil.copy(built, STATE / "stats" / built.name)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="off", log_config=None,
+                                           access_log=False))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    try:
+        yield runtime, f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        runtime.stop()
+        runtime.service.worker.close()
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return round(xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))], 3)
+
+
+def part_latency(model, tok, n: int, new_tokens: int) -> dict:
+    import openai
+
+    with tempfile.TemporaryDirectory() as tmp, daemon(model, tok, Path(tmp), "[serve]\nbatch_window_ms = 5\n") as (_, url):
+        oa = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=600)
+
+        def one(i: int) -> tuple[float, int]:
+            t = time.perf_counter()
+            r = oa.completions.create(model="smollm2-135m-instruct", prompt=PROMPTS[i % len(PROMPTS)],
+                                      max_tokens=new_tokens, temperature=0.7, seed=i, extra_body={})
+            return time.perf_counter() - t, r.usage.completion_tokens
+
+        one(0)                                                                    # warm-up
+        seq = [one(i) for i in range(n)]
+        t = time.perf_counter()
+        with ThreadPoolExecutor(8) as pool:
+            conc = list(pool.map(one, range(4 * 8)))
+        wall = time.perf_counter() - t
+    out = {"sequential": {"requests": n, "p50_s": _pct([s for s, _ in seq], .5), "p99_s": _pct([s for s, _ in seq], .99),
+                          "mean_completion_tokens": round(statistics.mean(k for _, k in seq), 1),
+                          "tokens_per_s": round(sum(k for _, k in seq) / sum(s for s, _ in seq), 1)},
+           "concurrent_8": {"requests": len(conc), "p50_s": _pct([s for s, _ in conc], .5),
+                            "p99_s": _pct([s for s, _ in conc], .99),
+                            "tokens_per_s": round(sum(k for _, k in conc) / wall, 1)}}
+    print(f"latency: {out}", flush=True)
+    return out
+
+
+# ----- inbox to answer --------------------------------------------------------------------------------
+def part_inbox(model, tok, trials: int) -> dict:
+    import httpx
+
+    facts = [json.loads(line) for line in (ROOT / "examples/facts.jsonl").read_text().splitlines()]
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        state = Path(tmp)
+        extra = "[daemon]\ninterval_s = 10\ninbox_settle_s = 2.0\n"
+        with daemon(model, tok, state, extra) as (runtime, url):
+            runtime.service.worker.stats                                          # built or read before timing
+            for fact in facts[:trials]:
+                def answer() -> tuple[str, str]:
+                    r = httpx.post(f"{url}/v1/completions", json={"model": "smollm2-135m-instruct", "prompt": fact["prompt"],
+                                                                  "max_tokens": 4, "temperature": 0}, timeout=600).json()
+                    return r["choices"][0]["text"], r["system_fingerprint"]
+                before = answer()
+                part = state / "inbox" / ".fact.part"
+                part.write_text(json.dumps(fact) + "\n")
+                t = time.perf_counter()
+                part.rename(state / "inbox" / f"fact-{len(out)}.jsonl")
+                while True:
+                    text, fp = answer()
+                    if fp != before[1] or time.perf_counter() - t > 600:
+                        break
+                    time.sleep(0.25)
+                seconds = time.perf_counter() - t
+                tick = runtime.scheduler.last_tick
+                steps = tick.result if tick and isinstance(tick.result, list) else []
+                out.append({"fact": fact["subject"], "seconds": round(seconds, 2), "answer": text.strip(),
+                            "hit": text.strip().startswith(fact["target"]), "version": fp,
+                            "tick_s": round(tick.duration_s, 2) if tick else None,
+                            "step_kinds": [s.get("kind") for s in steps]})
+                print(f"inbox: {out[-1]}", flush=True)
+    return {"interval_s": 10, "settle_s": 2.0, "trials": out,
+            "median_s": round(statistics.median(t["seconds"] for t in out), 2)}
+
+
+# ----- routing of KV-cached steps -----------------------------------------------------------------
+@torch.no_grad()
+def part_decode(model, tok, n_facts: int) -> dict:
+    from editor.evaluation import load_cases
+    from editor.hook import Mode
+    from editor.model import EditableModel
+    from editor.stats import key_stats
+    from editor.step import apply_delta, compute_delta
+
+    cfg = hparams()
+    em = EditableModel(model, tok, cfg.layers, cfg.alpha0)
+    try:
+        stats = key_stats(em, cfg.stats, STATE / "stats", progress=False)
+        cases = load_cases("counterfact", DATA / "counterfact-edit.json", (5000, 5000 + n_facts))
+        for i in range(0, n_facts, 10):
+            apply_delta(em, compute_delta(em, [c.request for c in cases[i:i + 10]], stats, cfg))
+        lead = "Here is a short note about a well-known topic."
+        rows = {"full": [], "carried": [], "no_carry": []}
+        for c in cases:
+            new = tok(" " + c.target_new, add_special_tokens=False)["input_ids"][0]
+            lead_ids = tok(lead)["input_ids"]
+            rest = tok(" " + c.prompt, add_special_tokens=False)["input_ids"]
+            ids = torch.tensor([lead_ids + rest])
+            with em.mode(Mode.VALIDATED):
+                full = int(model(input_ids=ids).logits[0, -1].argmax())
+                rows["full"].append((full, full == new))
+                for name in ("carried", "no_carry"):
+                    out = model(input_ids=ids[:, :len(lead_ids)], use_cache=True)
+                    if name == "no_carry":
+                        em.context.carry.clear()
+                    past = out.past_key_values
+                    for k in range(len(lead_ids), ids.shape[1]):
+                        out = model(input_ids=ids[:, k:k + 1], past_key_values=past, use_cache=True)
+                        past = out.past_key_values
+                    pred = int(out.logits[0, -1].argmax())
+                    rows[name].append((pred, pred == new, pred == full))
+        res = {name: {"new_target_top1": round(sum(r[1] for r in v) / len(v), 3)} for name, v in rows.items()}
+        for name in ("carried", "no_carry"):
+            res[name]["agrees_with_full"] = round(sum(r[2] for r in rows[name]) / len(rows[name]), 3)
+        res["facts"] = n_facts
+        print(f"decode: {res}", flush=True)
+        return res
+    finally:
+        em.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--parts", default="throughput,latency,inbox,decode")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--new-tokens", type=int, default=100)
+    ap.add_argument("--requests", type=int, default=20)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench/out/serve.json")
+    args = ap.parse_args()
+    model, tok = load()
+    report = {"torch_threads": torch.get_num_threads()}
+    parts = args.parts.split(",")
+    if "throughput" in parts:
+        report["throughput"] = part_throughput(model, tok, args.rounds, args.new_tokens)
+    if "latency" in parts:
+        report["latency"] = part_latency(model, tok, args.requests, args.new_tokens)
+    if "inbox" in parts:
+        report["inbox"] = part_inbox(model, tok, 3)
+    if "decode" in parts:
+        report["decode"] = part_decode(model, tok, 20)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

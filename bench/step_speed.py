@@ -1,0 +1,89 @@
+"""Time one COMEBA-HK step on the default model (CPU), variants side by side in one run.
+
+    .venv/bin/python bench/step_speed.py --steps 3 --batch 10 --variants opt_dtype=float32,opt_dtype=bfloat16
+
+Each variant starts from the base model and edits the same COUNTERFACT cases (5000 on) as ``--steps``
+consecutive steps; variants alternate step by step so machine noise hits them alike. Prints the time
+split (target optimisation, keys, solve, routing) and the step's own success (P(new) > P(true) on its
+prompts right after the step). Also times the key statistics build when they are not cached yet.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+STATE = ROOT / ".cache" / "state"
+
+
+def parse_variant(text: str) -> dict:
+    out = {}
+    for part in filter(None, text.split(";")):
+        k, v = part.split("=")
+        current = getattr(BASE, k)
+        out[k] = (v.lower() in ("1", "true", "yes")) if isinstance(current, bool) else type(current)(v)
+    return out
+
+
+def main() -> None:
+    global BASE
+    from editor.config import EditConfig
+    from editor.evaluation import _metrics, _probes, _score, load_cases
+    from editor.hook import Mode
+    from editor.loading import load_model
+    from editor.model import EditableModel
+    from editor.stats import key_stats
+    from editor.step import apply_delta, compute_delta
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=10)
+    ap.add_argument("--variants", default="opt_dtype=float32,opt_dtype=bfloat16",
+                    help="comma-separated variants; each is k=v;k=v over [editor] fields")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench/out/step_speed.json")
+    args = ap.parse_args()
+    BASE = EditConfig.from_toml(ROOT / "configs/models/smollm2-135m.toml")
+    model, tok = load_model("embedded", STATE, device="cpu", dtype="float32")
+    em = EditableModel(model, tok, BASE.layers, BASE.alpha0)
+    t = time.perf_counter()
+    stats = key_stats(em, BASE.stats, STATE / "stats", progress=False)
+    stats_s = time.perf_counter() - t
+    cases = load_cases("counterfact", DATA / "counterfact-edit.json", (5000, 5000 + args.steps * args.batch))
+    variants = {v: BASE.replace(**parse_variant(v)) for v in args.variants.split(",")}
+    states = {v: [] for v in variants}             # committed deltas per variant
+    res = {v: {"total_s": [], "targets_s": [], "keys_s": [], "solve_s": [], "routing_s": [], "efficacy": []}
+           for v in variants}
+    for s in range(args.steps):
+        chunk = cases[s * args.batch:(s + 1) * args.batch]
+        for v, cfg in variants.items():
+            em.reset()
+            for d in states[v]:
+                apply_delta(em, d)
+            t = time.perf_counter()
+            d = compute_delta(em, [c.request for c in chunk], stats, cfg)
+            wall = time.perf_counter() - t
+            apply_delta(em, d)
+            states[v].append(d)
+            for k in ("targets_s", "keys_s", "solve_s", "routing_s"):
+                res[v][k].append(d.metrics.get(k, 0.0))
+            res[v]["total_s"].append(wall)
+            with em.mode(Mode.VALIDATED):
+                res[v]["efficacy"].append(_metrics(_score(em, _probes(chunk)), [torch.zeros(1)] * len(chunk))["efficacy"])
+            print(f"step {s + 1} {v}: {wall:.1f} s, targets {d.metrics.get('targets_s', 0):.1f} s, "
+                  f"efficacy {res[v]['efficacy'][-1]:.2f}", flush=True)
+    report = {"stats_build_s": round(stats_s, 1), "threads": torch.get_num_threads(), "batch": args.batch,
+              "variants": {v: {k: round(statistics.median(x), 3) for k, x in r.items()} | {"steps": len(r["total_s"])}
+                           for v, r in res.items()}}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
