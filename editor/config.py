@@ -38,6 +38,7 @@ class EditConfig:
     layers: tuple[int, ...] = (1, 2, 3, 4, 5)
     mom2_weight: float = 15000.0           # λ
     alpha0: float = 2.2                    # α0
+    alpha_min: float = 0.0                 # floor of α's adaptation (0 = the paper's rule: α only decreases)
     v_lr: float = 0.5
     v_steps: int = 25
     v_weight_decay: float = 0.5
@@ -59,6 +60,8 @@ class EditConfig:
             raise EditorError("editor config: `contexts` and `kl_template` must each contain '{}'")
         if self.opt_dtype not in ("float32", "bfloat16", "float16"):
             raise EditorError(f"editor config: `opt_dtype` must be float32, bfloat16 or float16, got {self.opt_dtype!r}")
+        if not 0.0 <= self.alpha_min <= self.alpha0:
+            raise EditorError(f"editor config: `alpha_min` must be between 0 and alpha0 ({self.alpha0}), got {self.alpha_min}")
         if self.contexts[0] != "{}":
             raise EditorError("editor config: the first of `contexts` must be '{}' (the bare prompt)")
 

@@ -225,6 +225,7 @@ def run_method(em: EditableModel, cases: list[Case], stats: KeyStats, cfg: EditC
         edits = steps * batch
         return {"method": method, "edits": edits, "final": {k: history[-1][k] for k in METRICS},
                 "perplexity": round(ppl, 4), "history": history,
+                "alpha": {str(l): round(h.alpha, 4) for l, h in em.hooks.items()},
                 "speed": {"edit_seconds": round(edit_s, 2), "edits_per_s": round(edits / edit_s, 4) if edit_s else None,
                           "seconds_per_step": round(edit_s / steps, 2),
                           "split_s": {k: round(v, 2) for k, v in split.items()},

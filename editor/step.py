@@ -117,7 +117,7 @@ def compute_delta(em: EditableModel, requests: list[EditRequest], stats: KeyStat
             stack.enter_context(em.mode(live, layers=[l]))
             out.append((l, U, V, K.to(torch.float32)))
         t = time.perf_counter()
-        alphas = _adapted_alphas(em, batch) if live is Mode.VALIDATED else {l: h.alpha for l, h in em.hooks.items()}
+        alphas = _adapted_alphas(em, batch, cfg.alpha_min) if live is Mode.VALIDATED else {l: h.alpha for l, h in em.hooks.items()}
         times["routing_s"] = time.perf_counter() - t
     layers = tuple(LayerDelta(l, U, V, K, alphas[l]) for l, U, V, K in out)
     times["total_s"] = time.perf_counter() - t0
@@ -198,8 +198,10 @@ def _keys_and_residual(em: EditableModel, batch: StepBatch, layer: int, cfg: Edi
 
 
 @torch.no_grad()
-def _adapted_alphas(em: EditableModel, batch: StepBatch) -> dict[int, float]:
-    """α ← min(α, min over the batch's prompts of max_i z_i), per layer (validated mode, trial deltas on)."""
+def _adapted_alphas(em: EditableModel, batch: StepBatch, alpha_min: float = 0.0) -> dict[int, float]:
+    """α ← max(α_min, min(α, min over the batch's prompts of max_i z_i)), per layer (validated mode, trial
+    deltas on). α_min = 0 is the paper's rule; a floor keeps one weakly-routed prompt from opening the hook
+    to every sequence (measured in docs/benchmarks.md)."""
     ids, mask = batch.tensors(batch.plain, em.device)
     with em.mode(Mode.VALIDATED), em.recording() as rec:
         em.forward_until(max(em.layers), ids, mask)
@@ -207,5 +209,5 @@ def _adapted_alphas(em: EditableModel, batch: StepBatch) -> dict[int, float]:
     for l, hook in em.hooks.items():
         zmax = torch.cat(rec.get(l, [torch.tensor([])])).float()
         zmax = zmax[torch.isfinite(zmax)]
-        alphas[l] = min(hook.alpha, float(zmax.min())) if zmax.numel() else hook.alpha
+        alphas[l] = max(alpha_min, min(hook.alpha, float(zmax.min()))) if zmax.numel() else hook.alpha
     return alphas

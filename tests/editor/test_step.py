@@ -7,7 +7,7 @@ import torch
 
 from editor import step as step_mod
 from editor.config import EditConfig, StatsConfig
-from editor.errors import DeltaMismatch, EditRequestError
+from editor.errors import DeltaMismatch, EditorError, EditRequestError
 from editor.hook import Mode
 from editor.model import EditableModel
 from editor.requests import EditRequest
@@ -138,6 +138,23 @@ def test_consecutive_steps_accumulate_keys_and_lower_alpha(setup):
         lds = [ld for d in deltas for ld in d.layers if ld.layer == l]
         assert torch.allclose(h.KK, sum(ld.K.double() @ ld.K.double().T for ld in lds))
         assert h.alpha == lds[-1].alpha and all(a.alpha >= b.alpha for a, b in zip(lds, lds[1:]))
+
+
+def test_alpha_floor_holds_alpha_at_or_above_alpha_min(setup):
+    em, cfg, stats = setup
+    cfg = cfg.replace(alpha0=50.0)                                   # above any z here: α adapts down
+    for h in em.hooks.values():
+        h.alpha = cfg.alpha0
+    free = [compute_delta(em, [r], stats, cfg) for r in REQUESTS]
+    lowest = min(ld.alpha for d in free for ld in d.layers)
+    assert lowest < cfg.alpha0                                       # the paper's rule lowers α
+    floor = (lowest + cfg.alpha0) / 2
+    floored = [compute_delta(em, [r], stats, cfg.replace(alpha_min=floor)) for r in REQUESTS]
+    for d, f in zip(free, floored):
+        for a, b in zip(d.layers, f.layers):
+            assert b.alpha == max(floor, a.alpha)
+    with pytest.raises(EditorError, match="alpha_min"):
+        cfg.replace(alpha_min=cfg.alpha0 + 1)
 
 
 def test_bad_requests_are_rejected():
