@@ -87,11 +87,9 @@ def compute_targets(em: EditableModel, batch: StepBatch, cfg: EditConfig) -> Tar
         return h[a.sel_row, a.sel_pos - a.lookup[a.sel_row]]
 
     opt = torch.optim.Adam([delta], lr=cfg.v_lr)
-    stack = contextlib.ExitStack()
-    stack.enter_context(_attention_for(em.model, dev, cfg.opt_dtype))
     nll_fact = torch.full((n,), float("inf"))
     steps = 0
-    with stack, em.resumed_after(cfg.last_layer, provide):
+    with _attention_for(em.model, dev, cfg.opt_dtype), em.resumed_after(cfg.last_layer, provide):
         for steps in range(1, cfg.v_steps + 1):
             if "a" not in cur or not torch.equal(cur["a"].active, active):
                 cur["a"] = a = _Active(batch, active.clone(), ids, mask, hL, dev)
@@ -137,7 +135,8 @@ def _autocast(dev: torch.device, dtype: str):
 @contextlib.contextmanager
 def _attention_for(model, dev: torch.device, dtype: str):
     """Eager attention while optimising in reduced precision on CPU: there the fused SDPA kernel's
-    backward is ~10x slower in bfloat16 than in float32, while eager attention's matmuls use AMX."""
+    backward is much slower in bfloat16 than in float32, while eager attention's matmuls use the CPU's
+    bfloat16 instructions."""
     before = getattr(model.config, "_attn_implementation", None)
     if dtype == "float32" or dev.type != "cpu" or before in (None, "eager"):
         yield

@@ -1,0 +1,45 @@
+"""Markdown tables for docs/benchmarks.md from the JSON reports of ``kbsync eval`` (bench/eval_runs.sh).
+
+    .venv/bin/python bench/report_tables.py bench/out/eval-200.json [bench/out/eval-1000.json ...]
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+COLS = ("efficacy", "paraphrase_efficacy", "specificity", "reliability", "generality", "locality")
+
+
+def tables(report: dict) -> str:
+    out = [f"### {report['dataset']} cases {report['cases']}: {report['edits']} edits "
+           f"({report['steps']} steps x {report['batch']}), {report['seconds']} s in all", ""]
+    out.append("| method | " + " | ".join(COLS) + " | perplexity | edits/s | final α (layers) |")
+    out.append("|" + "---|" * (len(COLS) + 4))
+    base = report["base"]
+    out.append("| unedited | " + " | ".join(f"{base['final'][c]:.3f}" for c in COLS) + f" | {base['perplexity']:.2f} | | |")
+    for name, run in report["methods"].items():
+        alpha = ", ".join(f"{a:.2f}" for a in run.get("alpha", {}).values())
+        out.append(f"| {name} | " + " | ".join(f"{run['final'][c]:.3f}" for c in COLS)
+                   + f" | {run['perplexity']:.2f} | {run['speed']['edits_per_s']} | {alpha} |")
+    out += ["", "Along the way (every edit so far, at each evaluation):", "",
+            "| method | edits | " + " | ".join(COLS) + " |", "|" + "---|" * (len(COLS) + 2)]
+    for name, run in report["methods"].items():
+        for h in run["history"]:
+            out.append(f"| {name} | {h['edits']} | " + " | ".join(f"{h[c]:.3f}" for c in COLS) + " |")
+    out += ["", "| method | s/step | targets | keys | solve | routing | generation tokens/s hooked / base (ratio) |",
+            "|---|---|---|---|---|---|---|"]
+    for name, run in report["methods"].items():
+        sp = run["speed"]
+        inf = "; ".join(f"{k} edits: {v['tokens_per_s']} / {v['base_tokens_per_s']} ({v['ratio']})"
+                        for k, v in sp.get("inference", {}).items())
+        split = sp["split_s"]
+        steps = report["steps"]
+        out.append(f"| {name} | {sp['seconds_per_step']} | " + " | ".join(f"{split[k] / steps:.2f}" for k in
+                                                                            ("targets_s", "keys_s", "solve_s", "routing_s"))
+                   + f" | {inf} |")
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    for path in sys.argv[1:]:
+        print(tables(json.loads(open(path).read())))
