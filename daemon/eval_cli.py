@@ -41,12 +41,16 @@ def _counts(value: str) -> tuple[int, ...]:
 @click.option("--heldout", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
               help="Plain text for perplexity (default: ../shared/data/wikitext2-valid.txt if present).")
 @click.option("--speed-at", default="", help="Edit counts at which to measure hooked vs base generation speed, e.g. 0,100,1000.")
+@click.option("--model", "model_source", default=None,
+              help="Model to edit instead of [model] source (embedded, a Hugging Face folder, .safetensors or .gguf); "
+                   "its editing hyper-parameters still come from [model] hparams.")
+@click.option("--device", default=None, help="Device instead of [model] device (auto, cpu, cuda, cuda:N).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the JSON report here.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write a PNG plot here.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @click.pass_obj
-def eval_cmd(obj, dataset, data_path, span, steps, batch, eval_every, methods, heldout, speed_at, json_path,
-             plot_path, progress):
+def eval_cmd(obj, dataset, data_path, span, steps, batch, eval_every, methods, heldout, speed_at, model_source,
+             device, json_path, plot_path, progress):
     """Run a consecutive-editing benchmark on the configured model (not the daemon's state: a fresh,
     unedited copy) and report efficacy, paraphrase efficacy, specificity, reliability, generality,
     locality, perplexity and speed.
@@ -70,7 +74,14 @@ def eval_cmd(obj, dataset, data_path, span, steps, batch, eval_every, methods, h
     heldout = heldout or (SHARED / "wikitext2-valid.txt")
     texts = heldout_texts(heldout) if heldout.exists() else []
 
-    worker = obj.worker(progress=progress)
+    from dataclasses import replace
+
+    from .worker import ModelWorker
+
+    cfg = obj.config()
+    cfg = replace(cfg, model=replace(cfg.model, source=model_source or cfg.model.source,
+                                     device=device or cfg.model.device))
+    worker = ModelWorker(cfg, progress=progress)
     t = time.perf_counter()
     stats = worker.stats
     stats_s = round(time.perf_counter() - t, 2)

@@ -169,6 +169,9 @@ def test_eval_writes_report_and_plot(project, corpus_file):
     assert "| comeba-hk |" in out.stdout and "| unedited |" in out.stdout
     bad = kbsync(project, "eval", "--data", str(data), "--method", "rome", check=False)
     assert bad.returncode == 2 and "unknown method" in bad.stderr
+    missing = kbsync(project, "eval", "--data", str(data), "--cases", "0:3", "--steps", "1", "--batch", "1",
+                     "--model", str(project / "no-such-model"), "--no-progress", check=False)
+    assert missing.returncode == 1 and "no-such-model" in missing.stderr and "does not exist" in missing.stderr
     short = kbsync(project, "eval", "--data", str(data), "--cases", "0:3", "--steps", "2", "--batch", "2",
                    "--no-progress", check=False)
     assert short.returncode == 1 and "need 4 cases" in short.stderr
