@@ -109,10 +109,15 @@ def _score(em: EditableModel, probes: list[_Probe], batch_size: int = 64) -> lis
         for j, r in enumerate(rows):
             ids[j, :len(r)] = torch.tensor(r)
             mask[j, :len(r)] = 1
-        logits = em.model(input_ids=ids.to(em.device), attention_mask=mask.to(em.device)).logits.float()   # (B, T, V)
-        logp = F.log_softmax(logits, dim=-1).cpu()
-        for j, (start, ans) in enumerate(spans):
-            lp = logp[j, start:start + len(ans)]                                 # (n_ans, V)
+        # the vocabulary projection only at the answer positions (a fraction of the B x T positions)
+        rows = torch.tensor([j for j, (_, ans) in enumerate(spans) for _ in range(len(ans))])            # (N,)
+        pos = torch.tensor([start + k for start, ans in spans for k in range(len(ans))])               # (N,)
+        hidden = em.hidden_at(ids.to(em.device), mask.to(em.device), rows.to(em.device), pos.to(em.device))  # (N, d)
+        logp = F.log_softmax(em.logits(hidden).float(), dim=-1).cpu()                                  # (N, V)
+        at = 0
+        for start, ans in spans:
+            lp = logp[at:at + len(ans)]                                          # (n_ans, V)
+            at += len(ans)
             nll = float(-lp.gather(1, ans[:, None]).mean())
             out.append((nll, lp.argmax(-1), ans))
     return out
