@@ -11,7 +11,7 @@ case "${1:-200}" in
   200)  $KBSYNC eval --dataset counterfact --cases 5000:5200 --steps 20 --batch 10 --eval-every 5 \
           --method comeba-hk,no-hook,memit --speed-at 0,100 \
           --json bench/out/eval-200.json --plot docs/img/eval-200.png ;;
-  1000) $KBSYNC eval --dataset counterfact --cases 5000:6000 --steps 100 --batch 10 --eval-every 20 \
+  1000) $KBSYNC eval --dataset counterfact --cases 5000:6000 --steps 100 --batch 10 --eval-every 50 \
           --method comeba-hk --speed-at 0,100,1000 \
           --json bench/out/eval-1000.json --plot docs/img/eval-1000.png ;;
   zsre) $KBSYNC eval --dataset zsre --cases 0:200 --steps 20 --batch 10 --eval-every 5 \

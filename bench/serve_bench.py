@@ -147,8 +147,7 @@ def daemon(model, tok, state: Path, extra: str = ""):
     finally:
         server.should_exit = True
         thread.join(10)
-        runtime.stop()
-        runtime.service.worker.close()
+        runtime.stop()                                   # closes the service and detaches its hooks
 
 
 def _pct(xs: list[float], q: float) -> float:

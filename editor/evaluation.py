@@ -94,15 +94,17 @@ def _score(em: EditableModel, probes: list[_Probe], batch_size: int = 64) -> lis
     """For each probe: (mean NLL per answer token, argmax predictions at the answer, the answer's ids),
     teacher-forced on ``prompt + answer`` in the model's current modes."""
     tok = em.tokenizer
-    out = []
-    for i in range(0, len(probes), batch_size):
-        chunk = probes[i:i + batch_size]
-        rows, spans = [], []
-        for p in chunk:
-            ids = tok(p.prompt)["input_ids"]
-            ans = tok(p.answer if p.answer[:1].isspace() else " " + p.answer, add_special_tokens=False)["input_ids"]
-            rows.append(ids + ans[:-1])
-            spans.append((len(ids) - 1, torch.tensor(ans)))
+    encoded = []
+    for p in probes:
+        ids = tok(p.prompt)["input_ids"]
+        ans = tok(p.answer if p.answer[:1].isspace() else " " + p.answer, add_special_tokens=False)["input_ids"]
+        encoded.append((ids + ans[:-1], (len(ids) - 1, torch.tensor(ans))))
+    order = sorted(range(len(probes)), key=lambda i: len(encoded[i][0]))      # batches of similar lengths
+    out: list = [None] * len(probes)
+    for i in range(0, len(order), batch_size):
+        chunk = order[i:i + batch_size]
+        rows = [encoded[k][0] for k in chunk]
+        spans = [encoded[k][1] for k in chunk]
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -110,16 +112,15 @@ def _score(em: EditableModel, probes: list[_Probe], batch_size: int = 64) -> lis
             ids[j, :len(r)] = torch.tensor(r)
             mask[j, :len(r)] = 1
         # the vocabulary projection only at the answer positions (a fraction of the B x T positions)
-        rows = torch.tensor([j for j, (_, ans) in enumerate(spans) for _ in range(len(ans))])            # (N,)
-        pos = torch.tensor([start + k for start, ans in spans for k in range(len(ans))])               # (N,)
-        hidden = em.hidden_at(ids.to(em.device), mask.to(em.device), rows.to(em.device), pos.to(em.device))  # (N, d)
+        sel = torch.tensor([j for j, (_, ans) in enumerate(spans) for _ in range(len(ans))])             # (N,)
+        pos = torch.tensor([start + t for start, ans in spans for t in range(len(ans))])               # (N,)
+        hidden = em.hidden_at(ids.to(em.device), mask.to(em.device), sel.to(em.device), pos.to(em.device))  # (N, d)
         logp = F.log_softmax(em.logits(hidden).float(), dim=-1).cpu()                                  # (N, V)
         at = 0
-        for start, ans in spans:
+        for k, (start, ans) in zip(chunk, spans):
             lp = logp[at:at + len(ans)]                                          # (n_ans, V)
             at += len(ans)
-            nll = float(-lp.gather(1, ans[:, None]).mean())
-            out.append((nll, lp.argmax(-1), ans))
+            out[k] = (float(-lp.gather(1, ans[:, None]).mean()), lp.argmax(-1), ans)
     return out
 
 
