@@ -45,7 +45,7 @@ def _counts(value: str) -> tuple[int, ...]:
               help="Model to edit instead of [model] source (embedded, a Hugging Face folder, .safetensors or .gguf); "
                    "its editing hyper-parameters still come from [model] hparams.")
 @click.option("--device", default=None, help="Device instead of [model] device (auto, cpu, cuda, cuda:N).")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the JSON report here.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the JSON report here (each evaluation also goes to PATH.partial.jsonl as soon as it exists, until the report is written).")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write a PNG plot here.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @click.pass_obj
@@ -90,14 +90,24 @@ def eval_cmd(obj, dataset, data_path, span, steps, batch, eval_every, methods, h
         from tqdm import tqdm
         bar = tqdm(total=steps * len(names), desc="eval", unit="step")
 
+    partial = json_path.with_name(json_path.name + ".partial.jsonl") if json_path else None
+    seen: list = []
+
     def tick(method, s, total, last):
-        bar.set_postfix_str(f"{method} {s}/{total}" + (f" eff={last['efficacy']:.2f} loc={last['locality']:.2f}" if last else ""))
-        bar.update(1)
+        if partial is not None and last is not None and (method, last["step"]) not in seen:
+            seen.append((method, last["step"]))                  # each evaluation, as soon as it exists
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            with open(partial, "a") as f:
+                f.write(json.dumps({"method": method, **last}) + "\n")
+        if bar is not None:
+            bar.set_postfix_str(f"{method} {s}/{total}" + (f" eff={last['efficacy']:.2f} loc={last['locality']:.2f}"
+                                                            if last else ""))
+            bar.update(1)
 
     try:
         report = evaluate(worker.em, cases, stats, worker.cfg.editor, methods=names, steps=steps, batch=batch,
                           eval_every=eval_every, heldout=texts, speed_at=_counts(speed_at), stats_seconds=stats_s,
-                          progress=tick if bar else None)
+                          progress=tick)
     finally:
         if bar:
             bar.close()
@@ -107,6 +117,7 @@ def eval_cmd(obj, dataset, data_path, span, steps, batch, eval_every, methods, h
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(report, indent=2))
+        partial.unlink(missing_ok=True)                          # the report holds the whole history
     if plot_path:
         plot(report, plot_path)
     click.echo(table(report))
