@@ -23,7 +23,6 @@ class ArchSpec:
     projection: str    # dotted path inside a block to the MLP output projection
     orientation: str   # "linear" (weight is d_out x d_in) or "conv1d" (weight is d_in x d_out)
     stream_in: str     # module whose output is the residual stream entering block 0
-    prefix_cache: bool = True   # target optimisation may cache keys/values before the lookup (tested per arch)
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.layers)

@@ -94,7 +94,7 @@ def compute_targets(em: EditableModel, batch: StepBatch, cfg: EditConfig) -> Tar
             if "a" not in cur or not torch.equal(cur["a"].active, active):
                 cur["a"] = a = _Active(batch, active.clone(), ids, mask, hL, dev)
                 cur.pop("prefix", None)
-                if cfg.prefix_cache and em.spec.prefix_cache:
+                if cfg.prefix_cache:
                     with torch.no_grad(), _autocast(dev, cfg.opt_dtype):
                         cur["prefix"] = _Prefix(em, a, cur)
             a = cur["a"]
