@@ -30,7 +30,7 @@ from .hook import Mode
 from .model import EditableModel
 from .requests import EditRequest
 from .stats import KeyStats
-from .step import METHODS, apply_delta, compute_delta, method_mode
+from .step import apply_delta, compute_delta, method_mode
 
 METRICS = ("efficacy", "paraphrase_efficacy", "specificity", "reliability", "generality", "locality")
 SPLIT = ("targets_s", "keys_s", "solve_s", "routing_s")
