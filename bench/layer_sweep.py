@@ -51,7 +51,7 @@ def run(model, tok, cases, layers, lam, steps, batch, stats_tokens, corpus) -> d
     base = EditConfig.from_toml(ROOT / "configs/models/smollm2-135m.toml")
     stats_cfg = base.stats if corpus == "config" else StatsConfig(corpus=corpus, n_tokens=stats_tokens, seq_len=256)
     cfg = base.replace(layers=tuple(layers), mom2_weight=lam, stats=stats_cfg)
-    em = EditableModel(model, tok, cfg.layers, cfg.alpha0)
+    em = EditableModel.for_config(model, tok, cfg)
     try:
         t = time.perf_counter()
         stats = key_stats(em, cfg.stats, ROOT / ".cache/state/stats", progress=False)

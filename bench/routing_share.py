@@ -61,7 +61,7 @@ def main() -> None:
     args = ap.parse_args()
     cfg = EditConfig.from_toml(ROOT / "configs/models/smollm2-135m.toml")
     model, tok = load_model("embedded", STATE, device="cpu", dtype="float32")
-    em = EditableModel(model, tok, cfg.layers, cfg.alpha0)
+    em = EditableModel.for_config(model, tok, cfg)
     stats = key_stats(em, cfg.stats, STATE / "stats", progress=False)
     cases = load_cases("counterfact", DATA / "counterfact-edit.json", (0, args.steps * args.batch))
     wiki = heldout_texts(DATA / "wikitext2-valid.txt")

@@ -58,7 +58,7 @@ def part_throughput(model, tok, rounds: int, new_tokens: int) -> dict:
     from editor.model import EditableModel
 
     cfg = hparams()
-    em = EditableModel(model, tok, cfg.layers, cfg.alpha0)
+    em = EditableModel.for_config(model, tok, cfg)
     g = torch.Generator().manual_seed(0)
     rows = lambda: [Row(tok(p)["input_ids"], Sampling(max_tokens=new_tokens, temperature=0), lambda e: None,  # noqa: E731
                         index=i) for i, p in enumerate(PROMPTS)]
@@ -229,7 +229,7 @@ def part_decode(model, tok, n_facts: int) -> dict:
     from editor.step import apply_delta, compute_delta
 
     cfg = hparams()
-    em = EditableModel(model, tok, cfg.layers, cfg.alpha0)
+    em = EditableModel.for_config(model, tok, cfg)
     try:
         stats = key_stats(em, cfg.stats, STATE / "stats", progress=False)
         cases = load_cases("counterfact", DATA / "counterfact-edit.json", (5000, 5000 + n_facts))

@@ -50,7 +50,7 @@ def main() -> None:
     args = ap.parse_args()
     BASE = EditConfig.from_toml(ROOT / "configs/models/smollm2-135m.toml")
     model, tok = load_model("embedded", STATE, device="cpu", dtype="float32")
-    em = EditableModel(model, tok, BASE.layers, BASE.alpha0)
+    em = EditableModel.for_config(model, tok, BASE)
     t = time.perf_counter()
     stats = key_stats(em, BASE.stats, STATE / "stats", progress=False)
     stats_s = time.perf_counter() - t

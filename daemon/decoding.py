@@ -74,8 +74,8 @@ def decode(em: EditableModel, rows: list[Row]) -> None:
             sel = torch.tensor(keep, device=device)
             past.batch_select_indices(sel)
             mask, pos = mask[sel], pos[sel]
-            em.context.carry = {l: (m[sel], s[sel]) for l, (m, s) in em.context.carry.items()
-                                if m.shape[0] == len(live)}                  # per row (b,) mean and std
+            em.context.carry = {l: tuple(t[sel] for t in v) for l, v in em.context.carry.items()
+                                if v[0].shape[0] == len(live)}               # per row (b,) mean, std, median ‖x‖
             live = [live[j] for j in keep]
         nxt = torch.tensor([[states[i].tokens[-1]] for i in live], device=device)   # (b, 1)
         mask = torch.cat([mask, mask.new_ones(len(live), 1)], 1)         # (b, T + 1)

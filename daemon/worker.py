@@ -23,7 +23,7 @@ class ModelWorker:
         self.progress = progress
         t = time.perf_counter()
         model, tok = preloaded or load_model(cfg.model.source, cfg.state_dir, cfg.model.device, cfg.model.dtype)
-        self.em = EditableModel(model, tok, cfg.editor.layers, cfg.editor.alpha0)
+        self.em = EditableModel.for_config(model, tok, cfg.editor)
         self._stats: KeyStats | None = None
         log.info("model.loaded", source=cfg.model.source, device=str(self.em.device),
                  fingerprint=self.em.fingerprint(), seconds=round(time.perf_counter() - t, 2))

@@ -39,6 +39,7 @@ class EditConfig:
     mom2_weight: float = 15000.0           # λ
     alpha0: float = 2.2                    # α0
     alpha_min: float = 0.0                 # floor of α's adaptation (0 = the paper's rule: α only decreases)
+    massive_ratio: float = 0.0             # ρ: tokens with ‖x‖ > ρ x their sequence's median are never routed (0 = off)
     v_lr: float = 0.5
     v_steps: int = 25
     v_weight_decay: float = 0.5
@@ -60,6 +61,8 @@ class EditConfig:
             raise EditorError("editor config: `contexts` and `kl_template` must each contain '{}'")
         if self.opt_dtype not in ("float32", "bfloat16", "float16"):
             raise EditorError(f"editor config: `opt_dtype` must be float32, bfloat16 or float16, got {self.opt_dtype!r}")
+        if not (self.massive_ratio == 0.0 or self.massive_ratio > 1.0):
+            raise EditorError(f"editor config: `massive_ratio` must be 0 (off) or above 1, got {self.massive_ratio}")
         if not 0.0 <= self.alpha_min <= self.alpha0:
             raise EditorError(f"editor config: `alpha_min` must be between 0 and alpha0 ({self.alpha0}), got {self.alpha_min}")
         if self.contexts[0] != "{}":

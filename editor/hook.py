@@ -6,6 +6,10 @@ For input x (B, T, d_in) the base projection gives P = W0 x. The hook adds (Wh -
   temporary  -> O = P + Δx for every token  (while a step is computed)
   validated  -> per sequence, M_i = ‖Δx_i‖, z_i = (M_i - mean M) / std M over real tokens;
                 token i gets O_i if z_i ≥ α else P_i.
+Massive activations: with ``massive_ratio`` ρ > 0, a token whose input norm ‖x_i‖ exceeds ρ x the median
+‖x‖ of its sequence (the attention-sink tokens of Llama-family models, ~10-30x the median in SmolLM2's
+layers 1-2) takes no part in the statistics and is never routed. Its huge ‖x‖ gives it a huge M whatever
+Δ is, so left in, it owns every sequence's maximum z and pushes the subject's z below zero.
 The base weight is never written: the hook is a forward hook that only replaces the module's output.
 """
 from __future__ import annotations
@@ -35,8 +39,9 @@ class RoutingContext:
 
     attention_mask: torch.Tensor | None = None   # (B, T_total) 1 for real tokens, 0 for pads
     incremental: bool = False                    # a KV-cached continuation: hidden T < T_total
-    carry: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    carry: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)   # layer -> (mean, std, median ‖x‖)
     records: dict[int, list[torch.Tensor]] | None = None
+    massive_ratio: float = 0.0                   # ρ; 0 = every real token counts (the paper's rule)
 
     def real_tokens(self, batch: int, length: int, device) -> torch.Tensor:
         """(B, T) bool mask of real tokens for the hidden states in flight."""
@@ -155,28 +160,39 @@ class HookLayer:
         dx = self.delta_out(x)                                      # (B, T, d_out)
         if self.mode is Mode.TEMPORARY:
             return output + dx.to(output.dtype)
-        route = self._route(dx)                                     # (B, T) bool
+        route = self._route(dx, x)                                  # (B, T) bool
         return torch.where(route.unsqueeze(-1), output + dx.to(output.dtype), output)
 
-    def _route(self, dx: torch.Tensor) -> torch.Tensor:
-        """z-score routing per sequence over real tokens; (B, T) bool."""
+    def _route(self, dx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """z-score routing per sequence over real, non-massive tokens; (B, T) bool."""
         B, T, _ = dx.shape
         M = dx.norm(dim=-1)                                         # (B, T)
         real = self.context.real_tokens(B, T, dx.device)            # (B, T)
+        rho = self.context.massive_ratio
+        xn = x.float().norm(dim=-1) if rho > 0 else None            # (B, T)
         if self.context.incremental:
             carried = self.context.carry.get(self.layer)
             if carried is None or carried[0].shape[0] != B:
                 return torch.zeros_like(real)
-            mean, std = carried                                     # (B,), (B,)
+            mean, std, med = carried                                # (B,), (B,), (B,)
         else:
+            med = masked_median(xn, real) if rho > 0 else torch.full((B,), torch.nan, device=dx.device)   # (B,)
+        if rho > 0:                                                 # a nan median (carried with ρ = 0) keeps all
+            real = real & ~(xn > rho * med[:, None])                # (B, T)
+        if not self.context.incremental:
             mean, std = sequence_stats(M, real)                     # (B,), (B,)
-            self.context.carry[self.layer] = (mean, std)
+            self.context.carry[self.layer] = (mean, std, med)
         valid = torch.isfinite(std) & (std > 0)                     # (B,)
         z = (M - mean[:, None]) / torch.where(valid, std, 1.0)[:, None]   # (B, T)
         if self.context.records is not None and not self.context.incremental:
             zmax = torch.where(real, z, -torch.inf).amax(dim=1)    # (B,)
             self.context.records.setdefault(self.layer, []).append(torch.where(valid, zmax, torch.nan))
         return real & valid[:, None] & (z >= self.alpha)
+
+
+def masked_median(v: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """Median of v (B, T) over each row's real tokens, (B,); nan for a row without any."""
+    return v.masked_fill(~real, torch.nan).nanmedian(dim=1).values
 
 
 def sequence_stats(M: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,7 +19,7 @@ class _StopForward(Exception):
 class EditableModel:
     """Owns the hooks of one model. All mutation goes through ``apply_delta``/``reset`` or context managers."""
 
-    def __init__(self, model: nn.Module, tokenizer, layers, alpha0: float = 2.2):
+    def __init__(self, model: nn.Module, tokenizer, layers, alpha0: float = 2.2, massive_ratio: float = 0.0):
         self.model, self.tokenizer = model, tokenizer
         self.spec = spec_for(model.config)
         n_layers = len(self.spec.blocks(model))
@@ -27,7 +27,7 @@ class EditableModel:
         if bad:
             raise ValueError(f"editable layers {bad} are outside 0..{n_layers - 1} for this model")
         self.layers = tuple(layers)
-        self.context = RoutingContext()
+        self.context = RoutingContext(massive_ratio=float(massive_ratio))
         self.hooks: dict[int, HookLayer] = {}
         for l in self.layers:
             module = self.spec.projection_module(model, l)
@@ -36,6 +36,11 @@ class EditableModel:
         # on the base model: every forward (CausalLM, generate, or base-model calls) passes through it
         self._pre = model.base_model.register_forward_pre_hook(self._capture, with_kwargs=True)
         self._fingerprint: str | None = None
+
+    @classmethod
+    def for_config(cls, model: nn.Module, tokenizer, cfg) -> "EditableModel":
+        """Hooks as an ``EditConfig`` describes them (layers, α0, massive-token exclusion)."""
+        return cls(model, tokenizer, cfg.layers, cfg.alpha0, cfg.massive_ratio)
 
     def _capture(self, module, args, kwargs):
         past = kwargs.get("cache", kwargs.get("past_key_values"))    # transformers 5 renamed it `cache`

@@ -80,6 +80,8 @@ def cache_key(em: EditableModel, cfg: StatsConfig) -> str:
         "dtype": cfg.dtype,
         "seed": cfg.seed if cfg.corpus == "model" else None,
     }
+    if cfg.corpus == "model":                  # the sampled text depends on how many rows are drawn together
+        parts["batch_size"] = cfg.batch_size
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -54,7 +54,7 @@ def test_alone_and_in_a_padded_batch_give_the_same_greedy_tokens(tiny_model):
 
     def seen(module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)                  # (b, T)
-        passes.append((ids.shape, em.context.incremental, {m.shape[0] for m, _ in em.context.carry.values()}))
+        passes.append((ids.shape, em.context.incremental, {v[0].shape[0] for v in em.context.carry.values()}))
     spy = model.base_model.register_forward_pre_hook(seen, with_kwargs=True)
     batched = run_rows(em, PROMPTS, limits)
     spy.remove()

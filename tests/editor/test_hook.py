@@ -140,7 +140,7 @@ def test_decoding_steps_use_the_prompt_statistics():
     prompt[0, :, 0] = torch.tensor([1.0, 1.1, 0.9, 1.0, 1.05])   # ‖Δx‖ mean ~1, small std
     ctx.attention_mask, ctx.incremental = torch.ones(1, 5), False
     lin(prompt)                                                    # full pass: statistics carried
-    mean, std = ctx.carry[0]
+    mean, std, _ = ctx.carry[0]
     ctx.attention_mask, ctx.incremental = torch.ones(1, 6), True
     big = torch.zeros(1, 1, 6)
     big[0, 0, 0] = 10.0                                            # far above the prompt's mean
@@ -151,3 +151,44 @@ def test_decoding_steps_use_the_prompt_statistics():
     assert torch.equal(lin(small), base(small))                    # not routed
     ctx.carry.clear()                                              # no carried stats: never routed
     assert torch.equal(lin(big), base(big))
+
+
+def _sink_layer(rho: float):
+    """A hook whose Δ reads input dimension 0; the first token of every sequence is a massive activation."""
+    ctx = RoutingContext(massive_ratio=rho)
+    lin = torch.nn.Linear(6, 4, bias=False)
+    hook = HookLayer(lin, 0, 6, 4, ctx, 1.0)
+    hook.commit(torch.eye(4, 1), torch.eye(6, 1), torch.zeros(6, 1), 1.0)   # Δx = x[0] e_0
+    x = torch.full((1, 8, 6), 0.5)
+    x[0, :, 0] = torch.tensor([0.0, 1.0, 1.1, 0.9, 1.0, 3.0, 1.0, 0.95])     # token 5 is the "subject"
+    x[0, 0] = 40.0                                                          # the sink: ‖x‖ ~ 40x the median
+    x[0, 0, 0] = 40.0
+    ctx.attention_mask, ctx.incremental = torch.ones(1, 8), False
+    routed = lambda out: (out - x @ lin.weight.T).abs().sum(-1)[0] > 0      # (T,) which tokens took Δx
+    return ctx, lin, x, routed
+
+
+def test_massive_activation_owns_the_z_scores_without_exclusion():
+    ctx, lin, x, routed = _sink_layer(0.0)
+    assert routed(lin(x)).tolist() == [True] + [False] * 7                  # only the sink is routed
+
+
+def test_massive_activation_excluded_routes_the_subject():
+    ctx, lin, x, routed = _sink_layer(6.0)
+    assert routed(lin(x)).tolist() == [False] * 5 + [True] + [False] * 2    # the subject, not the sink
+    mean, std, med = ctx.carry[0]
+    assert float(mean) == pytest.approx(float(x[0, 1:, 0].mean()), rel=1e-5)  # statistics without the sink
+    # a KV-cached step: a massive new token is not routed, a strong ordinary one is
+    ctx.attention_mask, ctx.incremental = torch.ones(1, 9), True
+    new = torch.full((1, 1, 6), 0.5)
+    new[0, 0, 0] = 3.0
+    assert bool((lin(new) != new @ lin.weight.T).any())
+    new[0, 0] = 40.0
+    assert torch.equal(lin(new), new @ lin.weight.T)
+
+
+def test_massive_ratio_must_be_off_or_above_one():
+    from editor.config import EditConfig
+    from editor.errors import EditorError
+    with pytest.raises(EditorError, match="massive_ratio"):
+        EditConfig(massive_ratio=0.5)

@@ -50,6 +50,10 @@ def test_cache_is_reused_and_keyed_by_inputs(em, corpus_file, tmp_path, monkeypa
     assert cache_key(em, cfg) != k0                                      # content, not just the path
     other = EditableModel(em.model, em.tokenizer, layers=(2,))
     assert cache_key(other, cfg) != k0
+    # text sampled from the model depends on the rows drawn together; a file corpus does not
+    sampled = StatsConfig(corpus="model", n_tokens=200, seq_len=32, batch_size=16)
+    assert cache_key(em, sampled) != cache_key(em, StatsConfig(corpus="model", n_tokens=200, seq_len=32, batch_size=64))
+    assert cache_key(em, cfg) == cache_key(em, StatsConfig(corpus=str(corpus_file), n_tokens=200, seq_len=32, batch_size=3))
 
 
 def test_corrupt_cache_is_moved_aside_and_recomputed(em, corpus_file, tmp_path):

@@ -1,0 +1,142 @@
+"""Routing-rule study on saved consecutive edits (tuning cases; nothing here changes the editor).
+
+    .venv/bin/python bench/routing_gate.py record --steps 20 --batch 10      # edits COUNTERFACT 0-199, saves deltas
+    .venv/bin/python bench/routing_gate.py analyse                           # per-token M, z on probes and WikiText
+
+``record`` runs COMEBA-HK as configured and writes every step's delta to bench/out/gate/step-NNN.safetensors.
+``analyse`` restores them and reports, per layer, the distribution of M = ‖Δx‖ and z on: the subject's last
+token of edit prompts, other tokens of edit prompts, locality prompts, and WikiText-2 text.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from safetensors.numpy import load_file, save_file
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+STATE = ROOT / ".cache" / "state"
+OUT = ROOT / "bench" / "out" / "gate"
+
+
+def setup():
+    from editor.config import EditConfig
+    from editor.loading import load_model
+    from editor.model import EditableModel
+    from editor.stats import key_stats
+    cfg = EditConfig.from_toml(ROOT / "configs/models/smollm2-135m.toml")
+    model, tok = load_model("embedded", STATE, device="cpu", dtype="float32")
+    em = EditableModel.for_config(model, tok, cfg)
+    stats = key_stats(em, cfg.stats, STATE / "stats", progress=False)
+    return cfg, em, stats
+
+
+def record(args) -> None:
+    from editor.evaluation import load_cases
+    from editor.step import apply_delta, compute_delta
+    cfg, em, stats = setup()
+    cases = load_cases("counterfact", DATA / "counterfact-edit.json", (args.start, args.start + args.steps * args.batch))
+    OUT.mkdir(parents=True, exist_ok=True)
+    for s in range(args.steps):
+        t = time.perf_counter()
+        d = compute_delta(em, [c.request for c in cases[s * args.batch:(s + 1) * args.batch]], stats, cfg)
+        apply_delta(em, d)
+        arrays, meta = d.to_arrays()
+        save_file(arrays, str(OUT / f"step-{s:03d}.safetensors"), metadata=meta)
+        print(f"step {s + 1}/{args.steps} {time.perf_counter() - t:.1f}s alpha "
+              f"{ {l: round(h.alpha, 3) for l, h in em.hooks.items()} }", flush=True)
+
+
+def restore(em):
+    from editor.step import StepDelta, restore_state
+    deltas = []
+    for f in sorted(OUT.glob("step-*.safetensors")):
+        from safetensors import safe_open
+        with safe_open(str(f), "np") as fh:
+            meta = fh.metadata()
+        deltas.append(StepDelta.from_arrays(load_file(str(f)), meta))
+    restore_state(em, deltas)
+    return len(deltas)
+
+
+@torch.no_grad()
+def token_norms(em, texts: list[str], subjects: list[str | None]):
+    """Per text: {layer: (M (T,), z (T,))} in validated mode, and the subject's last token (or -1)."""
+    from editor.hook import Mode, sequence_stats
+    from editor.requests import subject_row
+    inputs: dict[int, torch.Tensor] = {}
+    handles = [em.spec.projection_module(em.model, l).register_forward_hook(
+        lambda m, i, o, l=l: inputs.__setitem__(l, i[0].detach())) for l in em.layers]
+    out = []
+    try:
+        with em.mode(Mode.VALIDATED):
+            for t, s in zip(texts, subjects):
+                if s is not None and s in t:
+                    row = subject_row(em.tokenizer, t, s, 0)
+                    ids, look = torch.tensor([row.ids]), row.lookup
+                else:
+                    ids, look = em.tokenizer(t, return_tensors="pt")["input_ids"][:, :256], -1
+                em.model(input_ids=ids.to(em.device))
+                per = {}
+                for l, hook in em.hooks.items():
+                    M = hook.delta_out(inputs[l]).norm(dim=-1)                  # (1, T)
+                    mean, std = sequence_stats(M, torch.ones_like(M, dtype=torch.bool))
+                    per[l] = (M[0].cpu(), ((M - mean[:, None]) / std[:, None])[0].cpu())
+                out.append((per, look))
+    finally:
+        for h in handles:
+            h.remove()
+    return out
+
+
+def q(x: torch.Tensor, qs=(0.0, 0.05, 0.5, 0.95, 0.99, 1.0)) -> list[float]:
+    return [round(float(v), 3) for v in torch.quantile(x.float(), torch.tensor(qs))] if x.numel() else []
+
+
+def analyse(args) -> None:
+    from editor.evaluation import heldout_texts, load_cases
+    cfg, em, stats = setup()
+    n = restore(em)
+    cases = load_cases("counterfact", DATA / "counterfact-edit.json", (args.start, args.start + n * args.batch))
+    print("steps", n, "alpha", {l: round(h.alpha, 3) for l, h in em.hooks.items()})
+    groups = {
+        "edit": token_norms(em, [c.request.text for c in cases], [c.subject for c in cases]),
+        "para": token_norms(em, [c.paraphrase for c in cases], [c.subject for c in cases]),
+        "loc": token_norms(em, [c.loc_prompt + " " + c.loc_answer for c in cases], [None] * len(cases)),
+        "wiki": token_norms(em, heldout_texts(DATA / "wikitext2-valid.txt"), [None] * 24),
+    }
+    report = {}
+    for l, hook in em.hooks.items():
+        r = {"alpha": hook.alpha}
+        for g, rows in groups.items():
+            allM = torch.cat([per[l][0] for per, _ in rows])
+            allz = torch.cat([per[l][1] for per, _ in rows])
+            first = torch.stack([per[l][0][0] for per, _ in rows])
+            subj = [per[l][0][look] for per, look in rows if look >= 0]
+            subjz = [per[l][1][look] for per, look in rows if look >= 0]
+            other = torch.cat([torch.cat([per[l][0][:look], per[l][0][look + 1:]]) if look >= 0 else per[l][0][1:]
+                               for per, look in rows])
+            routed = allz >= hook.alpha
+            r[g] = {"M_all": q(allM), "M_first": q(first), "M_other_nonfirst": q(other),
+                    "routed_share": round(float(routed.float().mean()), 4),
+                    "routed_M": q(allM[routed])}
+            if subj:
+                r[g]["M_subj"] = q(torch.stack(subj))
+                r[g]["z_subj"] = q(torch.stack(subjz))
+        report[l] = r
+        print(l, json.dumps(r), flush=True)
+    (OUT / "analysis.json").write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=["record", "analyse"])
+    ap.add_argument("--start", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=10)
+    a = ap.parse_args()
+    {"record": record}.get(a.what, lambda a: analyse(a))(a)
