@@ -12,27 +12,17 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import torch
 from safetensors.numpy import load_file, save_file
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
-STATE = ROOT / ".cache" / "state"
+from common import DATA, ROOT, default_editable
+
 OUT = ROOT / "bench" / "out" / "gate"
 
 
 def setup():
-    from editor.config import EditConfig
-    from editor.loading import load_model
-    from editor.model import EditableModel
-    from editor.stats import key_stats
-    cfg = EditConfig.from_toml(ROOT / "configs/models/smollm2-135m.toml")
-    model, tok = load_model("embedded", STATE, device="cpu", dtype="float32")
-    em = EditableModel.for_config(model, tok, cfg)
-    stats = key_stats(em, cfg.stats, STATE / "stats", progress=False)
-    return cfg, em, stats
+    return default_editable(with_stats=True)
 
 
 def record(args) -> None:
@@ -53,9 +43,9 @@ def record(args) -> None:
 
 def restore(em):
     from editor.step import StepDelta, restore_state
+    from safetensors import safe_open
     deltas = []
     for f in sorted(OUT.glob("step-*.safetensors")):
-        from safetensors import safe_open
         with safe_open(str(f), "np") as fh:
             meta = fh.metadata()
         deltas.append(StepDelta.from_arrays(load_file(str(f)), meta))
@@ -139,4 +129,4 @@ if __name__ == "__main__":
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch", type=int, default=10)
     a = ap.parse_args()
-    {"record": record}.get(a.what, lambda a: analyse(a))(a)
+    {"record": record, "analyse": analyse}[a.what](a)

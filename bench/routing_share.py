@@ -13,9 +13,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
-STATE = ROOT / ".cache" / "state"
+from common import DATA, ROOT, default_editable
 
 
 @torch.no_grad()
@@ -45,12 +43,8 @@ def routed_share(em, texts: list[str], max_len: int = 256) -> dict[int, float]:
 
 
 def main() -> None:
-    from editor.config import EditConfig
     from editor.evaluation import heldout_texts, load_cases
     from editor.hook import Mode
-    from editor.loading import load_model
-    from editor.model import EditableModel
-    from editor.stats import key_stats
     from editor.step import apply_delta, compute_delta
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -59,10 +53,7 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=5)
     ap.add_argument("--out", type=Path, default=ROOT / "bench/out/routing_share.json")
     args = ap.parse_args()
-    cfg = EditConfig.from_toml(ROOT / "configs/models/smollm2-135m.toml")
-    model, tok = load_model("embedded", STATE, device="cpu", dtype="float32")
-    em = EditableModel.for_config(model, tok, cfg)
-    stats = key_stats(em, cfg.stats, STATE / "stats", progress=False)
+    cfg, em, stats = default_editable(with_stats=True)
     cases = load_cases("counterfact", DATA / "counterfact-edit.json", (0, args.steps * args.batch))
     wiki = heldout_texts(DATA / "wikitext2-valid.txt")
     rows = []

@@ -52,7 +52,7 @@ def hparams():
 
 
 # ----- throughput ---------------------------------------------------------------------------------------
-def part_throughput(model, tok, rounds: int, new_tokens: int) -> dict:
+def part_throughput(model, tok, rounds: int, new_tokens: int, levels=(0, 100, 1000)) -> dict:
     from daemon.decoding import Row, Sampling, decode
     from editor.hook import Mode
     from editor.model import EditableModel
@@ -73,22 +73,27 @@ def part_throughput(model, tok, rounds: int, new_tokens: int) -> dict:
 
     out = {}
     try:
-        for edits in (0, 100, 1000):
+        for edits in levels:
             while sum(h.rank for h in em.hooks.values()) // len(em.hooks) < edits:
                 for h in em.hooks.values():               # one step of 10 edits: rank-10 factors, real shapes
                     h.commit(torch.randn(h.d_out, 10, generator=g) * 0.01, torch.randn(h.d_in, 10, generator=g),
                              torch.randn(h.d_in, 10, generator=g), alpha=2.2)
             timed(Mode.VALIDATED)                          # warm-up (and the dense Δ is built)
             times = {"hooked": [], "base": []}
-            for _ in range(rounds):
-                times["hooked"].append(timed(Mode.VALIDATED))
-                times["base"].append(timed(Mode.OFF))
+            for r in range(rounds):                        # ABBA: which side goes first alternates by round
+                sides = (("hooked", Mode.VALIDATED), ("base", Mode.OFF))
+                for name, mode in (sides if r % 2 == 0 else sides[::-1]):
+                    times[name].append(timed(mode))
             tokens = len(PROMPTS) * new_tokens
             best = {k: min(v) for k, v in times.items()}
+            paired = sorted(b / h for b, h in zip(times["base"], times["hooked"]))   # per round, hooked / base speed
+            q = statistics.quantiles(paired, n=4) if len(paired) >= 2 else [paired[0]] * 3
             out[str(edits)] = {"hooked_tokens_per_s": round(tokens / best["hooked"], 1),
                                "base_tokens_per_s": round(tokens / best["base"], 1),
                                "ratio": round(best["base"] / best["hooked"], 4), "rounds": rounds,
-                               "median_ratio": round(statistics.median(times["base"]) / statistics.median(times["hooked"]), 4)}
+                               "median_ratio": round(statistics.median(times["base"]) / statistics.median(times["hooked"]), 4),
+                               "paired_ratio_median": round(statistics.median(paired), 4),
+                               "paired_ratio_iqr": [round(q[0], 4), round(q[2], 4)]}
             print(f"throughput {edits} edits: {out[str(edits)]}", flush=True)
     finally:
         em.close()
@@ -281,6 +286,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parts", default="throughput,latency,inbox,decode")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--edits", default="0,100,1000", help="throughput: edit counts to measure at")
     ap.add_argument("--new-tokens", type=int, default=100)
     ap.add_argument("--requests", type=int, default=20)
     ap.add_argument("--out", type=Path, default=ROOT / "bench/out/serve.json")
@@ -290,7 +296,8 @@ def main() -> None:
     report["torch_threads"] = torch.get_num_threads()
     parts = args.parts.split(",")
     if "throughput" in parts:
-        report["throughput"] = part_throughput(model, tok, args.rounds, args.new_tokens)
+        report["throughput"] = part_throughput(model, tok, args.rounds, args.new_tokens,
+                                               tuple(int(e) for e in args.edits.split(",")))
     if "latency" in parts:
         report["latency"] = part_latency(model, tok, args.requests, args.new_tokens)
     if "inbox" in parts:

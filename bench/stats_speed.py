@@ -11,14 +11,10 @@ import json
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-STATE = ROOT / ".cache" / "state"
+from common import ROOT, default_editable
 
 
 def main() -> None:
-    from editor.config import EditConfig
-    from editor.loading import load_model
-    from editor.model import EditableModel
     from editor.stats import _sampled_batches
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -26,9 +22,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--out", type=Path, default=ROOT / "bench/out/stats_speed.json")
     args = ap.parse_args()
-    cfg = EditConfig.from_toml(ROOT / "configs/models/smollm2-135m.toml")
-    model, tok = load_model("embedded", STATE, device="cpu", dtype="float32")
-    em = EditableModel.for_config(model, tok, cfg)
+    cfg, em = default_editable()
     rows = []
     for bs in (int(b) for b in args.batches.split(",")):
         sc = cfg.stats.__class__(**{**cfg.stats.__dict__, "batch_size": bs,

@@ -8,7 +8,6 @@ import torch
 from editor import step as step_mod
 from editor.config import EditConfig, StatsConfig
 from editor.errors import DeltaMismatch, EditorError, EditRequestError
-from editor.hook import Mode
 from editor.model import EditableModel
 from editor.requests import EditRequest
 from editor.stats import key_stats

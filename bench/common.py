@@ -1,0 +1,24 @@
+"""What the benchmark scripts share: the default model on CPU (float32) with its shipped hyper-parameters."""
+from __future__ import annotations
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+STATE = ROOT / ".cache" / "state"
+HPARAMS = ROOT / "configs" / "models" / "smollm2-135m.toml"
+
+
+def default_editable(with_stats: bool = False):
+    """(EditConfig, EditableModel[, KeyStats]) for the embedded default model, state under .cache/state."""
+    from editor.config import EditConfig
+    from editor.loading import load_model
+    from editor.model import EditableModel
+    from editor.stats import key_stats
+
+    cfg = EditConfig.from_toml(HPARAMS)
+    model, tok = load_model("embedded", STATE, device="cpu", dtype="float32")
+    em = EditableModel.for_config(model, tok, cfg)
+    if not with_stats:
+        return cfg, em
+    return cfg, em, key_stats(em, cfg.stats, STATE / "stats", progress=False)
