@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The consecutive-editing benchmarks of docs/benchmarks.md (default model, CPU). Reports on COUNTERFACT
 # cases from 5000 on (the layers and λ were tuned on cases 0-1999: docs/layers.md).
-#   bash bench/eval_runs.sh 200     # 20 steps x 10, three methods side by side (about 35 min on 2 cores)
-#   bash bench/eval_runs.sh 1000    # 100 steps x 10, COMEBA-HK, inference speed at 0/100/1000 edits
+#   bash bench/eval_runs.sh 200     # 20 steps x 10, three methods side by side (25 min on 2 cores)
+#   bash bench/eval_runs.sh 1000    # 100 steps x 10, COMEBA-HK, inference speed at 0/100/1000 edits (37 min)
 #   bash bench/eval_runs.sh zsre    # 20 steps x 10 on zsRE, three methods
 set -euo pipefail
 cd "$(dirname "$0")/.."
