@@ -62,7 +62,7 @@ class EditConfig:
         if self.opt_dtype not in ("float32", "bfloat16", "float16"):
             raise EditorError(f"editor config: `opt_dtype` must be float32, bfloat16 or float16, got {self.opt_dtype!r}")
         if not (self.massive_ratio == 0.0 or self.massive_ratio > 1.0):
-            raise EditorError(f"editor config: `massive_ratio` must be 0 (off) or above 1, got {self.massive_ratio}")
+            raise EditorError(f"editor config: `massive_ratio` must be 0 (off) or above 1 (6 separates SmolLM2's attention sinks), got {self.massive_ratio}")
         if not 0.0 <= self.alpha_min <= self.alpha0:
             raise EditorError(f"editor config: `alpha_min` must be between 0 and alpha0 ({self.alpha0}), got {self.alpha_min}")
         if self.contexts[0] != "{}":
