@@ -5,19 +5,29 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
-STATE = ROOT / ".cache" / "state"
+STATE = ROOT / ".cache" / "state"          # the converted model and key statistics, shared with the tests
 HPARAMS = ROOT / "configs" / "models" / "smollm2-135m.toml"
+
+
+def hparams():
+    """The shipped ``EditConfig`` of the default model."""
+    from editor.config import EditConfig
+    return EditConfig.from_toml(HPARAMS)
+
+
+def load():
+    """(model, tokenizer) of the embedded default model, float32 on CPU."""
+    from editor.loading import load_model
+    return load_model("embedded", STATE, device="cpu", dtype="float32")
 
 
 def default_editable(with_stats: bool = False):
     """(EditConfig, EditableModel[, KeyStats]) for the embedded default model, state under .cache/state."""
-    from editor.config import EditConfig
-    from editor.loading import load_model
     from editor.model import EditableModel
     from editor.stats import key_stats
 
-    cfg = EditConfig.from_toml(HPARAMS)
-    model, tok = load_model("embedded", STATE, device="cpu", dtype="float32")
+    cfg = hparams()
+    model, tok = load()
     em = EditableModel.for_config(model, tok, cfg)
     if not with_stats:
         return cfg, em

@@ -33,22 +33,11 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
-STATE = ROOT / ".cache" / "state"                 # the converted model and key statistics, shared with tests
+from common import DATA, HPARAMS, ROOT, STATE, hparams, load
+
 PROMPTS = ["The capital of France is", "Once upon a time, in a small village,", "The mother tongue of Danielle Darrieux is",
            "Python is a programming language that", "The Eiffel Tower is located in", "My favourite recipe for bread",
            "Apple A5 was created by", "In 1969, the first humans"]
-
-
-def load():
-    from editor.loading import load_model
-    return load_model("embedded", STATE, device="cpu", dtype="float32")
-
-
-def hparams():
-    from editor.config import EditConfig
-    return EditConfig.from_toml(ROOT / "configs/models/smollm2-135m.toml")
 
 
 # ----- throughput ---------------------------------------------------------------------------------------
@@ -132,7 +121,7 @@ def daemon(model, tok, state: Path, extra: str = ""):
         if not target.exists():
             target.symlink_to(cached)
     (state / "app.toml").write_text(f"[model]\nsource = 'embedded'\ndevice = 'cpu'\nhparams = "
-                                    f"'{ROOT / 'configs/models/smollm2-135m.toml'}'\n{extra}")
+                                    f"'{HPARAMS}'\n{extra}")
     runtime = Runtime(load_config(state / "app.toml", state), notifier=Notifier({}), preloaded=(model, tok))
     app = create_app(runtime)
     runtime.start()

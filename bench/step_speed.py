@@ -17,9 +17,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
-STATE = ROOT / ".cache" / "state"
+from common import DATA, ROOT, STATE, hparams, load
 
 
 def parse_variant(text: str) -> dict:
@@ -33,10 +31,8 @@ def parse_variant(text: str) -> dict:
 
 def main() -> None:
     global BASE
-    from editor.config import EditConfig
     from editor.evaluation import _metrics, _probes, _score, load_cases
     from editor.hook import Mode
-    from editor.loading import load_model
     from editor.model import EditableModel
     from editor.stats import key_stats
     from editor.step import apply_delta, compute_delta
@@ -48,8 +44,8 @@ def main() -> None:
                     help="comma-separated variants; each is k=v;k=v over [editor] fields")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/out/step_speed.json")
     args = ap.parse_args()
-    BASE = EditConfig.from_toml(ROOT / "configs/models/smollm2-135m.toml")
-    model, tok = load_model("embedded", STATE, device="cpu", dtype="float32")
+    BASE = hparams()
+    model, tok = load()
     em = EditableModel.for_config(model, tok, BASE)
     t = time.perf_counter()
     stats = key_stats(em, BASE.stats, STATE / "stats", progress=False)

@@ -91,11 +91,11 @@ def eval_cmd(obj, dataset, data_path, span, steps, batch, eval_every, methods, h
         bar = tqdm(total=steps * len(names), desc="eval", unit="step")
 
     partial = json_path.with_name(json_path.name + ".partial.jsonl") if json_path else None
-    seen: list = []
+    seen: set = set()
 
     def tick(method, s, total, last):
         if partial is not None and last is not None and (method, last["step"]) not in seen:
-            seen.append((method, last["step"]))                  # each evaluation, as soon as it exists
+            seen.add((method, last["step"]))                     # each evaluation, as soon as it exists
             partial.parent.mkdir(parents=True, exist_ok=True)
             with open(partial, "a") as f:
                 f.write(json.dumps({"method": method, **last}) + "\n")
