@@ -3,6 +3,9 @@
 # cases from 5000 on (the layers and λ were tuned on cases 0-1999: docs/layers.md).
 #   bash bench/eval_runs.sh 200     # 20 steps x 10, three methods side by side (25 min on 2 cores)
 #   bash bench/eval_runs.sh 1000    # 100 steps x 10, COMEBA-HK, inference speed at 0/100/1000 edits (37 min)
+#   bash bench/eval_runs.sh 1000-no-hook; bash bench/eval_runs.sh 1000-memit   # the same cases, one method each (38-40 min)
+#   .venv/bin/python bench/report_tables.py --merge bench/out/eval-1000-3.json \
+#       bench/out/eval-1000.json bench/out/eval-1000-no-hook.json bench/out/eval-1000-memit.json --plot docs/img/eval-1000-3.png
 #   bash bench/eval_runs.sh zsre    # 20 steps x 10 on zsRE, three methods
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,8 +17,12 @@ case "${1:-200}" in
   1000) $KBSYNC eval --dataset counterfact --cases 5000:6000 --steps 100 --batch 10 --eval-every 50 \
           --method comeba-hk --speed-at 0,100,1000 \
           --json bench/out/eval-1000.json --plot docs/img/eval-1000.png ;;
+  1000-no-hook|1000-memit)
+        m="${1#1000-}"
+        $KBSYNC eval --dataset counterfact --cases 5000:6000 --steps 100 --batch 10 --eval-every 50 \
+          --method "$m" --json "bench/out/eval-1000-$m.json" --plot "bench/out/eval-1000-$m.png" ;;
   zsre) $KBSYNC eval --dataset zsre --cases 0:200 --steps 20 --batch 10 --eval-every 5 \
           --method comeba-hk,no-hook,memit \
           --json bench/out/eval-zsre-200.json --plot docs/img/eval-zsre-200.png ;;
-  *) echo "usage: bash bench/eval_runs.sh 200|1000|zsre" >&2; exit 2 ;;
+  *) echo "usage: bash bench/eval_runs.sh 200|1000|1000-no-hook|1000-memit|zsre" >&2; exit 2 ;;
 esac

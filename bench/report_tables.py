@@ -1,6 +1,10 @@
 """Markdown tables for docs/benchmarks.md from the JSON reports of ``kbsync eval`` (bench/eval_runs.sh).
 
     .venv/bin/python bench/report_tables.py bench/out/eval-200.json [bench/out/eval-1000.json ...]
+    .venv/bin/python bench/report_tables.py --merge OUT.json A.json B.json ... [--plot OUT.png]   # methods run separately
+
+A merge takes reports of the same cases, steps and batch on the same model (checked: the unedited
+metrics must agree exactly) and puts their methods side by side; its seconds are the sum.
 """
 from __future__ import annotations
 
@@ -40,6 +44,36 @@ def tables(report: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def merge(reports: list[dict]) -> dict:
+    first = reports[0]
+    same = ("dataset", "cases", "steps", "batch", "edits", "model", "base")
+    for r in reports[1:]:
+        differ = [k for k in same if r.get(k) != first.get(k)]
+        shared = set(r["config"]) & set(first["config"])       # a key added later (with its default) is not a difference
+        differ += [f"config.{k}" for k in sorted(shared) if r["config"][k] != first["config"][k]]
+        if differ:
+            raise SystemExit(f"cannot merge: the reports differ in {differ}")
+    out = dict(first, methods={}, seconds=round(sum(r["seconds"] for r in reports), 2))
+    for r in reports:
+        out["methods"].update(r["methods"])
+    return out
+
+
 if __name__ == "__main__":
-    for path in sys.argv[1:]:
-        print(tables(json.loads(open(path).read())))
+    args = sys.argv[1:]
+    if args[:1] == ["--merge"]:
+        png = None
+        if "--plot" in args:
+            i = args.index("--plot")
+            png, args = args[i + 1], args[:i] + args[i + 2:]
+        merged = merge([json.loads(open(p).read()) for p in args[2:]])
+        open(args[1], "w").write(json.dumps(merged, indent=2))
+        if png:
+            from pathlib import Path
+
+            from daemon.eval_cli import plot
+            plot(merged, Path(png))
+        print(tables(merged))
+    else:
+        for path in args:
+            print(tables(json.loads(open(path).read())))

@@ -2,10 +2,13 @@
 
     .venv/bin/python bench/routing_gate.py record --steps 20 --batch 10      # edits COUNTERFACT 0-199, saves deltas
     .venv/bin/python bench/routing_gate.py analyse                           # per-token M, z on probes and WikiText
+    .venv/bin/python bench/routing_gate.py growth --at 1,2,5,10,20           # the same after the first N steps
 
 ``record`` runs COMEBA-HK as configured and writes every step's delta to bench/out/gate/step-NNN.safetensors.
 ``analyse`` restores them and reports, per layer, the distribution of M = ‖Δx‖ and z on: the subject's last
 token of edit prompts, other tokens of edit prompts, locality prompts, and WikiText-2 text.
+``growth`` restores the first N steps for each N and reports how the subjects' M (the edits made so far)
+and WikiText's M grow with the number of edits: the selectivity the z-score routing has to work with.
 """
 from __future__ import annotations
 
@@ -41,11 +44,11 @@ def record(args) -> None:
               f"{ {l: round(h.alpha, 3) for l, h in em.hooks.items()} }", flush=True)
 
 
-def restore(em):
+def restore(em, upto: int | None = None):
     from editor.step import StepDelta, restore_state
     from safetensors import safe_open
     deltas = []
-    for f in sorted(OUT.glob("step-*.safetensors")):
+    for f in sorted(OUT.glob("step-*.safetensors"))[:upto]:
         with safe_open(str(f), "np") as fh:
             meta = fh.metadata()
         deltas.append(StepDelta.from_arrays(load_file(str(f)), meta))
@@ -122,11 +125,37 @@ def analyse(args) -> None:
     (OUT / "analysis.json").write_text(json.dumps(report, indent=1))
 
 
+def growth(args) -> None:
+    from editor.evaluation import heldout_texts, load_cases
+    cfg, em, stats = setup()
+    wiki_texts = heldout_texts(DATA / "wikitext2-valid.txt")
+    rows = []
+    for n in (int(x) for x in args.at.split(",")):
+        got = restore(em, n)
+        cases = load_cases("counterfact", DATA / "counterfact-edit.json", (args.start, args.start + got * args.batch))
+        edit = token_norms(em, [c.request.text for c in cases], [c.subject for c in cases])
+        wiki = token_norms(em, wiki_texts, [None] * len(wiki_texts))
+        for l, hook in em.hooks.items():
+            subj = torch.stack([per[l][0][look] for per, look in edit if look >= 0])
+            wM = torch.cat([per[l][0][1:] for per, _ in wiki])                   # without the first token
+            wz = torch.cat([per[l][1] for per, _ in wiki])
+            row = {"steps": got, "edits": got * args.batch, "layer": l, "alpha": round(hook.alpha, 3),
+                   "M_subject_median": round(float(subj.median()), 3),
+                   "M_wiki_median": round(float(wM.median()), 3),
+                   "M_wiki_p95": round(float(torch.quantile(wM, 0.95)), 3),
+                   "wiki_routed_share": round(float((wz >= hook.alpha).float().mean()), 4)}
+            row["subject_over_wiki_median"] = round(row["M_subject_median"] / row["M_wiki_median"], 3)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    (OUT / "growth.json").write_text(json.dumps(rows, indent=1))
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["record", "analyse"])
+    ap.add_argument("what", choices=["record", "analyse", "growth"])
+    ap.add_argument("--at", default="1,2,5,10,20", help="growth: numbers of steps to restore")
     ap.add_argument("--start", type=int, default=0)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch", type=int, default=10)
     a = ap.parse_args()
-    {"record": record, "analyse": analyse}[a.what](a)
+    {"record": record, "analyse": analyse, "growth": growth}[a.what](a)

@@ -6,7 +6,8 @@ and how KV-cached decoding routes tokens that mention an edited subject again.
 
 Parts:
 - ``throughput``: the serving decoder (``daemon.decoding.decode``), 8 prompts x 100 new tokens, the hooked
-  model against the base model in alternating rounds in one process, after 0, 100 and 1000 edits. The
+  model (dense Δ in each of ``--delta-dtypes``) against the base model in rounds of rotating order in one
+  process, after 0, 100 and 1000 edits. The
   hooks hold 10, then 100 steps of rank-10 factors of the real shapes (random values: the cost of a hooked
   forward depends on the rank and shapes only, never on the values; the routing is computed either way).
 - ``latency``: ``kbsync``'s HTTP server (uvicorn on loopback) and the real ``openai`` client, 100-token
@@ -41,7 +42,8 @@ PROMPTS = ["The capital of France is", "Once upon a time, in a small village,", 
 
 
 # ----- throughput ---------------------------------------------------------------------------------------
-def part_throughput(model, tok, rounds: int, new_tokens: int, levels=(0, 100, 1000)) -> dict:
+def part_throughput(model, tok, rounds: int, new_tokens: int, levels=(0, 100, 1000),
+                    dtypes=("float32",), batch: int = len(PROMPTS)) -> dict:
     from daemon.decoding import Row, Sampling, decode
     from editor.hook import Mode
     from editor.model import EditableModel
@@ -50,16 +52,18 @@ def part_throughput(model, tok, rounds: int, new_tokens: int, levels=(0, 100, 10
     em = EditableModel.for_config(model, tok, cfg)
     g = torch.Generator().manual_seed(0)
     rows = lambda: [Row(tok(p)["input_ids"], Sampling(max_tokens=new_tokens, temperature=0), lambda e: None,  # noqa: E731
-                        index=i) for i, p in enumerate(PROMPTS)]
+                        index=i) for i, p in enumerate(PROMPTS[:batch])]
     # min_tokens: EOS must not end a row early, or the two sides would decode different amounts
     eos = tok.eos_token_id
 
-    def timed(mode) -> float:
+    def timed(mode, dtype) -> float:
+        em.set_delta_dtype(dtype)
         with em.mode(mode), _no_eos(model, eos):
             t = time.perf_counter()
             decode(em, rows())
             return time.perf_counter() - t
 
+    sides = [("base", Mode.OFF, "float32")] + [(f"hooked_{dt}", Mode.VALIDATED, dt) for dt in dtypes]
     out = {}
     try:
         for edits in levels:
@@ -67,23 +71,25 @@ def part_throughput(model, tok, rounds: int, new_tokens: int, levels=(0, 100, 10
                 for h in em.hooks.values():               # one step of 10 edits: rank-10 factors, real shapes
                     h.commit(torch.randn(h.d_out, 10, generator=g) * 0.01, torch.randn(h.d_in, 10, generator=g),
                              torch.randn(h.d_in, 10, generator=g), alpha=2.2)
-            timed(Mode.VALIDATED)                          # warm-up (and the dense Δ is built)
-            times = {"hooked": [], "base": []}
-            for r in range(rounds):                        # ABBA: which side goes first alternates by round
-                sides = (("hooked", Mode.VALIDATED), ("base", Mode.OFF))
-                for name, mode in (sides if r % 2 == 0 else sides[::-1]):
-                    times[name].append(timed(mode))
-            tokens = len(PROMPTS) * new_tokens
-            best = {k: min(v) for k, v in times.items()}
-            paired = sorted(b / h for b, h in zip(times["base"], times["hooked"]))   # per round, hooked / base speed
-            q = statistics.quantiles(paired, n=4) if len(paired) >= 2 else [paired[0]] * 3
-            out[str(edits)] = {"hooked_tokens_per_s": round(tokens / best["hooked"], 1),
-                               "base_tokens_per_s": round(tokens / best["base"], 1),
-                               "ratio": round(best["base"] / best["hooked"], 4), "rounds": rounds,
-                               "median_ratio": round(statistics.median(times["base"]) / statistics.median(times["hooked"]), 4),
-                               "paired_ratio_median": round(statistics.median(paired), 4),
-                               "paired_ratio_iqr": [round(q[0], 4), round(q[2], 4)]}
-            print(f"throughput {edits} edits: {out[str(edits)]}", flush=True)
+            for _, mode, dt in sides:
+                timed(mode, dt)                            # warm-up (and the dense Δ is built)
+            times = {name: [] for name, _, _ in sides}
+            for r in range(rounds):                        # the order rotates by round (ABBA for two sides)
+                k = r % len(sides)
+                order = sides[k:] + sides[:k] if len(sides) > 2 else (sides if r % 2 == 0 else sides[::-1])
+                for name, mode, dt in order:
+                    times[name].append(timed(mode, dt))
+            tokens = batch * new_tokens
+            res = {"base_tokens_per_s": round(tokens / min(times["base"]), 1), "rounds": rounds, "rows": batch}
+            for name, _, _ in sides[1:]:
+                paired = sorted(b / h for b, h in zip(times["base"], times[name]))   # per round, hooked / base speed
+                q = statistics.quantiles(paired, n=4) if len(paired) >= 2 else [paired[0]] * 3
+                res[name] = {"tokens_per_s": round(tokens / min(times[name]), 1),
+                             "ratio_best": round(min(times["base"]) / min(times[name]), 4),
+                             "paired_ratio_median": round(statistics.median(paired), 4),
+                             "paired_ratio_iqr": [round(q[0], 4), round(q[2], 4)]}
+            out[str(edits)] = res
+            print(f"throughput {edits} edits: {res}", flush=True)
     finally:
         em.close()
     return out
@@ -276,6 +282,8 @@ def main() -> None:
     ap.add_argument("--parts", default="throughput,latency,inbox,decode")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--edits", default="0,100,1000", help="throughput: edit counts to measure at")
+    ap.add_argument("--delta-dtypes", default="float32", help="throughput: dtypes of the dense Δ to compare, e.g. float32,bfloat16")
+    ap.add_argument("--rows", type=int, default=len(PROMPTS), help="throughput: prompts decoded together (1-8)")
     ap.add_argument("--new-tokens", type=int, default=100)
     ap.add_argument("--requests", type=int, default=20)
     ap.add_argument("--out", type=Path, default=ROOT / "bench/out/serve.json")
@@ -285,8 +293,10 @@ def main() -> None:
     report["torch_threads"] = torch.get_num_threads()
     parts = args.parts.split(",")
     if "throughput" in parts:
-        report["throughput"] = part_throughput(model, tok, args.rounds, args.new_tokens,
-                                               tuple(int(e) for e in args.edits.split(",")))
+        key = "throughput" if args.rows == len(PROMPTS) else f"throughput_rows{args.rows}"
+        report[key] = part_throughput(model, tok, args.rounds, args.new_tokens,
+                                      tuple(int(e) for e in args.edits.split(",")),
+                                      tuple(args.delta_dtypes.split(",")), args.rows)
     if "latency" in parts:
         report["latency"] = part_latency(model, tok, args.requests, args.new_tokens)
     if "inbox" in parts:

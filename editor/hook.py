@@ -39,7 +39,7 @@ class RoutingContext:
 
     attention_mask: torch.Tensor | None = None   # (B, T_total) 1 for real tokens, 0 for pads
     incremental: bool = False                    # a KV-cached continuation: hidden T < T_total
-    carry: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)   # layer -> (mean, std, median ‖x‖)
+    carry: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)   # layer -> (mean, std or nan, median ‖x‖)
     records: dict[int, list[torch.Tensor]] | None = None
     massive_ratio: float = 0.0                   # ρ; 0 = every real token counts (the paper's rule)
 
@@ -55,10 +55,11 @@ class HookLayer:
     (for Σ K Kᵀ) and α."""
 
     def __init__(self, module: nn.Module, layer: int, d_in: int, d_out: int,
-                 context: RoutingContext, alpha0: float):
+                 context: RoutingContext, alpha0: float, delta_dtype: torch.dtype = torch.float32):
         self.module, self.layer, self.d_in, self.d_out = module, layer, d_in, d_out
         self.context = context
         self.alpha0 = float(alpha0)
+        self.delta_dtype = delta_dtype    # of the dense Δ the forward pass reads (D itself stays float32)
         self.mode = Mode.VALIDATED
         self._trial: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.reset()
@@ -77,6 +78,7 @@ class HookLayer:
         self.alpha = self.alpha0
         self._cat: tuple[torch.Tensor, torch.Tensor] | None = None
         self._D: torch.Tensor | None = None
+        self._D_fwd: torch.Tensor | None = None
         self._KK = torch.zeros(self.d_in, self.d_in, dtype=torch.float64, device=self.device)
         self._kk_steps = 0                # how many of self.K are summed into self._KK
         self.context.carry.pop(self.layer, None)
@@ -123,6 +125,11 @@ class HookLayer:
         self.alpha = float(alpha)
         self._cat = None
         self._D = None
+        self._D_fwd = None
+
+    def set_delta_dtype(self, dtype: torch.dtype) -> None:
+        self.delta_dtype = dtype
+        self._D_fwd = None
 
     @contextlib.contextmanager
     def trial(self, U: torch.Tensor, V: torch.Tensor):
@@ -137,17 +144,27 @@ class HookLayer:
         self._handle.remove()
 
     # ----- forward -----------------------------------------------------------------------------
+    @property
+    def dense_path(self) -> bool:
+        """Whether the forward pass reads the dense Δ: fewer bytes than the float32 factors (U, V)."""
+        itemsize = torch.empty((), dtype=self.delta_dtype).element_size()
+        return 4 * self.rank * (self.d_in + self.d_out) >= itemsize * self.d_in * self.d_out
+
     def delta_out(self, x: torch.Tensor) -> torch.Tensor:
-        """Δx for x (..., d_in) -> (..., d_out) in float32, from factors or the dense copy, whichever is cheaper."""
+        """Δx for x (..., d_in) -> (..., d_out) in float32, from factors or the dense copy, whichever is cheaper
+        (the dense copy in ``delta_dtype``: bfloat16 halves the bytes each token reads)."""
         xf = x.to(torch.float32)
         out = None
         if self.U:
-            r = self.rank
-            if r * (self.d_in + self.d_out) < self.d_in * self.d_out:
+            if not self.dense_path:
                 Uc, Vc = self._factors()                            # (d_out, r), (d_in, r)
                 out = (xf @ Vc) @ Uc.T                              # (..., d_out)
-            else:
+            elif self.delta_dtype == torch.float32:
                 out = xf @ self.D.T                                 # (..., d_out)
+            else:
+                if self._D_fwd is None:
+                    self._D_fwd = self.D.to(self.delta_dtype)           # (d_out, d_in)
+                out = (x.to(self.delta_dtype) @ self._D_fwd.T).to(torch.float32)   # (..., d_out)
         for U, V in self._trial:
             part = (xf @ V) @ U.T                                   # (..., d_out)
             out = part if out is None else out + part
@@ -181,13 +198,13 @@ class HookLayer:
             real = real & ~(xn > rho * med[:, None])                # (B, T)
         if not self.context.incremental:
             mean, std = sequence_stats(M, real)                     # (B,), (B,)
+            std = torch.where((std > 0) & std.isfinite(), std, torch.nan)   # (B,) nan: no spread, z undefined
             self.context.carry[self.layer] = (mean, std, med)
-        valid = torch.isfinite(std) & (std > 0)                     # (B,)
-        z = (M - mean[:, None]) / torch.where(valid, std, 1.0)[:, None]   # (B, T)
+        z = (M - mean[:, None]) / std[:, None]                      # (B, T); nan rows never route
         if self.context.records is not None and not self.context.incremental:
-            zmax = torch.where(real, z, -torch.inf).amax(dim=1)    # (B,)
-            self.context.records.setdefault(self.layer, []).append(torch.where(valid, zmax, torch.nan))
-        return real & valid[:, None] & (z >= self.alpha)
+            zmax = torch.where(real, z, -torch.inf).amax(dim=1)    # (B,); nan where z is undefined
+            self.context.records.setdefault(self.layer, []).append(zmax)
+        return real & (z >= self.alpha)
 
 
 def masked_median(v: torch.Tensor, real: torch.Tensor) -> torch.Tensor:

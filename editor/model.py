@@ -12,6 +12,10 @@ from .hook import HookLayer, Mode, RoutingContext
 from .registry import spec_for
 
 
+def _dtype(dtype: torch.dtype | str) -> torch.dtype:
+    return dtype if isinstance(dtype, torch.dtype) else getattr(torch, dtype)
+
+
 class _StopForward(Exception):
     """Raised by a forward hook to end a pass early (see ``EditableModel.forward_until``)."""
 
@@ -19,7 +23,8 @@ class _StopForward(Exception):
 class EditableModel:
     """Owns the hooks of one model. All mutation goes through ``apply_delta``/``reset`` or context managers."""
 
-    def __init__(self, model: nn.Module, tokenizer, layers, alpha0: float = 2.2, massive_ratio: float = 0.0):
+    def __init__(self, model: nn.Module, tokenizer, layers, alpha0: float = 2.2, massive_ratio: float = 0.0,
+                 delta_dtype: torch.dtype | str = torch.float32):
         self.model, self.tokenizer = model, tokenizer
         self.spec = spec_for(model.config)
         n_layers = len(self.spec.blocks(model))
@@ -32,15 +37,20 @@ class EditableModel:
         for l in self.layers:
             module = self.spec.projection_module(model, l)
             d_in, d_out = self.spec.dims(module)
-            self.hooks[l] = HookLayer(module, l, d_in, d_out, self.context, alpha0)
+            self.hooks[l] = HookLayer(module, l, d_in, d_out, self.context, alpha0, _dtype(delta_dtype))
         # on the base model: every forward (CausalLM, generate, or base-model calls) passes through it
         self._pre = model.base_model.register_forward_pre_hook(self._capture, with_kwargs=True)
         self._fingerprint: str | None = None
 
     @classmethod
     def for_config(cls, model: nn.Module, tokenizer, cfg) -> "EditableModel":
-        """Hooks as an ``EditConfig`` describes them (layers, α0, massive-token exclusion)."""
-        return cls(model, tokenizer, cfg.layers, cfg.alpha0, cfg.massive_ratio)
+        """Hooks as an ``EditConfig`` describes them (layers, α0, massive-token exclusion, Δ's dtype)."""
+        return cls(model, tokenizer, cfg.layers, cfg.alpha0, cfg.massive_ratio, cfg.delta_dtype)
+
+    def set_delta_dtype(self, dtype: torch.dtype | str) -> None:
+        """The dtype of the dense Δ every hook reads per token (benchmarks compare them in one process)."""
+        for h in self.hooks.values():
+            h.set_delta_dtype(_dtype(dtype))
 
     def _capture(self, module, args, kwargs):
         past = kwargs.get("cache", kwargs.get("past_key_values"))    # transformers 5 renamed it `cache`

@@ -90,6 +90,35 @@ def test_low_rank_and_dense_paths_agree():
     assert torch.allclose(hook.delta_out(x), x @ hook.D.T, atol=1e-5)
 
 
+def test_bfloat16_dense_delta_serves_the_same_edit_at_half_the_bytes():
+    ctx = RoutingContext()
+    lin = torch.nn.Linear(40, 8, bias=False)
+    hook = HookLayer(lin, 0, 40, 8, ctx, 2.2, delta_dtype=torch.bfloat16)
+    x = torch.randn(2, 5, 40)
+    hook.commit(torch.randn(8, 3), torch.randn(40, 3), torch.randn(40, 3), 2.2)
+    assert not hook.dense_path                    # 4 bytes * 3 * 48 < 2 bytes * 320: factors, exact
+    assert torch.allclose(hook.delta_out(x), x @ hook.D.T, atol=1e-5)
+    hook.commit(torch.randn(8, 1), torch.randn(40, 1), torch.randn(40, 1), 2.2)
+    assert hook.dense_path                        # 4 * 4 * 48 >= 2 * 320, while float32 would still use factors
+    hook.set_delta_dtype(torch.float32)
+    assert not hook.dense_path
+    hook.set_delta_dtype(torch.bfloat16)
+    exact, served = x @ hook.D.T, hook.delta_out(x)
+    assert served.dtype == torch.float32 and not torch.equal(served, exact)
+    assert torch.allclose(served, exact, rtol=2e-2, atol=2e-2 * float(exact.abs().max()))
+    assert hook.D.dtype == torch.float32          # the stored Δ itself stays exact
+
+
+def test_delta_dtype_is_validated_and_reaches_the_hooks(tiny_model):
+    from editor.config import EditConfig
+    from editor.errors import EditorError
+    em = EditableModel.for_config(*tiny_model, EditConfig(layers=(1, 2), delta_dtype="bfloat16"))
+    assert {h.delta_dtype for h in em.hooks.values()} == {torch.bfloat16}
+    em.close()
+    with pytest.raises(EditorError, match="delta_dtype.*float32, bfloat16"):
+        EditConfig(delta_dtype="int8")
+
+
 def test_sequence_stats_ignore_padding():
     M = torch.tensor([[1.0, 2.0, 3.0, 100.0], [5.0, 5.0, 7.0, 9.0]])
     real = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
