@@ -17,7 +17,6 @@ import json
 import time
 
 import torch
-from safetensors.numpy import load_file, save_file
 
 from common import DATA, ROOT, default_editable
 
@@ -31,6 +30,7 @@ def setup():
 def record(args) -> None:
     from editor.evaluation import load_cases
     from editor.step import apply_delta, compute_delta
+    from kb.blobs import serialize
     cfg, em, stats = setup()
     cases = load_cases("counterfact", DATA / "counterfact-edit.json", (args.start, args.start + args.steps * args.batch))
     OUT.mkdir(parents=True, exist_ok=True)
@@ -39,19 +39,24 @@ def record(args) -> None:
         d = compute_delta(em, [c.request for c in cases[s * args.batch:(s + 1) * args.batch]], stats, cfg)
         apply_delta(em, d)
         arrays, meta = d.to_arrays()
-        save_file(arrays, str(OUT / f"step-{s:03d}.safetensors"), metadata=meta)
+        meta["cases"] = f"{args.start + s * args.batch}:{args.start + (s + 1) * args.batch}"
+        (OUT / f"step-{s:03d}.safetensors").write_bytes(serialize(arrays, meta))   # as the daemon stores it
         print(f"step {s + 1}/{args.steps} {time.perf_counter() - t:.1f}s alpha "
               f"{ {l: round(h.alpha, 3) for l, h in em.hooks.items()} }", flush=True)
 
 
-def restore(em, upto: int | None = None):
+def restore(em, args, upto: int | None = None):
+    """Replay the recorded steps (the first ``upto``); they must have been recorded for ``args``' cases."""
     from editor.step import StepDelta, restore_state
-    from safetensors import safe_open
+    from kb.blobs import deserialize
     deltas = []
-    for f in sorted(OUT.glob("step-*.safetensors"))[:upto]:
-        with safe_open(str(f), "np") as fh:
-            meta = fh.metadata()
-        deltas.append(StepDelta.from_arrays(load_file(str(f)), meta))
+    for s, f in enumerate(sorted(OUT.glob("step-*.safetensors"))[:upto]):
+        arrays, meta = deserialize(f.read_bytes())
+        want = f"{args.start + s * args.batch}:{args.start + (s + 1) * args.batch}"
+        if meta.get("cases") != want:
+            raise SystemExit(f"{f} holds the edits of cases {meta.get('cases', 'unknown')}, not {want}: "
+                             f"run `routing_gate.py record` with the same --start/--batch first")
+        deltas.append(StepDelta.from_arrays(arrays, meta))
     restore_state(em, deltas)
     return len(deltas)
 
@@ -93,7 +98,7 @@ def q(x: torch.Tensor, qs=(0.0, 0.05, 0.5, 0.95, 0.99, 1.0)) -> list[float]:
 def analyse(args) -> None:
     from editor.evaluation import heldout_texts, load_cases
     cfg, em, stats = setup()
-    n = restore(em)
+    n = restore(em, args)
     cases = load_cases("counterfact", DATA / "counterfact-edit.json", (args.start, args.start + n * args.batch))
     print("steps", n, "alpha", {l: round(h.alpha, 3) for l, h in em.hooks.items()})
     groups = {
@@ -131,7 +136,7 @@ def growth(args) -> None:
     wiki_texts = heldout_texts(DATA / "wikitext2-valid.txt")
     rows = []
     for n in (int(x) for x in args.at.split(",")):
-        got = restore(em, n)
+        got = restore(em, args, n)
         cases = load_cases("counterfact", DATA / "counterfact-edit.json", (args.start, args.start + got * args.batch))
         edit = token_norms(em, [c.request.text for c in cases], [c.subject for c in cases])
         wiki = token_norms(em, wiki_texts, [None] * len(wiki_texts))

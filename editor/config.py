@@ -80,8 +80,10 @@ class EditConfig:
         return dataclasses.asdict(self)
 
     def digest(self) -> str:
-        """A short, stable hash of every field; stored with each version."""
-        blob = json.dumps(self.to_dict(), sort_keys=True, default=list).encode()
+        """A short, stable hash of every field that shapes a delta; stored with each version.
+        ``delta_dtype`` is left out: it changes how a delta is served, not what it is."""
+        fields = {k: v for k, v in self.to_dict().items() if k != "delta_dtype"}
+        blob = json.dumps(fields, sort_keys=True, default=list).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     @classmethod

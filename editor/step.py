@@ -46,11 +46,12 @@ class StepDelta:
 
     def to_arrays(self) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         """numpy tensors and string metadata, for storage with ``safetensors.numpy`` (no torch needed)."""
+        # C order: U and K are transposed views, and safetensors.numpy writes an array's memory as it lies
+        # (a Fortran-ordered array would come back transposed and scrambled)
         arrays: dict[str, np.ndarray] = {}
         for ld in self.layers:
-            arrays[f"{ld.layer}.U"] = ld.U.detach().cpu().numpy()
-            arrays[f"{ld.layer}.V"] = ld.V.detach().cpu().numpy()
-            arrays[f"{ld.layer}.K"] = ld.K.detach().cpu().numpy()
+            for name, t in (("U", ld.U), ("V", ld.V), ("K", ld.K)):
+                arrays[f"{ld.layer}.{name}"] = np.ascontiguousarray(t.detach().cpu().numpy())
             arrays[f"{ld.layer}.alpha"] = np.array([ld.alpha], dtype=np.float64)
         meta = {"layers": ",".join(str(ld.layer) for ld in self.layers),
                 "model_fingerprint": self.model_fingerprint, "config_digest": self.config_digest}

@@ -15,11 +15,13 @@ def test_shipped_model_configs_load(path):
     assert len(cfg.digest()) == 16
 
 
-def test_digest_tracks_every_field():
+def test_digest_tracks_every_field_that_shapes_a_delta():
     base = EditConfig()
     assert base.digest() == EditConfig().digest()
     assert base.replace(mom2_weight=1.0).digest() != base.digest()
     assert base.replace(layers=(1, 2)).digest() != base.digest()
+    # how Δ is served is not part of what it is: the same delta under either dtype
+    assert base.replace(delta_dtype="bfloat16").digest() == base.digest()
 
 
 def test_bad_configs_name_the_problem(tmp_path):

@@ -362,3 +362,13 @@ def test_commit_chain_is_all_or_nothing(tmp_path):
     assert [v.parent for v in made] == [None, made[0].id] and ledger.head().id == made[1].id
     assert store.counts().pending == 0 and store.counts().held == 0
     store.close()
+
+
+def test_transposed_arrays_come_back_as_they_were(store, ledger):
+    """The editor's factors are often transposed views (Fortran order in numpy); the blob stores values, not memory."""
+    arrays = {k: np.asfortranarray(a) for k, a in delta(5).items()}
+    assert not arrays["layers.0.U"].flags["C_CONTIGUOUS"]
+    v = ledger.commit(arrays, {"layers": "[]"}, add(store, "A"), config_digest=DIGEST, model_fingerprint=FP,
+                      metrics={}, actor="t", reason="step")
+    back, _ = ledger.load(v.id)
+    assert all(np.array_equal(back[k], a) for k, a in arrays.items())
