@@ -3,6 +3,7 @@
     .venv/bin/python bench/routing_gate.py record --steps 20 --batch 10      # edits COUNTERFACT 0-199, saves deltas
     .venv/bin/python bench/routing_gate.py analyse                           # per-token M, z on probes and WikiText
     .venv/bin/python bench/routing_gate.py growth --at 1,2,5,10,20           # the same after the first N steps
+    .venv/bin/python bench/routing_gate.py gates                             # z-score gate against a plain M gate
 
 ``record`` runs COMEBA-HK as configured and writes every step's delta to bench/out/gate/step-NNN.safetensors.
 ``analyse`` restores them and reports, per layer, the distribution of M = ‖Δx‖ and z on: the subject's last
@@ -155,12 +156,45 @@ def growth(args) -> None:
     (OUT / "growth.json").write_text(json.dumps(rows, indent=1))
 
 
+def gates(args) -> None:
+    """At equal recall of edited subjects, how many unrelated tokens does each gate open for?
+
+    Per layer, on the restored state: the paper's score z (per-sequence z-score of M) and the plain M.
+    For each, the threshold is set to the 1 %, 5 % and 10 % quantile of the score at edited subjects'
+    last tokens (edit prompts and paraphrases), so 99 %, 95 % and 90 % of them are routed, and the share
+    of WikiText-2 tokens at or above it is reported. The shipped α is reported beside them.
+    """
+    from editor.evaluation import heldout_texts, load_cases
+    cfg, em, stats = setup()
+    n = restore(em, args)
+    cases = load_cases("counterfact", DATA / "counterfact-edit.json", (args.start, args.start + n * args.batch))
+    subj_rows = (token_norms(em, [c.request.text for c in cases], [c.subject for c in cases])
+                 + token_norms(em, [c.paraphrase for c in cases], [c.subject for c in cases]))
+    wiki = token_norms(em, heldout_texts(DATA / "wikitext2-valid.txt"), [None] * 24)
+    report = {"steps": n, "layers": {}}
+    for l, hook in em.hooks.items():
+        r = {"alpha": round(hook.alpha, 3),
+             "shipped": {"subjects_routed": round(float(torch.stack([per[l][1][look] >= hook.alpha
+                                                                      for per, look in subj_rows if look >= 0]).float().mean()), 3),
+                         "wiki_routed": round(float((torch.cat([per[l][1] for per, _ in wiki]) >= hook.alpha).float().mean()), 4)}}
+        for name, k in (("z", 1), ("M", 0)):
+            at_subj = torch.stack([per[l][k][look] for per, look in subj_rows if look >= 0])
+            at_subj = at_subj[torch.isfinite(at_subj)]
+            wk = torch.cat([per[l][k] for per, _ in wiki])
+            wk = wk[torch.isfinite(wk)]
+            r[name] = {f"recall_{1 - qq:.2f}": round(float((wk >= torch.quantile(at_subj, qq)).float().mean()), 4)
+                       for qq in (0.01, 0.05, 0.10)}
+        report["layers"][l] = r
+        print(l, json.dumps(r), flush=True)
+    (OUT / "gates.json").write_text(json.dumps(report, indent=1))
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["record", "analyse", "growth"])
+    ap.add_argument("what", choices=["record", "analyse", "growth", "gates"])
     ap.add_argument("--at", default="1,2,5,10,20", help="growth: numbers of steps to restore")
     ap.add_argument("--start", type=int, default=0)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch", type=int, default=10)
     a = ap.parse_args()
-    {"record": record, "analyse": analyse, "growth": growth}[a.what](a)
+    {"record": record, "analyse": analyse, "growth": growth, "gates": gates}[a.what](a)
