@@ -8,8 +8,8 @@ For input x (B, T, d_in) the base projection gives P = W0 x. The hook adds (Wh -
                 token i gets O_i if z_i ≥ α else P_i.
 Massive activations: with ``massive_ratio`` ρ > 0, a token whose input norm ‖x_i‖ exceeds ρ x the median
 ‖x‖ of its sequence (the attention-sink tokens of Llama-family models, ~10-30x the median in SmolLM2's
-layers 1-2) takes no part in the statistics and is never routed. Its huge ‖x‖ gives it a huge M whatever
-Δ is, so left in, it owns every sequence's maximum z and pushes the subject's z below zero.
+layers 1-2) takes no part in the statistics and is never routed. A huge ‖x‖ can give a huge M and so own
+a sequence's maximum z; on SmolLM2 the edits barely respond to the sinks (docs/layers.md), so it is off.
 The base weight is never written: the hook is a forward hook that only replaces the module's output.
 """
 from __future__ import annotations
