@@ -76,8 +76,7 @@ def part_throughput(model, tok, rounds: int, new_tokens: int, levels=(0, 100, 10
             times = {name: [] for name, _, _ in sides}
             for r in range(rounds):                        # the order rotates by round (ABBA for two sides)
                 k = r % len(sides)
-                order = sides[k:] + sides[:k] if len(sides) > 2 else (sides if r % 2 == 0 else sides[::-1])
-                for name, mode, dt in order:
+                for name, mode, dt in sides[k:] + sides[:k]:
                     times[name].append(timed(mode, dt))
             tokens = batch * new_tokens
             res = {"base_tokens_per_s": round(tokens / min(times["base"]), 1), "rounds": rounds, "rows": batch}

@@ -60,10 +60,9 @@ class EditConfig:
             raise EditorError(f"editor config: `layers` must be strictly increasing, got {list(self.layers)}")
         if "{}" not in self.kl_template or not all("{}" in c for c in self.contexts):
             raise EditorError("editor config: `contexts` and `kl_template` must each contain '{}'")
-        if self.opt_dtype not in ("float32", "bfloat16", "float16"):
-            raise EditorError(f"editor config: `opt_dtype` must be float32, bfloat16 or float16, got {self.opt_dtype!r}")
-        if self.delta_dtype not in ("float32", "bfloat16", "float16"):
-            raise EditorError(f"editor config: `delta_dtype` must be float32, bfloat16 or float16, got {self.delta_dtype!r}")
+        for key in ("opt_dtype", "delta_dtype"):
+            if getattr(self, key) not in ("float32", "bfloat16", "float16"):
+                raise EditorError(f"editor config: `{key}` must be float32, bfloat16 or float16, got {getattr(self, key)!r}")
         if not (self.massive_ratio == 0.0 or self.massive_ratio > 1.0):
             raise EditorError(f"editor config: `massive_ratio` must be 0 (off) or above 1 (6 separates SmolLM2's attention sinks), got {self.massive_ratio}")
         if not 0.0 <= self.alpha_min <= self.alpha0:

@@ -147,8 +147,7 @@ class HookLayer:
     @property
     def dense_path(self) -> bool:
         """Whether the forward pass reads the dense Δ: fewer bytes than the float32 factors (U, V)."""
-        itemsize = torch.empty((), dtype=self.delta_dtype).element_size()
-        return 4 * self.rank * (self.d_in + self.d_out) >= itemsize * self.d_in * self.d_out
+        return 4 * self.rank * (self.d_in + self.d_out) >= self.delta_dtype.itemsize * self.d_in * self.d_out
 
     def delta_out(self, x: torch.Tensor) -> torch.Tensor:
         """Δx for x (..., d_in) -> (..., d_out) in float32, from factors or the dense copy, whichever is cheaper
