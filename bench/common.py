@@ -1,6 +1,7 @@
 """What the benchmark scripts share: the default model on CPU (float32) with its shipped hyper-parameters."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,3 +33,16 @@ def default_editable(with_stats: bool = False):
     if not with_stats:
         return cfg, em
     return cfg, em, key_stats(em, cfg.stats, STATE / "stats", progress=False)
+
+
+@contextlib.contextmanager
+def projection_inputs(em):
+    """While inside: {layer: the input (B, T, d_in) of its edited projection in the latest forward pass}."""
+    got: dict = {}
+    handles = [em.spec.projection_module(em.model, l).register_forward_hook(
+        lambda m, i, o, l=l: got.__setitem__(l, i[0].detach())) for l in em.layers]
+    try:
+        yield got
+    finally:
+        for h in handles:
+            h.remove()

@@ -15,24 +15,18 @@ import json
 
 import torch
 
-from common import DATA, ROOT, default_editable
+from common import DATA, ROOT, default_editable, projection_inputs
 
 
 @torch.no_grad()
-def projection_inputs(em, rows: list[tuple[list[int], int | None]]) -> dict[int, torch.Tensor]:
+def inputs_at(em, rows: list[tuple[list[int], int | None]]) -> dict[int, torch.Tensor]:
     """Per layer, the inputs to the edited projection: at ``lookup`` for each row, or all tokens but the first."""
-    got: dict[int, torch.Tensor] = {}
     out: dict[int, list[torch.Tensor]] = {l: [] for l in em.layers}
-    handles = [em.spec.projection_module(em.model, l).register_forward_hook(
-        lambda m, i, o, l=l: got.__setitem__(l, i[0][0].detach())) for l in em.layers]
-    try:
+    with projection_inputs(em) as got:
         for ids, look in rows:
             em.model(input_ids=torch.tensor([ids]))
             for l in em.layers:
-                out[l].append(got[l][look][None] if look is not None else got[l][1:])
-    finally:
-        for h in handles:
-            h.remove()
+                out[l].append(got[l][0, look][None] if look is not None else got[l][0, 1:])
     return {l: torch.cat(v).double() for l, v in out.items()}
 
 
@@ -48,7 +42,7 @@ def main() -> None:
         subj_rows.append((row.ids, row.lookup))
     wiki_rows = [(em.tokenizer(t)["input_ids"][:256], None) for t in heldout_texts(DATA / "wikitext2-valid.txt")]
     with em.mode(Mode.OFF):
-        subj, wiki = projection_inputs(em, subj_rows), projection_inputs(em, wiki_rows)
+        subj, wiki = inputs_at(em, subj_rows), inputs_at(em, wiki_rows)
     report = {"stats": stats.key, "layers": {}}
     for l in em.layers:
         C = stats.for_layer(l).double()

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from common import DATA, ROOT, default_editable
+from common import DATA, ROOT, default_editable, projection_inputs
 
 OUT = ROOT / "bench" / "out" / "gate"
 
@@ -67,28 +67,21 @@ def token_norms(em, texts: list[str], subjects: list[str | None]):
     """Per text: {layer: (M (T,), z (T,))} in validated mode, and the subject's last token (or -1)."""
     from editor.hook import Mode, sequence_stats
     from editor.requests import subject_row
-    inputs: dict[int, torch.Tensor] = {}
-    handles = [em.spec.projection_module(em.model, l).register_forward_hook(
-        lambda m, i, o, l=l: inputs.__setitem__(l, i[0].detach())) for l in em.layers]
     out = []
-    try:
-        with em.mode(Mode.VALIDATED):
-            for t, s in zip(texts, subjects):
-                if s is not None and s in t:
-                    row = subject_row(em.tokenizer, t, s, 0)
-                    ids, look = torch.tensor([row.ids]), row.lookup
-                else:
-                    ids, look = em.tokenizer(t, return_tensors="pt")["input_ids"][:, :256], -1
-                em.model(input_ids=ids.to(em.device))
-                per = {}
-                for l, hook in em.hooks.items():
-                    M = hook.delta_out(inputs[l]).norm(dim=-1)                  # (1, T)
-                    mean, std = sequence_stats(M, torch.ones_like(M, dtype=torch.bool))
-                    per[l] = (M[0].cpu(), ((M - mean[:, None]) / std[:, None])[0].cpu())
-                out.append((per, look))
-    finally:
-        for h in handles:
-            h.remove()
+    with projection_inputs(em) as inputs, em.mode(Mode.VALIDATED):
+        for t, s in zip(texts, subjects):
+            if s is not None and s in t:
+                row = subject_row(em.tokenizer, t, s, 0)
+                ids, look = torch.tensor([row.ids]), row.lookup
+            else:
+                ids, look = em.tokenizer(t, return_tensors="pt")["input_ids"][:, :256], -1
+            em.model(input_ids=ids.to(em.device))
+            per = {}
+            for l, hook in em.hooks.items():
+                M = hook.delta_out(inputs[l]).norm(dim=-1)                  # (1, T)
+                mean, std = sequence_stats(M, torch.ones_like(M, dtype=torch.bool))
+                per[l] = (M[0].cpu(), ((M - mean[:, None]) / std[:, None])[0].cpu())
+            out.append((per, look))
     return out
 
 

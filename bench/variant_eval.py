@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from common import DATA, ROOT, default_editable
+from common import DATA, ROOT, default_editable, projection_inputs
 
 
 def reference_texts(n: int = 16) -> list[str]:
@@ -40,15 +40,11 @@ def calibrate(em, ids: list[torch.Tensor], q: float) -> None:
     """τ per layer: the q-quantile of M over the reference tokens (first token left out), validated mode."""
     from editor.hook import Mode
     got: dict[int, list[torch.Tensor]] = {l: [] for l in em.layers}
-    handles = [em.spec.projection_module(em.model, l).register_forward_hook(
-        lambda m, i, o, l=l: got[l].append(em.hooks[l].delta_out(i[0][0, 1:]).norm(dim=-1))) for l in em.layers]
-    try:
-        with em.mode(Mode.VALIDATED):
-            for x in ids:
-                em.model(input_ids=x)
-    finally:
-        for h in handles:
-            h.remove()
+    with projection_inputs(em) as inputs, em.mode(Mode.VALIDATED):
+        for x in ids:
+            em.model(input_ids=x)
+            for l, hook in em.hooks.items():
+                got[l].append(hook.delta_out(inputs[l][0, 1:]).norm(dim=-1))
     for l, hook in em.hooks.items():
         hook.tau = float(torch.quantile(torch.cat(got[l]).float(), q))
 
