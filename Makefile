@@ -19,8 +19,9 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# The slowest tests are listed at the end; KBSYNC_OPT_DTYPE=float32 make test forces float32 optimisation.
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-fast: install
 	$(PY) -m pytest -q -m "not model"

@@ -2,6 +2,9 @@
 
     .venv/bin/python bench/step_speed.py --steps 3 --batch 10 --variants opt_dtype=float32,opt_dtype=bfloat16
 
+The report names the CPU (torch's capability and whether it has native bf16) and what ``opt_dtype = "auto"``
+picks on it, so results from different machines can be told apart.
+
 Each variant starts from the base model and edits the same COUNTERFACT cases (5000 on) as ``--steps``
 consecutive steps; variants alternate step by step so machine noise hits them alike. Prints the time
 split (target optimisation, keys, solve, routing) and the step's own success (P(new) > P(true) on its
@@ -73,7 +76,12 @@ def main() -> None:
                 res[v]["efficacy"].append(_metrics(_score(em, _probes(chunk)), [torch.zeros(1)] * len(chunk))["efficacy"])
             print(f"step {s + 1} {v}: {wall:.1f} s, targets {d.metrics.get('targets_s', 0):.1f} s, "
                   f"efficacy {res[v]['efficacy'][-1]:.2f}", flush=True)
-    report = {"stats_build_s": round(stats_s, 1), "threads": torch.get_num_threads(), "batch": args.batch,
+    from editor.precision import choose_opt_dtype, cpu_features
+
+    cpu = cpu_features()
+    report = {"cpu": cpu.describe(), "native_bf16": cpu.native_bf16,
+              "auto_picks": choose_opt_dtype("auto", "cpu").dtype,
+              "stats_build_s": round(stats_s, 1), "threads": torch.get_num_threads(), "batch": args.batch,
               "variants": {v: {k: round(statistics.median(x), 3) for k, x in r.items()} | {"steps": len(r["total_s"])}
                            for v, r in res.items()}}
     args.out.parent.mkdir(parents=True, exist_ok=True)

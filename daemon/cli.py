@@ -143,7 +143,9 @@ def status(obj: Ctx, as_json):
     doc.setdefault("fingerprint", None)
     daemon = f"  daemon: pid {doc['daemon']['pid']}" if doc.get("daemon") else "  daemon: not running"
     _emit(as_json, doc, f"head: {doc['head'] or 'base'}  pending: {doc['pending']}  failed: {doc['failed']}  "
-                        f"facts: {doc['facts']}  versions: {doc['versions']}  model: {doc['model']}{daemon}")
+                        f"facts: {doc['facts']}  versions: {doc['versions']}  model: {doc['model']}{daemon}"
+                        + (f"\n  editing precision: {doc['precision']['dtype']} ({doc['precision']['reason']})"
+                           if doc.get("precision") else ""))
 
 
 @cli.command()

@@ -1,6 +1,7 @@
 """Application configuration: ``configs/default.toml`` merged under ``<state-dir>/config.toml``."""
 from __future__ import annotations
 
+import os
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ class ModelConfig:
     device: str = "auto"
     dtype: str = "auto"
     hparams: str = "configs/models/smollm2-135m.toml"
+    cache_dir: str = ""           # key statistics shared by every state directory; "" = the user's cache
 
 
 @dataclass(frozen=True)
@@ -130,7 +132,8 @@ class AppConfig:
 
     @property
     def stats_dir(self) -> Path:
-        return self.state_dir / "stats"
+        """Key statistics: one cache for every state directory (keyed by everything that changes them)."""
+        return user_cache_dir(self.model.cache_dir) / "stats"
 
 
 def load_config(config: str | Path | None, state_dir: str | Path) -> AppConfig:
@@ -155,6 +158,16 @@ def load_config(config: str | Path | None, state_dir: str | Path) -> AppConfig:
         raise ConfigError(str(exc)) from None
     return AppConfig(state_dir=state_dir, model=model, editor=editor, sync=sync, daemon=daemon, verify=verify,
                      serve=serve)
+
+
+def user_cache_dir(configured: str = "") -> Path:
+    """``[model] cache_dir``, else env ``KBSYNC_CACHE_DIR``, else ``$XDG_CACHE_HOME/kbsync`` (~/.cache/kbsync)."""
+    if configured:
+        return Path(configured).expanduser()
+    if os.environ.get("KBSYNC_CACHE_DIR"):
+        return Path(os.environ["KBSYNC_CACHE_DIR"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "kbsync"
 
 
 def _section(data: dict, name: str, cls, base: Path):

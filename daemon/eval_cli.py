@@ -113,7 +113,7 @@ def eval_cmd(obj, dataset, data_path, span, steps, batch, eval_every, methods, h
             bar.close()
         worker.close()
     report.update({"dataset": dataset, "data": str(path), "cases": span, "model": worker.cfg.model.source,
-                   "device": str(worker.em.device)})
+                   "device": str(worker.em.device), "precision": worker.precision.to_json()})
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(report, indent=2))

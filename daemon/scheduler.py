@@ -126,6 +126,11 @@ class SyncScheduler:
         """True while a tick is executing."""
         return self._busy
 
+    @property
+    def requested(self) -> str | None:
+        """The reason of the tick asked for and not yet started ("schedule", "size", "manual"), else None."""
+        return self._requested
+
     # -- control -----------------------------------------------------------------------------------
 
     def run_now(self, wait: bool = False, timeout: float | None = None) -> TickRecord | None:

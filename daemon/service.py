@@ -133,7 +133,17 @@ class Service:
         if self.model_loaded:
             doc["device"] = str(self.worker.em.device)
             doc["fingerprint"] = self.worker.em.fingerprint()
+            doc["precision"] = self.worker.precision.to_json()
+        else:
+            doc["precision"] = self._precision_here().to_json()
         return doc
+
+    def _precision_here(self):
+        """The precision a step would run in on this machine, without loading the model."""
+        from editor.loading import resolve_placement
+        from editor.precision import choose_opt_dtype
+
+        return choose_opt_dtype(self.cfg.editor.opt_dtype, resolve_placement(self.cfg.model.device, self.cfg.model.dtype).device)
 
     def log(self) -> list[dict]:
         head = self.ledger.head()
@@ -319,7 +329,9 @@ class Service:
         arrays, meta = delta.to_arrays() if delta is not None else ({}, {"layers": ""})
         metrics = {k: v for k, v in (delta.metrics if delta else {}).items()}
         return PlannedVersion(arrays=arrays, meta=meta, change_ids=list(change_ids),
-                              config_digest=self.cfg.editor.digest(), model_fingerprint=em.fingerprint(),
+                              config_digest=delta.config_digest if delta is not None else
+                              self.cfg.editor.replace(opt_dtype=self.worker.precision.dtype).digest(),
+                              model_fingerprint=em.fingerprint(),
                               metrics=metrics, note=note)
 
     def _commit_one(self, delta: StepDelta, change_ids: list[int], actor: str, note: str):

@@ -46,7 +46,8 @@ class EditConfig:
     kl_factor: float = 0.0625
     clamp_norm_factor: float = 4.0
     early_stop_nll: float = 0.05           # stop once every fact's target NLL is below this
-    opt_dtype: str = "float32"             # autocast dtype of the target optimisation ("bfloat16": faster on CPU/GPU)
+    opt_dtype: str = "auto"                # autocast dtype of the target optimisation; "auto": bf16 only where the
+                                           # hardware has it natively, else float32 (editor/precision.py)
     prefix_cache: bool = True              # target optimisation: keys/values before each lookup computed once
     delta_dtype: str = "float32"           # of the dense Δ read per token once the rank passes the factors' size
     contexts: tuple[str, ...] = DEFAULT_CONTEXTS
@@ -60,9 +61,10 @@ class EditConfig:
             raise EditorError(f"editor config: `layers` must be strictly increasing, got {list(self.layers)}")
         if "{}" not in self.kl_template or not all("{}" in c for c in self.contexts):
             raise EditorError("editor config: `contexts` and `kl_template` must each contain '{}'")
-        for key in ("opt_dtype", "delta_dtype"):
-            if getattr(self, key) not in ("float32", "bfloat16", "float16"):
-                raise EditorError(f"editor config: `{key}` must be float32, bfloat16 or float16, got {getattr(self, key)!r}")
+        if self.opt_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise EditorError(f"editor config: `opt_dtype` must be auto, float32, bfloat16 or float16, got {self.opt_dtype!r}")
+        if self.delta_dtype not in ("float32", "bfloat16", "float16"):
+            raise EditorError(f"editor config: `delta_dtype` must be float32, bfloat16 or float16, got {self.delta_dtype!r}")
         if not (self.massive_ratio == 0.0 or self.massive_ratio > 1.0):
             raise EditorError(f"editor config: `massive_ratio` must be 0 (off) or above 1 (6 separates SmolLM2's attention sinks), got {self.massive_ratio}")
         if not 0.0 <= self.alpha_min <= self.alpha0:

@@ -31,13 +31,14 @@ class Placement:
 
 
 def resolve_placement(device: str = "auto", dtype: str = "auto") -> Placement:
-    """``auto`` = CUDA in bf16 when available, else CPU in fp32."""
+    """``auto`` = CUDA when available, else CPU; dtype ``auto`` = bf16 on a CUDA device that computes it
+    natively, else fp32 (a CPU, or an older GPU)."""
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda" if cuda else "cpu") if device == "auto" else torch.device(device)
     if dev.type == "cuda" and not cuda:
         raise ModelLoadError("device 'cuda' was asked for but no CUDA device is visible; use device = 'auto' or 'cpu'")
     if dtype == "auto":
-        dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
+        dt = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     else:
         try:
             dt = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
 from .config import StatsConfig
@@ -44,10 +44,18 @@ class KeyStats:
             raise StatsError(f"key statistics {self.key} have no layer {layer}; rebuild them with `kbsync stats build`") from None
 
 
-def key_stats(em: EditableModel, cfg: StatsConfig, cache_dir: str | Path, progress: bool = True) -> KeyStats:
-    """Load the cached statistics for ``em``'s editable layers, computing and caching them if missing."""
+def key_stats(em: EditableModel, cfg: StatsConfig, cache_dir: str | Path, progress: bool = True,
+              also_read: tuple[str | Path, ...] = ()) -> KeyStats:
+    """Load the cached statistics for ``em``'s editable layers, computing and caching them if missing.
+
+    ``also_read``: older cache folders (e.g. a state directory's own ``stats/`` from before the shared
+    cache); an entry found there is copied into ``cache_dir`` instead of being measured again."""
     key = cache_key(em, cfg)
     path = Path(cache_dir) / f"keystats-{key}.safetensors"
+    if not path.is_file():
+        older = next((p for d in also_read if (p := Path(d) / path.name).is_file()), None)
+        if older is not None:
+            _write_atomic(path, older.read_bytes())
     if path.is_file():
         try:
             tensors = load_file(path)
@@ -57,15 +65,25 @@ def key_stats(em: EditableModel, cfg: StatsConfig, cache_dir: str | Path, progre
             if progress:
                 tqdm.write(f"key statistics cache {path} unreadable ({exc}); moved aside and recomputing")
     stats = compute_key_stats(em, cfg, progress=progress, key=key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tensors = {f"layer.{l}": m.contiguous() for l, m in stats.mom2.items()}
     tensors["n_tokens"] = torch.tensor(stats.n_tokens)
-    save_file(tensors, str(tmp), metadata={"format": FORMAT, "key": key})
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    _write_atomic(path, save(tensors, metadata={"format": FORMAT, "key": key}))
     return stats
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary name, fsync, rename: readers (other processes too) see all or nothing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def cache_key(em: EditableModel, cfg: StatsConfig) -> str:

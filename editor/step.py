@@ -122,8 +122,10 @@ def compute_delta(em: EditableModel, requests: list[EditRequest], stats: KeyStat
         times["routing_s"] = time.perf_counter() - t
     layers = tuple(LayerDelta(l, U, V, K, alphas[l]) for l, U, V, K in out)
     times["total_s"] = time.perf_counter() - t0
-    metrics = {**times, "opt_steps": targets.steps, "target_nll": [float(x) for x in targets.nll]}
-    return StepDelta(layers, tuple(requests), em.fingerprint(), cfg.digest(), metrics)
+    metrics = {**times, "opt_steps": targets.steps, "opt_dtype": targets.opt_dtype,
+               "target_nll": [float(x) for x in targets.nll]}
+    ran = cfg.replace(opt_dtype=targets.opt_dtype)                          # the digest records what ran, not "auto"
+    return StepDelta(layers, tuple(requests), em.fingerprint(), ran.digest(), metrics)
 
 
 def apply_delta(em: EditableModel, delta: StepDelta) -> None:

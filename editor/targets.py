@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from .config import EditConfig
 from .model import EditableModel
+from .precision import choose_opt_dtype
 from .requests import StepBatch
 
 
@@ -28,6 +29,7 @@ class Targets:
     h0: torch.Tensor         # (n, d) residuals before optimisation
     nll: torch.Tensor        # (n,) final target NLL per fact
     steps: int               # optimisation steps run
+    opt_dtype: str           # the precision it ran in ("auto" resolved)
 
 
 def compute_targets(em: EditableModel, batch: StepBatch, cfg: EditConfig) -> Targets:
@@ -37,6 +39,7 @@ def compute_targets(em: EditableModel, batch: StepBatch, cfg: EditConfig) -> Tar
     so later iterations only pay for the facts still learning.
     """
     dev = em.device
+    opt_dtype = choose_opt_dtype(cfg.opt_dtype, dev).dtype                 # "auto" resolved for this device
     rows = batch.rewrite + batch.kl
     ids, mask = batch.tensors(rows, dev)                                   # (R, T)
     n, R, n_rw = len(batch), len(rows), len(batch.rewrite)
@@ -89,17 +92,17 @@ def compute_targets(em: EditableModel, batch: StepBatch, cfg: EditConfig) -> Tar
     opt = torch.optim.Adam([delta], lr=cfg.v_lr)
     nll_fact = torch.full((n,), float("inf"))
     steps = 0
-    with _attention_for(em.model, dev, cfg.opt_dtype), em.resumed_after(cfg.last_layer, provide):
+    with _attention_for(em.model, dev, opt_dtype), em.resumed_after(cfg.last_layer, provide):
         for steps in range(1, cfg.v_steps + 1):
             if "a" not in cur or not torch.equal(cur["a"].active, active):
                 cur["a"] = a = _Active(batch, active.clone(), ids, mask, hL, dev)
                 cur.pop("prefix", None)
                 if cfg.prefix_cache:
-                    with torch.no_grad(), _autocast(dev, cfg.opt_dtype):
+                    with torch.no_grad(), _autocast(dev, opt_dtype):
                         cur["prefix"] = _Prefix(em, a, cur)
             a = cur["a"]
             opt.zero_grad()
-            with _autocast(dev, cfg.opt_dtype):
+            with _autocast(dev, opt_dtype):
                 logits = em.logits(final_hidden(a)).float()                       # (N_a + n_a, V)
             logp = F.log_softmax(logits, dim=-1)                                  # (N_a + n_a, V)
             tok_nll = -logp[:a.N].gather(1, a.t_tok[:, None]).squeeze(1)         # (N_a,)
@@ -122,7 +125,7 @@ def compute_targets(em: EditableModel, batch: StepBatch, cfg: EditConfig) -> Tar
                 limit = cfg.clamp_norm_factor * h0_norm                            # (n,) norm clamp
                 delta.mul_((limit / delta.norm(dim=-1).clamp(min=1e-12)).clamp(max=1.0)[:, None])
                 delta[~active.to(dev)] = frozen[~active.to(dev)]                   # Adam momentum must not move them
-    return Targets(Z=h0 + delta.detach(), h0=h0, nll=nll_fact, steps=steps)
+    return Targets(Z=h0 + delta.detach(), h0=h0, nll=nll_fact, steps=steps, opt_dtype=opt_dtype)
 
 
 def _autocast(dev: torch.device, dtype: str):

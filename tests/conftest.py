@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random models built from config objects and a tokenizer trained in-process."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,36 @@ SENTENCES = [
     "The official language of Brazil is Portuguese and of Spain is Spanish.",
     "Berlin, Madrid, London and Tokyo are large cities with many museums.",
 ]
+
+
+def wait_for(check, timeout: float = 60.0, what: str = "the condition", step: float = 0.02):
+    """Poll ``check()`` until it returns something truthy, and return that; fail after ``timeout`` seconds.
+
+    Tests wait on conditions, never on sleeps sized for a fast machine: the deadline is generous (a machine
+    5x slower than ours passes) and a fast machine returns as soon as the condition holds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(step)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache_dir(tmp_path_factory):
+    """Key statistics the tests build go to a cache of their own (the one the behaviour tests and the
+    benchmarks use), never the user's."""
+    import os
+
+    before = os.environ.get("KBSYNC_CACHE_DIR")
+    os.environ["KBSYNC_CACHE_DIR"] = str(ROOT / ".cache" / "state")
+    yield
+    if before is None:
+        os.environ.pop("KBSYNC_CACHE_DIR", None)
+    else:
+        os.environ["KBSYNC_CACHE_DIR"] = before
 
 
 @pytest.fixture(scope="session")

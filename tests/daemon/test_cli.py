@@ -5,6 +5,8 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
 from tests.conftest import ROOT
 
@@ -19,6 +21,7 @@ def project(tmp_path, make_tiny, tiny_tokenizer, corpus_file):
         f"[editor.stats]\ncorpus = '{corpus_file}'\nn_tokens = 300\nseq_len = 32\n")
     (tmp_path / "app.toml").write_text(
         f"[model]\nsource = '{tmp_path / 'model'}'\ndevice = 'cpu'\nhparams = '{tmp_path / 'tiny.toml'}'\n"
+        f"cache_dir = '{tmp_path / 'cache'}'\n"
         "[verify]\nenabled = false\n")               # a tiny random model cannot learn its targets
     return tmp_path
 
@@ -32,14 +35,31 @@ def kbsync(project, *args, check=True):
     return proc
 
 
-def test_stats_build_then_cached(project):
+def test_stats_build_then_cached_for_every_state_directory(project):
     first = json.loads(kbsync(project, "stats", "build", "--json").stdout)
     assert first["tokens"] == 300 and first["layers"] == [1, 2]
-    files = list((project / "state" / "stats").glob("keystats-*.safetensors"))
-    assert len(files) == 1
+    files = list((project / "cache" / "stats").glob("keystats-*.safetensors"))
+    assert len(files) == 1 and not (project / "state" / "stats").exists()
     mtime = files[0].stat().st_mtime_ns
     assert json.loads(kbsync(project, "stats", "build", "--json").stdout) == first
-    assert files[0].stat().st_mtime_ns == mtime                 # read from cache, not rewritten
+    other = {**os.environ, "KBSYNC_STATE_DIR": str(project / "other-state")}     # a second state directory
+    proc = subprocess.run([sys.executable, "-m", "daemon", "--config", str(project / "app.toml"), "stats", "build",
+                           "--json"], cwd=ROOT, env=other, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and json.loads(proc.stdout) == first
+    assert files[0].stat().st_mtime_ns == mtime                 # read from the shared cache, not rewritten
+
+
+def test_statistics_in_a_state_directory_from_before_the_shared_cache_are_reused(project):
+    kbsync(project, "stats", "build", "--json")
+    (built,) = (project / "cache" / "stats").glob("keystats-*.safetensors")
+    (project / "state" / "stats").mkdir(parents=True)
+    legacy = project / "state" / "stats" / built.name
+    built.rename(legacy)                                       # where the statistics lived until now
+    tensors = load_file(legacy)
+    tensors["n_tokens"] = torch.tensor(12345)                  # marked, so a re-measurement would show
+    save_file(tensors, legacy, metadata={"format": "kbsync-keystats-1"})
+    assert json.loads(kbsync(project, "stats", "build", "--json").stdout)["tokens"] == 12345
+    assert built.read_bytes() == legacy.read_bytes()          # copied into the shared cache
 
 
 def test_facts_sync_log_rollback_query(project):

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from tests.conftest import DATA, ROOT
-from tests.daemon.test_runtime import free_port, wait_for
+from tests.conftest import DATA, ROOT, wait_for
+from tests.daemon.test_runtime import free_port
 
 pytestmark = pytest.mark.model
 
@@ -39,7 +39,7 @@ def test_drop_sync_query_rollback_through_the_daemon(default_model, tmp_path):
         daemon = subprocess.Popen([sys.executable, "-m", "daemon", "--config", str(config), "run"], cwd=ROOT,
                                   env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        wait_for(lambda: (state / "daemon.json").exists() or None, 300, "the daemon to be ready")
+        wait_for(lambda: (state / "daemon.json").exists() or None, 900, "the daemon to be ready")
         ask = lambda f: cli(env, config, "query", f["prompt"], "--max-tokens", "4", "--json")  # noqa: E731
         before = [ask(f) for f in facts]
         assert all(a["version"] is None for a in before)
@@ -47,7 +47,7 @@ def test_drop_sync_query_rollback_through_the_daemon(default_model, tmp_path):
         shutil.copy(ROOT / "examples/facts.jsonl", state / "inbox" / ".facts.jsonl.part")
         os.replace(state / "inbox" / ".facts.jsonl.part", state / "inbox" / "facts.jsonl")
         status = wait_for(lambda: (lambda s: s if s["head"] is not None and s["pending"] == 0 else None)(
-            cli(env, config, "status", "--json")), 400, "the dropped facts to be applied")
+            cli(env, config, "status", "--json")), 1200, "the dropped facts to be applied")
         assert status["failed"] == 0 and status["daemon"]
         after = [ask(f) for f in facts]
         assert all(a["version"] == status["head"] for a in after)

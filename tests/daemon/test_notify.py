@@ -11,6 +11,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from daemon.notify import Notifier, WatchdogPinger
+from tests.conftest import wait_for
 
 
 class Receiver:
@@ -20,7 +21,7 @@ class Receiver:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(address)
 
-    def get(self, timeout: float = 2.0) -> str:
+    def get(self, timeout: float = 30.0) -> str:
         self.sock.settimeout(timeout)
         return self.sock.recv(4096).decode()
 
@@ -131,23 +132,41 @@ def test_watchdog_interval(usec, pid, expected):
     assert Notifier(env).watchdog_interval() == expected
 
 
+class Health:
+    """A health check the test switches, counting the checks that answered each way."""
+
+    def __init__(self):
+        self.ok = True
+        self.answers = {True: 0, False: 0}
+        self.lock = threading.Lock()
+
+    def __call__(self) -> bool:
+        with self.lock:
+            ok = self.ok
+            self.answers[ok] += 1
+            return ok
+
+    def count(self, ok: bool) -> int:
+        with self.lock:
+            return self.answers[ok]
+
+
 def test_pinger_pings_while_healthy_and_stops_when_not(path_socket):
-    healthy = threading.Event()
-    healthy.set()
-    pinger = WatchdogPinger(Notifier(), healthy.is_set, interval_s=0.05)
+    health = Health()
+    pinger = WatchdogPinger(Notifier(), health, interval_s=0.05)
     pinger.start()
     try:
-        time.sleep(0.4)
-        pings = path_socket.drain()
-        assert len(pings) >= 3 and set(pings) == {"WATCHDOG=1"}
-        healthy.clear()  # the main loop is wedged
-        time.sleep(0.1)  # a ping already past its health check may still land
-        path_socket.drain()
-        time.sleep(0.4)
+        assert [path_socket.get(timeout=30) for _ in range(3)] == ["WATCHDOG=1"] * 3
+        with health.lock:
+            health.ok = False                                 # the main loop is wedged
+        wait_for(lambda: health.count(False) >= 1, what="an unhealthy check")
+        path_socket.drain()                                   # a ping sent before that check may have landed
+        wait_for(lambda: health.count(False) >= 4, what="three more unhealthy checks")
         assert path_socket.drain() == []
         assert pinger.alive  # still watching: pings resume if the loop recovers
-        healthy.set()
-        assert path_socket.get() == "WATCHDOG=1"
+        with health.lock:
+            health.ok = True
+        assert path_socket.get(timeout=30) == "WATCHDOG=1"
     finally:
         pinger.stop()
     assert not pinger.alive
@@ -160,7 +179,7 @@ def test_pinger_treats_a_raising_health_check_as_unhealthy(path_socket):
     with capture_logs() as logs:
         pinger = WatchdogPinger(Notifier(), broken, interval_s=0.05)
         pinger.start()
-        time.sleep(0.2)
+        wait_for(lambda: sum(e["event"] == "watchdog.check_failed" for e in logs) >= 3, what="three failed checks")
         pinger.stop()
     assert path_socket.drain() == []
     assert "watchdog.check_failed" in {e["event"] for e in logs}
@@ -174,7 +193,7 @@ def test_pinger_defaults_to_half_the_watchdog_and_stops_promptly(path_socket, mo
     assert path_socket.get() == "WATCHDOG=1"  # the first ping goes out at once
     t = time.perf_counter()
     pinger.stop()
-    assert time.perf_counter() - t < 1.0 and not pinger.alive
+    assert time.perf_counter() - t < 10.0 and not pinger.alive   # not the 30 s interval: stop wakes the wait
 
 
 def test_pinger_without_a_watchdog_does_nothing(path_socket, monkeypatch):
@@ -199,7 +218,7 @@ def test_a_full_receiver_queue_never_blocks_the_sender(tmp_path, monkeypatch):
         n = _Notifier({"NOTIFY_SOCKET": path})
         t = _time.monotonic()
         results = [n.status(f"line {i}") for i in range(200)]          # far more than the queue holds
-        assert _time.monotonic() - t < 5
+        assert _time.monotonic() - t < 20                                # a blocking send would hang
         assert results[0] is True and results[-1] is False             # later ones dropped, not blocked
     finally:
         receiver.close()

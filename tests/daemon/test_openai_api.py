@@ -21,7 +21,7 @@ from daemon.api import create_app
 from daemon.config import ConfigError, ServeConfig, load_config
 from daemon.notify import Notifier
 from daemon.runtime import Runtime
-from tests.conftest import ROOT
+from tests.conftest import ROOT, wait_for
 from tests.daemon.test_cli import project  # noqa: F401  (the tiny-model project fixture)
 
 TOKEN = "s3cret-token"
@@ -38,10 +38,8 @@ def serving(runtime: Runtime):
     thread = threading.Thread(target=server.run, name="test-uvicorn", daemon=True)
     thread.start()
     try:
-        deadline = time.monotonic() + 30
-        while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.02)
+        wait_for(lambda: server.started or not thread.is_alive(), 120, "uvicorn to start")
+        assert server.started, "uvicorn did not start"
         yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}", app
     finally:
         server.should_exit = True
@@ -194,13 +192,10 @@ def test_per_client_concurrency_limit_and_not_ready(project, monkeypatch):  # no
                        for _ in range(2)]
             for t in threads:
                 t.start()
-            deadline = time.monotonic() + 30
-            while app.state.slots.in_flight("127.0.0.1") < 2:
-                assert time.monotonic() < deadline, "the two requests did not arrive"
-                time.sleep(0.05)
+            wait_for(lambda: app.state.slots.in_flight("127.0.0.1") >= 2, 120, "the two requests to arrive")
             third = httpx.post(f"{url}/v1/completions", json=body, timeout=30)
         for t in threads:
-            t.join(30)
+            t.join(120)
         assert third.status_code == 429 and third.json()["error"]["code"] == "concurrency_limit_exceeded"
         assert third.json()["error"]["type"] == "rate_limit_error"
         assert "[serve] max_concurrent_per_client" in third.json()["error"]["message"]
@@ -208,10 +203,7 @@ def test_per_client_concurrency_limit_and_not_ready(project, monkeypatch):  # no
         for _ in range(3):                                               # streams give their slot back too
             chunks = list(client(url).completions.create(model="model", prompt="Paris", max_tokens=2, stream=True))
             assert chunks[-1].choices[0].finish_reason in ("stop", "length")     # (sampled: EOS may come first)
-        deadline = time.monotonic() + 10
-        while app.state.slots.in_flight("127.0.0.1"):
-            assert time.monotonic() < deadline, "a slot was not released"
-            time.sleep(0.05)
+        wait_for(lambda: not app.state.slots.in_flight("127.0.0.1"), 120, "every slot to be released")
         assert httpx.post(f"{url}/v1/completions", json=body, timeout=30).status_code == 200
 
 

@@ -7,12 +7,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
+import threading
 
 import httpx
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, wait_for
 from tests.daemon.test_cli import kbsync, project  # noqa: F401  (the tiny-model project fixture)
 
 FACTS = ('{"subject": "Paris", "prompt": "{} is the capital of", "target": "Italy"}\n'
@@ -25,43 +25,57 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class NotifyListener:
+    """systemd's side of the notify socket: a thread reads every datagram as it arrives, so none is lost
+    to the socket's small queue (WATCHDOG=1 goes out every half second and sends never block)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(path)
+        self.sock.settimeout(0.2)
+        self.got: list[str] = []
+        self.cond = threading.Condition()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(4096).decode()
+            except (TimeoutError, OSError):
+                continue
+            with self.cond:
+                self.got.append(data)
+                self.cond.notify_all()
+
+    def wait(self, message: str, after: int = 0, timeout: float = 300) -> int:
+        """Index of the first datagram at or after index ``after`` whose first line is ``message``."""
+        def found():
+            return next((i for i in range(after, len(self.got)) if self.got[i].split("\n")[0] == message), None)
+        with self.cond:
+            assert self.cond.wait_for(lambda: found() is not None, timeout), (message, self.got[after:])
+            return found()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()
+
+
 @pytest.fixture
 def notify_socket(tmp_path):
     path = tmp_path / "notify.sock"
     if len(str(path)) > 100:
         pytest.skip("tmp_path too long for an AF_UNIX socket")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(path))
-    yield sock, str(path)
-    sock.close()
-
-
-def messages(sock: socket.socket, until: str, timeout: float) -> list[str]:
-    """Datagrams received until one equals ``until`` (or the timeout)."""
-    out, deadline = [], time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        sock.settimeout(max(deadline - time.monotonic(), 0.01))
-        try:
-            out.append(sock.recv(4096).decode())
-        except TimeoutError:
-            break
-        if out[-1] == until:
-            break
-    return out
-
-
-def wait_for(check, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+    listener = NotifyListener(str(path))
+    yield listener
+    listener.close()
 
 
 def test_daemon_ingests_syncs_rolls_back_notifies_and_stops(project, notify_socket):  # noqa: F811
-    sock, sock_path = notify_socket
+    listener, sock_path = notify_socket, notify_socket.path
     with open(project / "app.toml", "a") as f:
         f.write("[daemon]\ninbox_settle_s = 0.1\nrescan_s = 0.5\n")
     state, port = project / "state", free_port()
@@ -73,8 +87,7 @@ def test_daemon_ingests_syncs_rolls_back_notifies_and_stops(project, notify_sock
                                  "--interval", "1", "--port", str(port)], cwd=ROOT, env=env,
                                 stdout=log, stderr=subprocess.STDOUT)
     try:
-        got = messages(sock, "READY=1", timeout=120)
-        assert got and got[-1] == "READY=1", (got, (project / "daemon.log").read_text()[-3000:])
+        ready_at = listener.wait("READY=1", timeout=600)
         info = json.loads((state / "daemon.json").read_text())
         assert info["pid"] == proc.pid and info["port"] == port
         http = httpx.Client(base_url=info["url"], timeout=30)
@@ -86,7 +99,7 @@ def test_daemon_ingests_syncs_rolls_back_notifies_and_stops(project, notify_sock
         (state / "inbox" / "facts.jsonl.tmp").write_text(FACTS)             # ignored until renamed
         os.replace(state / "inbox" / "facts.jsonl.tmp", state / "inbox" / "facts.jsonl")
         done = wait_for(lambda: (lambda s: s if s["head"] is not None and s["pending"] == 0 else None)(
-            http.get("/v1/admin/status").json()), 60, "the dropped facts to be synced")
+            http.get("/v1/admin/status").json()), 600, "the dropped facts to be synced")
         status = json.loads(kbsync(project, "status", "--json").stdout)
         assert status["head"] == done["head"] and status["pending"] == 0 and status["last_tick"]["ok"]
         head = status["head"]
@@ -101,21 +114,21 @@ def test_daemon_ingests_syncs_rolls_back_notifies_and_stops(project, notify_sock
         assert proc_err.returncode == 1 and "42" in proc_err.stderr and "kbsync log" in proc_err.stderr
 
         proc.send_signal(signal.SIGHUP)                                     # reload the config, keep running
-        reload = messages(sock, "READY=1", timeout=30)
-        assert [m for m in reload if m.startswith("RELOADING=1")] and reload[-1] == "READY=1"
-        got += reload
+        seen = len(listener.got)
+        reloading = listener.wait("RELOADING=1", after=seen)
+        listener.wait("READY=1", after=reloading)
         assert proc.poll() is None and http.get("/healthz").status_code == 200
 
-        t = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=10) == 0
-        assert time.monotonic() - t <= 10
+        assert proc.wait(timeout=20) == 0                                   # the unit's TimeoutStopSec
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
     assert not (state / "daemon.json").exists()
-    got += messages(sock, "STOPPING=1", timeout=2)
+    listener.wait("STOPPING=1", after=ready_at, timeout=30)
+    with listener.cond:
+        got = list(listener.got)
     lifecycle = [m.split("\n")[0] for m in got if not m.startswith(("WATCHDOG", "STATUS"))]
     ready, stopping = lifecycle.index("READY=1"), lifecycle.index("STOPPING=1")
     assert ready < stopping == len(lifecycle) - 1
@@ -165,12 +178,9 @@ def test_sigterm_mid_step_exits_within_10s_and_leaves_head_consistent(project): 
                 return http.get("/v1/admin/status").json()["daemon"]["tick_running"]
             except httpx.HTTPError:
                 return False
-        wait_for(mid_step, 120, "a step to start")
-        time.sleep(0.5)
-        t = time.monotonic()
+        wait_for(mid_step, 600, "a step to start")
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=10) == 0
-        assert time.monotonic() - t <= 10
+        assert proc.wait(timeout=20) == 0                                   # the unit's TimeoutStopSec
     finally:
         if proc.poll() is None:
             proc.kill()

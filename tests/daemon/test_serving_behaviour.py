@@ -6,7 +6,6 @@ the answer, its fingerprint, and the way back.
 from __future__ import annotations
 
 import json
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -20,7 +19,7 @@ from daemon.notify import Notifier
 from daemon.runtime import Runtime
 from editor.hook import Mode
 from editor.model import EditableModel
-from tests.conftest import DATA, ROOT
+from tests.conftest import DATA, ROOT, wait_for
 from tests.daemon.test_cli import project  # noqa: F401  (the tiny-model project fixture)
 from tests.daemon.test_openai_api import make_runtime, serving
 
@@ -84,7 +83,7 @@ def test_50_concurrent_requests_while_a_step_is_applied(project, make_tiny, monk
     (project / "tiny.toml").write_text(tiny)              # a step long enough to overlap the requests
     runtime = make_runtime(project, "max_concurrent_per_client = 64\n")
     prompts = ["Paris is the capital of", "Apple A5 was created by", "Toko Yasuda plays the", "The Eiffel Tower is"]
-    with serving(runtime) as (url, _), ThreadPoolExecutor(52) as pool:
+    with serving(runtime) as (url, app), ThreadPoolExecutor(52) as pool:
         http = httpx.Client(base_url=url, timeout=120, limits=httpx.Limits(max_connections=60))
 
         def ask(prompt: str) -> dict:
@@ -98,13 +97,12 @@ def test_50_concurrent_requests_while_a_step_is_applied(project, make_tiny, monk
         runtime.service.store.add("Apple A5", "Apple A5 was created by", "Google")
         before = [pool.submit(ask, prompts[i % 4]) for i in range(25)]
         sync = pool.submit(http.post, "/v1/admin/sync")
-        deadline = time.monotonic() + 60
-        while not runtime.scheduler.busy:
-            assert time.monotonic() < deadline and not sync.done(), "the sync did not start"
-            time.sleep(0.005)
+        wait_for(lambda: runtime.scheduler.busy or sync.done(), 600, "the sync to start", step=0.002)
+        assert not sync.done(), "the sync ended before it was seen running"
         during = [pool.submit(ask, prompts[i % 4]) for i in range(25)]
-        time.sleep(0.2)
-        assert runtime.scheduler.busy, "the step ended before the requests were sent; make it longer"
+        wait_for(lambda: app.state.slots.in_flight("127.0.0.1") >= 25 + sum(not f.done() for f in before)
+                 or not runtime.scheduler.busy, 600, "the requests to arrive")
+        assert runtime.scheduler.busy, "the step ended before the requests arrived; make it longer"
         answers = [f.result() for f in before + during]
         head = sync.result().json()["head"]
         reference[f"v{head}"] = {p: ask(p)["text"] for p in prompts}
@@ -132,9 +130,6 @@ def real_daemon(default_model, tmp_path_factory):
         hparams + f"[editor.stats]\ncorpus = '{DATA / 'wikitext2-valid.txt'}'\nn_tokens = 20000\nseq_len = 256\n")
     (tmp / "app.toml").write_text(f"[model]\nsource = 'embedded'\ndevice = 'cpu'\nhparams = '{tmp / 'model.toml'}'\n"
                                   "[daemon]\ninterval_s = 3600\n[serve]\nbatch_window_ms = 20\n")
-    (tmp / "state" / "stats").mkdir(parents=True)
-    for cached in (ROOT / ".cache/state/stats").glob("keystats-*.safetensors"):   # reuse measured statistics
-        (tmp / "state" / "stats" / cached.name).symlink_to(cached)
     runtime = Runtime(load_config(tmp / "app.toml", tmp / "state"), notifier=Notifier({}), preloaded=default_model)
     with serving(runtime) as (url, _):
         oa = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=300)

@@ -68,18 +68,16 @@ def test_corrupt_cache_is_moved_aside_and_recomputed(em, corpus_file, tmp_path):
 
 def test_interrupted_write_leaves_no_cache_entry(em, corpus_file, tmp_path, monkeypatch):
     cfg = StatsConfig(corpus=str(corpus_file), n_tokens=200, seq_len=32)
-    real_save = stats_mod.save_file
+    real_fsync = stats_mod.os.fsync
 
-    def half_then_interrupt(tensors, filename, metadata=None):
-        with open(filename, "wb") as f:
-            f.write(b"partial")
+    def interrupt(fd):                                   # the bytes are written, not yet durable or renamed
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(stats_mod, "save_file", half_then_interrupt)
+    monkeypatch.setattr(stats_mod.os, "fsync", interrupt)
     with pytest.raises(KeyboardInterrupt):
         key_stats(em, cfg, tmp_path, progress=False)
     assert not list(tmp_path.glob("keystats-*.safetensors"))
-    monkeypatch.setattr(stats_mod, "save_file", real_save)
+    monkeypatch.setattr(stats_mod.os, "fsync", real_fsync)
     assert key_stats(em, cfg, tmp_path, progress=False).n_tokens == 200
 
 

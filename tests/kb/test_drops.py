@@ -12,16 +12,9 @@ import pytest
 from kb import DropFolder
 from kb.drops import ignored
 
+from tests.conftest import wait_for
+
 from .conftest import fact, jsonl
-
-
-def wait_for(predicate, timeout=30.0, step=0.02):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(step)
-    return predicate()
 
 
 @pytest.fixture
@@ -159,7 +152,7 @@ def test_duplicate_events_ingest_once(watched, store, inbox, outcomes):
 def test_burst_of_a_thousand_small_files(watched, store, inbox, outcomes):
     for i in range(1_000):
         drop(inbox, f"f{i:04}.jsonl", json.dumps(fact(i)) + "\n")
-    assert wait_for(lambda: len(outcomes) >= 1_000, timeout=90)
+    assert wait_for(lambda: len(outcomes) >= 1_000, timeout=600)
     time.sleep(0.5)
     names = Counter(o.name for o in outcomes)
     assert len(names) == 1_000 and set(names.values()) == {1}
@@ -175,7 +168,7 @@ def test_file_written_while_the_watcher_was_down(store, inbox, outcomes):
     drop(inbox, "while-down.jsonl", jsonl([fact(1)]))
     drops.start()
     try:
-        assert wait_for(lambda: len(outcomes) == 1, timeout=10)
+        assert wait_for(lambda: len(outcomes) == 1, timeout=120)
     finally:
         drops.stop()
     assert outcomes[0].name == "while-down.jsonl" and store.count() == 1
@@ -187,7 +180,7 @@ def test_periodic_rescan_catches_missed_events(store, inbox, outcomes, monkeypat
     with drops:
         time.sleep(0.2)
         drop(inbox, "missed.jsonl", jsonl([fact(1)]))
-        assert wait_for(lambda: len(outcomes) == 1, timeout=10)
+        assert wait_for(lambda: len(outcomes) == 1, timeout=120)
     assert outcomes[0].name == "missed.jsonl" and store.count() == 1
 
 

@@ -1,0 +1,94 @@
+"""Which precision the target optimisation runs in, chosen at run time from what the hardware computes natively.
+
+``opt_dtype = "auto"`` (the shipped value) means bfloat16 only where the hardware has native bf16 arithmetic
+(a CUDA device that supports it; a CPU with AVX512_BF16 or AMX tiles) and float32 everywhere else. On a CPU
+without native bf16 (AVX2-only, or AVX-512 without the BF16 extension) bf16 autocast is emulated and
+measured 3-8x slower than float32 (docs/benchmarks.md), so "auto" never picks it there.
+
+The environment variable ``KBSYNC_OPT_DTYPE`` (float32, bfloat16, float16 or auto) overrides the configured
+value, e.g. to force float32 for a test run; the choice records that it was forced.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+
+from .errors import EditorError
+
+DTYPES = ("float32", "bfloat16", "float16")
+ENV_OVERRIDE = "KBSYNC_OPT_DTYPE"
+
+
+@dataclass(frozen=True)
+class CpuFeatures:
+    """What the CPU offers, as torch reports it."""
+
+    capability: str          # torch.backends.cpu.get_cpu_capability(): "AVX2", "AVX512", "DEFAULT", ...
+    avx512_bf16: bool
+    amx: bool
+
+    @property
+    def native_bf16(self) -> bool:
+        return self.avx512_bf16 or self.amx
+
+    def describe(self) -> str:
+        extras = [name for name, has in (("AVX512_BF16", self.avx512_bf16), ("AMX", self.amx)) if has]
+        return "+".join([self.capability, *extras])
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    """The dtype picked for a setting on a device, and why (logged at start-up, shown by status and eval)."""
+
+    setting: str             # what was asked for: "auto", "float32", ...
+    dtype: str               # what runs: "float32", "bfloat16" or "float16"
+    device: str              # "cpu", "cuda:0", ...
+    hardware: str            # "AVX2", "AVX512+AVX512_BF16", "cuda bf16", ...
+    reason: str
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def cpu_features() -> CpuFeatures:
+    """Read the CPU's features from torch (no benchmark, no side effects)."""
+    import torch
+
+    cpu = torch.cpu
+    probe = lambda name: bool(getattr(cpu, name, lambda: False)())   # private helpers; absent = no
+    return CpuFeatures(torch.backends.cpu.get_cpu_capability(), probe("_is_avx512_bf16_supported"),
+                       probe("_is_amx_tile_supported"))
+
+
+def choose_opt_dtype(setting: str, device, cpu: CpuFeatures | None = None, cuda_bf16: bool | None = None,
+                     env: dict | None = None) -> PrecisionChoice:
+    """Resolve ``setting`` (``auto`` or a dtype name) for ``device``.
+
+    ``cpu`` and ``cuda_bf16`` default to probing this machine; pass them to decide for another one.
+    ``env`` defaults to ``os.environ`` (``KBSYNC_OPT_DTYPE`` wins over ``setting``).
+    """
+    env = os.environ if env is None else env
+    forced = env.get(ENV_OVERRIDE, "").strip()
+    if forced:
+        if forced not in (*DTYPES, "auto"):
+            raise EditorError(f"{ENV_OVERRIDE}={forced!r} is not one of auto, {', '.join(DTYPES)}; unset it or fix it")
+        setting = forced
+    if setting not in (*DTYPES, "auto"):
+        raise EditorError(f"opt_dtype {setting!r} is not one of auto, {', '.join(DTYPES)}")
+    dev = str(device)
+    is_cuda = dev.startswith("cuda")
+    if is_cuda:
+        if cuda_bf16 is None:
+            import torch
+            cuda_bf16 = bool(torch.cuda.is_bf16_supported())
+        hardware, native = ("cuda bf16" if cuda_bf16 else "cuda without bf16"), cuda_bf16
+    else:
+        cpu = cpu or cpu_features()
+        hardware, native = cpu.describe(), cpu.native_bf16
+    origin = f"{ENV_OVERRIDE}={forced}" if forced else f"opt_dtype={setting!r}"
+    if setting != "auto":
+        return PrecisionChoice(setting, setting, dev, hardware, f"{origin} (set explicitly, not chosen)")
+    if native:
+        return PrecisionChoice(setting, "bfloat16", dev, hardware, f"{origin}: {hardware} computes bfloat16 natively")
+    return PrecisionChoice(setting, "float32", dev, hardware,
+                           f"{origin}: {hardware} has no native bfloat16, where bf16 autocast is several times slower")
