@@ -4,6 +4,7 @@
     .venv/bin/python bench/routing_gate.py analyse                           # per-token M, z on probes and WikiText
     .venv/bin/python bench/routing_gate.py growth --at 1,2,5,10,20           # the same after the first N steps
     .venv/bin/python bench/routing_gate.py gates                             # z-score gate against a plain M gate
+    .venv/bin/python bench/routing_gate.py token --at 5,10,20                # the per-token gate's score a
 
 ``record`` runs COMEBA-HK as configured and writes every step's delta to bench/out/gate/step-NNN.safetensors.
 ``analyse`` restores them and reports, per layer, the distribution of M = ‖Δx‖ and z on: the subject's last
@@ -182,12 +183,70 @@ def gates(args) -> None:
     (OUT / "gates.json").write_text(json.dumps(report, indent=1))
 
 
+@torch.no_grad()
+def token_scores(em, texts: list[str], subjects: list[str | None]):
+    """Per text: {layer: a (T,)}, the per-token gate's score a = max_j v_jᵀx / v_jᵀk_j, and the subject's
+    last token (or -1)."""
+    from editor.hook import Mode
+    from editor.requests import subject_row
+    out = []
+    with projection_inputs(em) as inputs, em.mode(Mode.OFF):          # the base model's inputs
+        for t, s in zip(texts, subjects):
+            if s is not None and s in t:
+                row = subject_row(em.tokenizer, t, s, 0)
+                ids, look = torch.tensor([row.ids]), row.lookup
+            else:
+                ids, look = em.tokenizer(t, return_tensors="pt")["input_ids"][:, :256], -1
+            em.model(input_ids=ids.to(em.device))
+            out.append(({l: hook.delta_out(inputs[l], scores=True)[1][0].cpu() for l, hook in em.hooks.items()}, look))
+    return out
+
+
+def token(args) -> None:
+    """The per-token gate's score on edited subjects against unrelated text, as the edits accumulate.
+
+    Per layer and number of restored steps: the score a at the subject's last token of edit prompts and
+    of paraphrases (their recall at thresholds τ), and the share of WikiText-2 tokens and of locality
+    prompts (any token) that would route at τ. Scores are read on the base model's inputs (routing
+    upstream layers would change them only where a token routes)."""
+    from editor.evaluation import heldout_texts, load_cases
+    cfg, em, stats = setup()
+    wiki_texts = heldout_texts(DATA / "wikitext2-valid.txt")
+    taus = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+    rows = []
+    for n in (int(x) for x in args.at.split(",")):
+        got = restore(em, args, n)
+        cases = load_cases("counterfact", DATA / "counterfact-edit.json", (args.start, args.start + got * args.batch))
+        edit = token_scores(em, [c.request.text for c in cases], [c.subject for c in cases])
+        para = token_scores(em, [c.paraphrase for c in cases], [c.subject for c in cases])
+        para_any = token_scores(em, [c.paraphrase for c in cases], [None] * len(cases))
+        loc = token_scores(em, [c.loc_prompt for c in cases], [None] * len(cases))
+        wiki = token_scores(em, wiki_texts, [None] * len(wiki_texts))
+        for l in em.layers:
+            subj = torch.stack([a[l][look] for a, look in edit if look >= 0])
+            psub = torch.stack([a[l][look] for a, look in para if look >= 0])
+            pany = torch.stack([a[l].max() for a, _ in para_any])
+            lmax = torch.stack([a[l].max() for a, _ in loc])
+            w = torch.cat([a[l] for a, _ in wiki])
+            wfirst = torch.stack([a[l][0] for a, _ in wiki])
+            row = {"steps": got, "edits": got * args.batch, "layer": l,
+                   "a_edit_subject": q(subj), "a_para_subject": q(psub), "a_para_max": q(pany),
+                   "a_loc_max": q(lmax), "a_wiki": q(w, (0.5, 0.99, 0.999, 1.0)), "a_wiki_first": q(wfirst),
+                   "at": {str(t): {"edit_recall": round(float((subj >= t).float().mean()), 3),
+                                   "para_recall": round(float((pany >= t).float().mean()), 3),
+                                   "loc_routed": round(float((lmax >= t).float().mean()), 3),
+                                   "wiki_routed": round(float((w >= t).float().mean()), 5)} for t in taus}}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    (OUT / "token.json").write_text(json.dumps(rows, indent=1))
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["record", "analyse", "growth", "gates"])
+    ap.add_argument("what", choices=["record", "analyse", "growth", "gates", "token"])
     ap.add_argument("--at", default="1,2,5,10,20", help="growth: numbers of steps to restore")
     ap.add_argument("--start", type=int, default=0)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch", type=int, default=10)
     a = ap.parse_args()
-    {"record": record, "analyse": analyse, "growth": growth, "gates": gates}[a.what](a)
+    {"record": record, "analyse": analyse, "growth": growth, "gates": gates, "token": token}[a.what](a)

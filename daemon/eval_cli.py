@@ -125,13 +125,15 @@ def eval_cmd(obj, dataset, data_path, span, steps, batch, eval_every, methods, h
 
 def table(report: dict) -> str:
     """The final metrics of every method (and the unedited model) as a markdown table."""
-    cols = ("efficacy", "paraphrase_efficacy", "specificity", "reliability", "generality", "locality")
+    cols = ("efficacy", "paraphrase_efficacy", "specificity", "reliability", "generality", "locality",
+            "gen_success", "gen_paraphrase", "gen_locality")
+    cell = lambda final, c: f"{final[c]:.3f}" if c in final else "-"               # noqa: E731
     head = "| method | " + " | ".join(cols) + " | perplexity | edits/s |"
     lines = [head, "|" + "---|" * (len(cols) + 3)]
     base = report["base"]
-    lines.append("| unedited | " + " | ".join(f"{base['final'][c]:.3f}" for c in cols) + f" | {base['perplexity']:.2f} | |")
+    lines.append("| unedited | " + " | ".join(cell(base["final"], c) for c in cols) + f" | {base['perplexity']:.2f} | |")
     for name, run in report["methods"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{run['final'][c]:.3f}" for c in cols)
+        lines.append(f"| {name} | " + " | ".join(cell(run["final"], c) for c in cols)
                      + f" | {run['perplexity']:.2f} | {run['speed']['edits_per_s']} |")
     return "\n".join(lines) + f"\n\n{report['edits']} edits ({report['steps']} x {report['batch']}), {report['seconds']} s"
 

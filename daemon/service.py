@@ -134,6 +134,7 @@ class Service:
             doc["device"] = str(self.worker.em.device)
             doc["fingerprint"] = self.worker.em.fingerprint()
             doc["precision"] = self.worker.precision.to_json()
+            doc["gate"] = self.worker.em.gate                 # the routing gate HEAD's history is served with
         else:
             doc["precision"] = self._precision_here().to_json()
         return doc

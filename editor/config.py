@@ -37,8 +37,11 @@ class EditConfig:
 
     layers: tuple[int, ...] = (1, 2, 3, 4, 5)
     mom2_weight: float = 15000.0           # λ
-    alpha0: float = 2.2                    # α0
+    gate: str = "zscore"                   # routing: "zscore" (the paper's, per sequence) or "token" (per token)
+    alpha0: float = 2.2                    # α0 of the zscore gate (a z-score)
     alpha_min: float = 0.0                 # floor of α's adaptation (0 = the paper's rule: α only decreases)
+    token_alpha0: float = 0.5              # α0 of the token gate (a share of an edit's own key, 1 = the key)
+    token_alpha_min: float = 0.3           # floor of the token gate's α
     massive_ratio: float = 0.0             # ρ: tokens with ‖x‖ > ρ x their sequence's median are never routed (0 = off)
     v_lr: float = 0.5
     v_steps: int = 25
@@ -69,8 +72,22 @@ class EditConfig:
             raise EditorError(f"editor config: `massive_ratio` must be 0 (off) or above 1 (6 separates SmolLM2's attention sinks), got {self.massive_ratio}")
         if not 0.0 <= self.alpha_min <= self.alpha0:
             raise EditorError(f"editor config: `alpha_min` must be between 0 and alpha0 ({self.alpha0}), got {self.alpha_min}")
+        if self.gate not in ("zscore", "token"):
+            raise EditorError(f"editor config: `gate` must be \"token\" (per token) or \"zscore\" (the paper's, per sequence), got {self.gate!r}")
+        if not 0.0 < self.token_alpha_min <= self.token_alpha0:
+            raise EditorError(f"editor config: need 0 < token_alpha_min <= token_alpha0, got {self.token_alpha_min}, {self.token_alpha0}")
         if self.contexts[0] != "{}":
             raise EditorError("editor config: the first of `contexts` must be '{}' (the bare prompt)")
+
+    @property
+    def gate_alpha0(self) -> float:
+        """α0 of the configured gate."""
+        return self.token_alpha0 if self.gate == "token" else self.alpha0
+
+    @property
+    def gate_alpha_min(self) -> float:
+        """The floor of α for the configured gate."""
+        return self.token_alpha_min if self.gate == "token" else self.alpha_min
 
     @property
     def last_layer(self) -> int:

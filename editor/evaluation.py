@@ -8,6 +8,11 @@ Probability-based metrics (as MEMIT and AlphaEdit report them for COUNTERFACT), 
   efficacy             P(new) > P(true) on the edit prompt
   paraphrase_efficacy  the same on the paraphrase
   specificity          the locality prompt still prefers its own answer over the new target
+Generation metrics (what a user sees; teacher forcing overstates success, arXiv 2502.11177), greedy
+decoding of ``GEN_TOKENS`` tokens, at the end of a run:
+  gen_success          the edit prompt's continuation starts with the new target
+  gen_paraphrase       the same from the paraphrase
+  gen_locality         the locality prompt's continuation is the unedited model's, token for token
 Perplexity on held-out text, before and after. All metrics are means over every edit made so far.
 
 Methods (same cases, same model, one state reset between them): ``comeba-hk``, ``no-hook`` (the same
@@ -33,6 +38,8 @@ from .stats import KeyStats
 from .step import apply_delta, compute_delta, method_mode
 
 METRICS = ("efficacy", "paraphrase_efficacy", "specificity", "reliability", "generality", "locality")
+GEN_METRICS = ("gen_success", "gen_paraphrase", "gen_locality")
+GEN_TOKENS = 8
 SPLIT = ("targets_s", "keys_s", "solve_s", "routing_s")
 
 
@@ -148,6 +155,26 @@ def _metrics(scores, base_loc: list[torch.Tensor]) -> dict[str, float]:
     return {k: round(v / max(n, 1), 4) for k, v in acc.items()}
 
 
+def _generated(em: EditableModel, prompts: list[str], batch_size: int = 32) -> list[str]:
+    """Greedy continuations of ``GEN_TOKENS`` tokens in the model's current modes."""
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        out += em.generate(prompts[i:i + batch_size], max_new_tokens=GEN_TOKENS)
+    return out
+
+
+def _gen_metrics(em: EditableModel, cases: list[Case], base_loc_text: list[str]) -> dict[str, float]:
+    """The generation family over ``cases`` (greedy, current modes)."""
+    starts = lambda text, target: text.strip().startswith(target.strip())      # noqa: E731
+    edit = _generated(em, [c.prompt for c in cases])
+    para = _generated(em, [c.paraphrase for c in cases])
+    loc = _generated(em, [c.loc_prompt for c in cases])
+    n = max(len(cases), 1)
+    return {"gen_success": round(sum(starts(t, c.target_new) for t, c in zip(edit, cases)) / n, 4),
+            "gen_paraphrase": round(sum(starts(t, c.target_new) for t, c in zip(para, cases)) / n, 4),
+            "gen_locality": round(sum(a == b for a, b in zip(loc, base_loc_text)) / n, 4)}
+
+
 @torch.no_grad()
 def perplexity(em: EditableModel, texts: list[str], seq_len: int = 256) -> float:
     """Perplexity over ``texts`` cut into sequences of ``seq_len`` tokens (one per text), current modes."""
@@ -199,11 +226,12 @@ def generation_speed(em: EditableModel, mode: Mode, prompts: list[str], new_toke
 # ----- the run -----------------------------------------------------------------------------------
 def run_method(em: EditableModel, cases: list[Case], stats: KeyStats, cfg: EditConfig, *, method: str,
                steps: int, batch: int, eval_every: int, base_loc, texts: list[str], speed_at=(),
-               speed_prompts: list[str] = (), progress=None) -> dict:
+               speed_prompts: list[str] = (), progress=None, base_loc_text: list[str] | None = None) -> dict:
     """One method, from the base model: ``steps`` steps of ``batch`` cases each, evaluated every
     ``eval_every`` steps and at the end over every edit so far. ``em`` is reset before and after."""
     live = method_mode(method)
     em.reset()
+    em.configure_gate(cfg.gate, cfg.gate_alpha0)
     history, speed, split = [], {}, {k: 0.0 for k in SPLIT}
     edit_s = 0.0
     probes = _probes(cases)
@@ -213,6 +241,8 @@ def run_method(em: EditableModel, cases: list[Case], stats: KeyStats, cfg: EditC
             if s and (s % eval_every == 0 or s == steps):
                 with em.mode(live):
                     history.append({"step": s, "edits": done, **_metrics(_score(em, probes[:6 * done]), base_loc)})
+                    if s == steps and base_loc_text is not None:
+                        history[-1].update(_gen_metrics(em, cases[:done], base_loc_text[:done]))
             if done in speed_at:
                 speed[str(done)] = generation_speed(em, live, list(speed_prompts), 32, 3)
             if s == steps:
@@ -229,7 +259,8 @@ def run_method(em: EditableModel, cases: list[Case], stats: KeyStats, cfg: EditC
         with em.mode(live):
             ppl = perplexity(em, texts)
         edits = steps * batch
-        return {"method": method, "edits": edits, "final": {k: history[-1][k] for k in METRICS},
+        return {"method": method, "gate": em.gate, "edits": edits,
+                "final": {k: history[-1][k] for k in METRICS + GEN_METRICS if k in history[-1]},
                 "perplexity": round(ppl, 4), "history": history,
                 "alpha": {str(l): round(h.alpha, 4) for l, h in em.hooks.items()},
                 "speed": {"edit_seconds": round(edit_s, 2), "edits_per_s": round(edits / edit_s, 4) if edit_s else None,
@@ -254,13 +285,16 @@ def evaluate(em: EditableModel, cases: list[Case], stats: KeyStats, cfg: EditCon
     with em.mode(Mode.OFF):
         base_scores = _score(em, _probes(cases))
         base_loc = [base_scores[6 * i + 4][1] for i in range(len(cases))]
-        base = {"final": _metrics(base_scores, base_loc), "perplexity": round(perplexity(em, list(heldout)), 4)}
+        base_loc_text = _generated(em, [c.loc_prompt for c in cases])
+        base = {"final": {**_metrics(base_scores, base_loc), **_gen_metrics(em, cases, base_loc_text)},
+                "perplexity": round(perplexity(em, list(heldout)), 4)}
     speed_prompts = [c.prompt for c in cases[:8]]
     runs = {}
     for m in methods:
         runs[m] = run_method(em, cases, stats, cfg, method=m, steps=steps, batch=batch,
                              eval_every=eval_every or steps, base_loc=base_loc, texts=list(heldout),
-                             speed_at=set(speed_at), speed_prompts=speed_prompts, progress=progress)
+                             speed_at=set(speed_at), speed_prompts=speed_prompts, progress=progress,
+                             base_loc_text=base_loc_text)
     first = runs[methods[0]]
     return {"edits": steps * batch, "steps": steps, "batch": batch, "seconds": round(time.perf_counter() - t0, 2),
             "method": methods[0], "final": first["final"], "perplexity": first["perplexity"],

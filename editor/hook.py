@@ -1,11 +1,16 @@
-"""The hook layer: a frozen MLP output projection plus committed low-rank deltas and z-score routing.
+"""The hook layer: a frozen MLP output projection plus committed low-rank deltas and a routing gate.
 
 For input x (B, T, d_in) the base projection gives P = W0 x. The hook adds (Wh - W0) x = Δx where
 Δ = Σ_t U_t V_tᵀ. Modes:
   off        -> P                           (the base model)
   temporary  -> O = P + Δx for every token  (while a step is computed)
-  validated  -> per sequence, M_i = ‖Δx_i‖, z_i = (M_i - mean M) / std M over real tokens;
-                token i gets O_i if z_i ≥ α else P_i.
+  validated  -> token i gets O_i if its gate score reaches α, else P_i. Two gates (``RoutingContext.gate``):
+    "zscore" (the paper's): per sequence, M_i = ‖Δx_i‖, score z_i = (M_i - mean M) / std M over real tokens;
+    "token" (per token, stateless): score a_i = max_j (v_jᵀ x_i) / (v_jᵀ k_j) over every committed edit j,
+       where k_j is edit j's key and v_j its column of V = (C + K Kᵀ)⁻¹ K: how much of edit j's own key,
+       in the whitened metric the edit was solved in, x_i carries (1 at the key itself). A token's route
+       depends only on its own input and the committed edits, so it is the same in a full forward, in
+       KV-cached decoding, in any batch and under chunked prefill.
 Massive activations: with ``massive_ratio`` ρ > 0, a token whose input norm ‖x_i‖ exceeds ρ x the median
 ‖x‖ of its sequence (the attention-sink tokens of Llama-family models, ~10-30x the median in SmolLM2's
 layers 1-2) takes no part in the statistics and is never routed. A huge ‖x‖ can give a huge M and so own
@@ -20,6 +25,9 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+
+GATES = ("zscore", "token")
 
 
 class Mode(enum.Enum):
@@ -40,8 +48,9 @@ class RoutingContext:
     attention_mask: torch.Tensor | None = None   # (B, T_total) 1 for real tokens, 0 for pads
     incremental: bool = False                    # a KV-cached continuation: hidden T < T_total
     carry: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)   # layer -> (mean, std or nan, median ‖x‖)
-    records: dict[int, list[torch.Tensor]] | None = None
+    records: dict[int, list[torch.Tensor]] | None = None   # layer -> max gate score per sequence, when recording
     massive_ratio: float = 0.0                   # ρ; 0 = every real token counts (the paper's rule)
+    gate: str = "zscore"                         # "zscore" (per sequence, the paper's) or "token" (per token)
 
     def real_tokens(self, batch: int, length: int, device) -> torch.Tensor:
         """(B, T) bool mask of real tokens for the hidden states in flight."""
@@ -75,6 +84,7 @@ class HookLayer:
         self.U: list[torch.Tensor] = []   # each (d_out, r_t) float32
         self.V: list[torch.Tensor] = []   # each (d_in, r_t) float32
         self.K: list[torch.Tensor] = []   # each (d_in, r_t) float32, the steps' keys
+        self.S: list[torch.Tensor] = []   # each (r_t,) float32: v_jᵀ k_j, edit j's response to its own key
         self.alpha = self.alpha0
         self._cat: tuple[torch.Tensor, torch.Tensor] | None = None
         self._D: torch.Tensor | None = None
@@ -89,7 +99,7 @@ class HookLayer:
         the committed steps, so a restored hook is bit-identical to the live one. Built when first needed."""
         if self._D is None:
             if self.U:
-                Uc, Vc = self._factors()
+                Uc, Vc, _ = self._factors()
                 self._D = Uc @ Vc.T                                 # (d_out, d_in)
             else:
                 self._D = torch.zeros(self.d_out, self.d_in, dtype=torch.float32, device=self.device)
@@ -105,9 +115,11 @@ class HookLayer:
             self._kk_steps += 1
         return self._KK
 
-    def _factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """U, V and V scaled column-wise by 1 / v_jᵀ k_j (the token gate's matcher), concatenated."""
         if self._cat is None:
-            self._cat = (torch.cat(self.U, 1), torch.cat(self.V, 1))
+            Vc = torch.cat(self.V, 1)                                   # (d_in, r)
+            self._cat = (torch.cat(self.U, 1), Vc, Vc / torch.cat(self.S).clamp(min=1e-12))   # (d_out, r), 2x (d_in, r)
         return self._cat
 
     @property
@@ -122,6 +134,7 @@ class HookLayer:
         self.U.append(U)
         self.V.append(V)
         self.K.append(K)
+        self.S.append(self_response(V, K))
         self.alpha = float(alpha)
         self._cat = None
         self._D = None
@@ -132,9 +145,11 @@ class HookLayer:
         self._D_fwd = None
 
     @contextlib.contextmanager
-    def trial(self, U: torch.Tensor, V: torch.Tensor):
-        """Temporarily add Δ = U Vᵀ (used while a step is computed); removed on exit, also on error."""
-        self._trial.append((U.to(self.device, torch.float32), V.to(self.device, torch.float32)))
+    def trial(self, U: torch.Tensor, V: torch.Tensor, K: torch.Tensor):
+        """Temporarily add Δ = U Vᵀ with keys K (used while a step is computed); removed on exit, also on error."""
+        V = V.to(self.device, torch.float32)                        # (d_in, n)
+        matcher = V / self_response(V, K.to(self.device, torch.float32)).clamp(min=1e-12)   # (d_in, n)
+        self._trial.append((U.to(self.device, torch.float32), V, matcher))
         try:
             yield
         finally:
@@ -149,35 +164,54 @@ class HookLayer:
         """Whether the forward pass reads the dense Δ: fewer bytes than the float32 factors (U, V)."""
         return 4 * self.rank * (self.d_in + self.d_out) >= self.delta_dtype.itemsize * self.d_in * self.d_out
 
-    def delta_out(self, x: torch.Tensor) -> torch.Tensor:
+    def delta_out(self, x: torch.Tensor, scores: bool = False):
         """Δx for x (..., d_in) -> (..., d_out) in float32, from factors or the dense copy, whichever is cheaper
-        (the dense copy in ``delta_dtype``: bfloat16 halves the bytes each token reads)."""
+        (the dense copy in ``delta_dtype``: bfloat16 halves the bytes each token reads). With ``scores``,
+        also the token gate's score a = max_j (v_jᵀ x) / (v_jᵀ k_j), (...,)."""
         xf = x.to(torch.float32)
-        out = None
+        out, best = None, None
         if self.U:
+            Uc, Vc, matcher = self._factors()                       # (d_out, r), (d_in, r), (d_in, r)
             if not self.dense_path:
-                Uc, Vc = self._factors()                            # (d_out, r), (d_in, r)
-                out = (xf @ Vc) @ Uc.T                              # (..., d_out)
+                xV = xf @ Vc                                        # (..., r)
+                out = xV @ Uc.T                                     # (..., d_out)
             elif self.delta_dtype == torch.float32:
                 out = xf @ self.D.T                                 # (..., d_out)
             else:
                 if self._D_fwd is None:
                     self._D_fwd = self.D.to(self.delta_dtype)           # (d_out, d_in)
                 out = (x.to(self.delta_dtype) @ self._D_fwd.T).to(torch.float32)   # (..., d_out)
-        for U, V in self._trial:
+            if scores:
+                best = (xf @ matcher).amax(dim=-1)                  # (...,)
+        for U, V, matcher in self._trial:
             part = (xf @ V) @ U.T                                   # (..., d_out)
             out = part if out is None else out + part
-        return out
+            if scores:
+                a = (xf @ matcher).amax(dim=-1)                     # (...,)
+                best = a if best is None else torch.maximum(best, a)
+        return (out, best) if scores else out
 
     def _forward_hook(self, module, inputs, output):
         if self.mode is Mode.OFF or (not self.U and not self._trial):
             return None
         x = inputs[0]                                               # (B, T, d_in)
-        dx = self.delta_out(x)                                      # (B, T, d_out)
         if self.mode is Mode.TEMPORARY:
-            return output + dx.to(output.dtype)
-        route = self._route(dx, x)                                  # (B, T) bool
+            return output + self.delta_out(x).to(output.dtype)
+        if self.context.gate == "token":
+            dx, a = self.delta_out(x, scores=True)                  # (B, T, d_out), (B, T)
+            route = self._route_token(a)                            # (B, T) bool
+        else:
+            dx = self.delta_out(x)                                  # (B, T, d_out)
+            route = self._route(dx, x)                              # (B, T) bool
         return torch.where(route.unsqueeze(-1), output + dx.to(output.dtype), output)
+
+    def _route_token(self, a: torch.Tensor) -> torch.Tensor:
+        """The per-token gate: a real token routes when its score reaches α; (B, T) bool."""
+        B, T = a.shape
+        real = self.context.real_tokens(B, T, a.device)             # (B, T)
+        if self.context.records is not None and not self.context.incremental:
+            self.context.records.setdefault(self.layer, []).append(torch.where(real, a, -torch.inf).amax(dim=1))
+        return real & (a >= self.alpha)
 
     def _route(self, dx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """z-score routing per sequence over real, non-massive tokens; (B, T) bool."""
@@ -204,6 +238,11 @@ class HookLayer:
             zmax = torch.where(real, z, -torch.inf).amax(dim=1)    # (B,); nan where z is undefined
             self.context.records.setdefault(self.layer, []).append(zmax)
         return real & (z >= self.alpha)
+
+
+def self_response(V: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
+    """v_jᵀ k_j per column j, (n,): what each edit's key scores against its own matcher."""
+    return (V * K).sum(dim=0)
 
 
 def masked_median(v: torch.Tensor, real: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ import json
 import torch
 from torch import nn
 
-from .hook import HookLayer, Mode, RoutingContext
+from .hook import GATES, HookLayer, Mode, RoutingContext
 from .registry import spec_for
 
 
@@ -24,7 +24,7 @@ class EditableModel:
     """Owns the hooks of one model. All mutation goes through ``apply_delta``/``reset`` or context managers."""
 
     def __init__(self, model: nn.Module, tokenizer, layers, alpha0: float = 2.2, massive_ratio: float = 0.0,
-                 delta_dtype: torch.dtype | str = torch.float32):
+                 delta_dtype: torch.dtype | str = torch.float32, gate: str = "zscore"):
         self.model, self.tokenizer = model, tokenizer
         self.spec = spec_for(model.config)
         n_layers = len(self.spec.blocks(model))
@@ -32,7 +32,10 @@ class EditableModel:
         if bad:
             raise ValueError(f"editable layers {bad} are outside 0..{n_layers - 1} for this model")
         self.layers = tuple(layers)
-        self.context = RoutingContext(massive_ratio=float(massive_ratio))
+        if gate not in GATES:
+            raise ValueError(f"gate {gate!r} is not one of {', '.join(GATES)}")
+        self.configured_gate = gate                 # the gate of new histories; a restored one keeps its own
+        self.context = RoutingContext(massive_ratio=float(massive_ratio), gate=gate)
         self.hooks: dict[int, HookLayer] = {}
         for l in self.layers:
             module = self.spec.projection_module(model, l)
@@ -44,8 +47,33 @@ class EditableModel:
 
     @classmethod
     def for_config(cls, model: nn.Module, tokenizer, cfg) -> "EditableModel":
-        """Hooks as an ``EditConfig`` describes them (layers, α0, massive-token exclusion, Δ's dtype)."""
-        return cls(model, tokenizer, cfg.layers, cfg.alpha0, cfg.massive_ratio, cfg.delta_dtype)
+        """Hooks as an ``EditConfig`` describes them (layers, gate and its α0, massive-token exclusion, Δ's dtype)."""
+        return cls(model, tokenizer, cfg.layers, cfg.gate_alpha0, cfg.massive_ratio, cfg.delta_dtype, cfg.gate)
+
+    @property
+    def gate(self) -> str:
+        """The gate the hooks route with now: the committed history's, or the configured one on the base model."""
+        return self.context.gate
+
+    def configure_gate(self, gate: str, alpha0: float) -> None:
+        """The gate (and its α0) of new histories; the model must be at the base (benchmarks switch it)."""
+        if any(h.U for h in self.hooks.values()):
+            raise ValueError("configure the gate on the base model (reset first)")
+        if gate not in GATES:
+            raise ValueError(f"gate {gate!r} is not one of {', '.join(GATES)}")
+        self.configured_gate = gate
+        for h in self.hooks.values():
+            h.alpha0 = float(alpha0)
+        self.reset()
+
+    def adopt_gate(self, gate: str) -> None:
+        """Route with ``gate`` (a history is routed with the gate it was made with); only on the base model."""
+        if gate not in GATES:
+            raise ValueError(f"gate {gate!r} is not one of {', '.join(GATES)}")
+        if any(h.U for h in self.hooks.values()) and gate != self.context.gate:
+            raise ValueError(f"the committed steps route with the {self.context.gate!r} gate; a step made with "
+                             f"{gate!r} cannot join them")
+        self.context.gate = gate
 
     def set_delta_dtype(self, dtype: torch.dtype | str) -> None:
         """The dtype of the dense Δ every hook reads per token (benchmarks compare them in one process)."""
@@ -151,7 +179,8 @@ class EditableModel:
         return self.model.get_output_embeddings()(hidden)
 
     def reset(self) -> None:
-        """Back to the base model (no committed deltas)."""
+        """Back to the base model (no committed deltas), routing with the configured gate."""
+        self.context.gate = self.configured_gate
         for h in self.hooks.values():
             h.reset()
 

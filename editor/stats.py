@@ -6,7 +6,9 @@ file, are fsynced and renamed, so an interrupted run never leaves a corrupt cach
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import inspect
 import json
 import os
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ from .hook import Mode
 from .model import EditableModel
 
 FORMAT = "kbsync-keystats-1"
+SAMPLER = "kv-measured-icdf-1"     # how the model-sampled corpus is drawn (part of the cache key)
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,7 @@ def cache_key(em: EditableModel, cfg: StatsConfig) -> str:
     }
     if cfg.corpus == "model":                  # the sampled text depends on how many rows are drawn together
         parts["batch_size"] = cfg.batch_size
+        parts["sampler"] = SAMPLER
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -117,44 +121,46 @@ def corpus_identity(corpus: str) -> str:
 
 @torch.no_grad()
 def compute_key_stats(em: EditableModel, cfg: StatsConfig, progress: bool = True, key: str = "") -> KeyStats:
-    """Run the corpus through the base model up to the last editable layer and accumulate x xᵀ."""
+    """Accumulate x xᵀ of every editable projection's input over the corpus, through the base model.
+
+    A text corpus runs forward only up to the last editable layer. The model-sampled corpus is measured
+    while it is sampled: every decoding step's forward already computes the keys of the token it feeds.
+    """
     acc_dtype = {"float32": torch.float32, "float64": torch.float64}.get(cfg.dtype)
     if acc_dtype is None:
         raise StatsError(f"stats dtype {cfg.dtype!r} must be float32 or float64")
     # float64 totals on the model's device; each chunk's x xᵀ in acc_dtype (no per-batch host copies on GPU)
     sums = {l: torch.zeros(em.hooks[l].d_in, em.hooks[l].d_in, dtype=torch.float64, device=em.device) for l in em.layers}
-    count = 0
-    mask_holder: dict[str, torch.Tensor] = {}
+    counted: dict[str, object] = {}          # "mask": which positions of the running forward count; "stop"
     last = em.layers[-1]
-
-    class _Stop(Exception):
-        pass
 
     def capture(layer):
         def fn(module, inputs, output):
-            if "mask" not in mask_holder:                              # not measuring (e.g. sampling text)
+            if "mask" not in counted:
                 return None
-            x = inputs[0]                                              # (B, T, d_in)
-            real = mask_holder["mask"].bool()                          # (B, T)
-            k = x[real].to(acc_dtype)                                  # (N, d_in)
+            k = inputs[0][counted["mask"]].to(acc_dtype)                # (N, d_in) the counted positions
             sums[layer] += (k.T @ k).to(torch.float64)                 # (d_in, d_in)
-            if layer == last:
+            if layer == last and counted["stop"]:
                 raise _Stop
         return fn
 
+    @contextlib.contextmanager
+    def measuring(mask: torch.Tensor, stop: bool):
+        counted.update(mask=mask.bool(), stop=stop)
+        try:
+            yield
+        except _Stop:
+            pass
+        finally:
+            counted.clear()
+
     handles = [em.spec.projection_module(em.model, l).register_forward_hook(capture(l)) for l in em.layers]
     bar = tqdm(total=cfg.n_tokens, desc="key statistics", unit="tok", disable=not progress)
+    count = 0
     try:
         with em.mode(Mode.OFF):
-            for ids, mask in _batches(em, cfg):
-                mask_holder["mask"] = mask
-                try:
-                    em.model(input_ids=ids, attention_mask=mask)
-                except _Stop:
-                    pass
-                finally:
-                    del mask_holder["mask"]
-                n = int(mask.sum())
+            chunks = _sample_measured(em, cfg, measuring) if cfg.corpus == "model" else _measure_text(em, cfg, measuring)
+            for n in chunks:
                 count += n
                 bar.update(n)
     finally:
@@ -166,11 +172,20 @@ def compute_key_stats(em: EditableModel, cfg: StatsConfig, progress: bool = True
     return KeyStats({l: (s / count).cpu() for l, s in sums.items()}, count, key)
 
 
+class _Stop(Exception):
+    """Raised after the last editable layer: a text corpus needs no forward beyond it."""
+
+
+def _measure_text(em: EditableModel, cfg: StatsConfig, measuring) -> Iterator[int]:
+    """Forward each batch of the text corpus (up to the last editable layer); yields tokens counted."""
+    for ids, mask in _batches(em, cfg):
+        with measuring(mask, stop=True):
+            em.model(input_ids=ids, attention_mask=mask)
+        yield int(mask.sum())
+
+
 def _batches(em: EditableModel, cfg: StatsConfig) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(input_ids, attention_mask) batches totalling about cfg.n_tokens tokens."""
-    if cfg.corpus == "model":
-        yield from _sampled_batches(em, cfg)
-        return
+    """(input_ids, attention_mask) batches of the text corpus totalling about cfg.n_tokens tokens."""
     ids = _corpus_token_ids(em, cfg)
     seqs = [ids[i:i + cfg.seq_len] for i in range(0, min(len(ids), cfg.n_tokens), cfg.seq_len)]
     seqs = [s for s in seqs if len(s) > 1]
@@ -224,24 +239,61 @@ def _hf_texts(name: str) -> list[str]:
     return [str(t) for t in ds[column]]
 
 
-def _sampled_batches(em: EditableModel, cfg: StatsConfig):
-    """Text sampled from the model itself (offline default), seeded and independent of global RNG state."""
-    tok = em.tokenizer
-    starters = ["The", "In", "A", "It", "When", "One", "This", "There", "After", "Many", "Some", "Our"]
+STARTERS = ("The", "In", "A", "It", "When", "One", "This", "There", "After", "Many", "Some", "Our")
+
+
+def _sample_measured(em: EditableModel, cfg: StatsConfig, measuring) -> Iterator[int]:
+    """Text sampled from the model itself (the offline default), measured as it is sampled.
+
+    ``cfg.batch_size`` rows at a time, each started from one of :data:`STARTERS`, ``cfg.seq_len`` tokens of
+    plain sampling (temperature 1, no top-k/top-p) with a KV cache; a row's tokens count up to and
+    including its first end-of-sequence token. Seeded by ``cfg.seed`` with a generator of its own (the
+    global RNG is untouched). Each step's forward measures the keys of the token it feeds, so the text is
+    never run a second time. Yields the tokens counted per forward.
+    """
+    from transformers import DynamicCache
+
+    tok, dev, model = em.tokenizer, em.device, em.model
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    gen = torch.Generator(device=dev).manual_seed(cfg.seed)
     produced, round_ = 0, 0
-    with torch.random.fork_rng(devices=[em.device] if em.device.type == "cuda" else []):
-        torch.manual_seed(cfg.seed)
-        while produced < cfg.n_tokens:
-            prompts = [starters[(round_ * cfg.batch_size + j) % len(starters)] for j in range(cfg.batch_size)]
-            tok.padding_side = "left"
-            enc = {k: v.to(em.device) for k, v in tok(prompts, return_tensors="pt", padding=True).items()}
-            out = em.model.generate(**enc, max_new_tokens=cfg.seq_len, do_sample=True, top_k=0, top_p=1.0,
-                                    temperature=1.0, pad_token_id=tok.pad_token_id)
-            P = enc["attention_mask"].shape[1]
-            mask = torch.ones_like(out)
-            mask[:, :P] = enc["attention_mask"]
-            ended = (out[:, P:] == tok.eos_token_id).long().cumsum(1) > 1   # generated tokens after the first eos
-            mask[:, P:][ended] = 0
-            produced += int(mask.sum())
-            round_ += 1
-            yield out, mask
+    while produced < cfg.n_tokens:
+        rows = [tok(STARTERS[(round_ * cfg.batch_size + j) % len(STARTERS)])["input_ids"] for j in range(cfg.batch_size)]
+        B, P = len(rows), max(len(r) for r in rows)
+        ids = torch.full((B, P), tok.pad_token_id, dtype=torch.long)                   # (B, P) left-padded
+        mask = torch.zeros(B, P, dtype=torch.long)                                     # (B, P)
+        for j, r in enumerate(rows):
+            ids[j, P - len(r):], mask[j, P - len(r):] = torch.tensor(r), 1
+        ids, mask = ids.to(dev), mask.to(dev)
+        pos = (mask.cumsum(1) - 1).clamp(min=0)                                        # (B, P)
+        cache = DynamicCache(config=model.config)
+        with measuring(mask, stop=False):
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                           logits_to_keep=1, **{cache_kw: cache}).logits[:, -1]        # (B, V)
+        produced += int(mask.sum())
+        yield int(mask.sum())
+        alive = torch.ones(B, dtype=torch.bool, device=dev)                            # (B,) before its first eos
+        pos = pos[:, -1:]                                                              # (B, 1)
+        for _ in range(cfg.seq_len):
+            nxt = _draw(logits, gen)                                                   # (B,)
+            mask, pos = torch.cat([mask, torch.ones_like(pos)], 1), pos + 1           # (B, T+1), (B, 1)
+            with measuring(alive[:, None], stop=False):                                # this token's keys
+                logits = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, use_cache=True,
+                               logits_to_keep=1, **{cache_kw: cache}).logits[:, -1]
+            n = int(alive.sum())
+            produced += n
+            yield n
+            alive &= nxt != tok.eos_token_id
+            if not alive.any():
+                break
+        round_ += 1
+
+
+def _draw(logits: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """One token per row from softmax(logits) by inverse transform sampling, (B,).
+
+    The same distribution as ``torch.multinomial``, which on CPU draws an exponential per vocabulary entry
+    (measured: 28 % of sampling time at 64 rows x 49k entries); this draws one uniform per row."""
+    cdf = logits.float().softmax(-1).cumsum(-1)                                        # (B, V)
+    u = torch.rand(cdf.shape[0], 1, generator=gen, device=cdf.device) * cdf[:, -1:]  # (B, 1)
+    return torch.searchsorted(cdf, u).squeeze(1).clamp(max=cdf.shape[1] - 1)         # (B,)

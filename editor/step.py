@@ -43,6 +43,7 @@ class StepDelta:
     model_fingerprint: str
     config_digest: str
     metrics: dict = field(default_factory=dict)
+    gate: str = "zscore"     # the routing gate the step was made with (and is served with)
 
     def to_arrays(self) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         """numpy tensors and string metadata, for storage with ``safetensors.numpy`` (no torch needed)."""
@@ -53,7 +54,7 @@ class StepDelta:
             for name, t in (("U", ld.U), ("V", ld.V), ("K", ld.K)):
                 arrays[f"{ld.layer}.{name}"] = np.ascontiguousarray(t.detach().cpu().numpy())
             arrays[f"{ld.layer}.alpha"] = np.array([ld.alpha], dtype=np.float64)
-        meta = {"layers": ",".join(str(ld.layer) for ld in self.layers),
+        meta = {"layers": ",".join(str(ld.layer) for ld in self.layers), "gate": self.gate,
                 "model_fingerprint": self.model_fingerprint, "config_digest": self.config_digest}
         return arrays, meta
 
@@ -67,7 +68,8 @@ class StepDelta:
                 for l in (int(x) for x in meta["layers"].split(",") if x))
         except (KeyError, ValueError, IndexError) as exc:
             raise DeltaMismatch(f"stored delta is incomplete ({exc!r} missing or malformed)") from None
-        return cls(layers, tuple(requests), meta["model_fingerprint"], meta["config_digest"])
+        gate = meta.get("gate", "zscore")                 # versions from before the gate was recorded: the paper's
+        return cls(layers, tuple(requests), meta["model_fingerprint"], meta["config_digest"], gate=gate)
 
 
 METHODS = ("comeba-hk", "no-hook", "memit")
@@ -114,23 +116,26 @@ def compute_delta(em: EditableModel, requests: list[EditRequest], stats: KeyStat
             A = _solve(C + K64 @ K64.T, K64)                                 # (d_in, n)
             times["solve_s"] += time.perf_counter() - t
             U, V = R.to(torch.float32), A.to(torch.float32)                  # (d_out, n), (d_in, n)
-            stack.enter_context(em.hooks[l].trial(U, V))
+            stack.enter_context(em.hooks[l].trial(U, V, K))
             stack.enter_context(em.mode(live, layers=[l]))
             out.append((l, U, V, K.to(torch.float32)))
         t = time.perf_counter()
-        alphas = _adapted_alphas(em, batch, cfg.alpha_min) if live is Mode.VALIDATED else {l: h.alpha for l, h in em.hooks.items()}
+        floor = cfg.token_alpha_min if em.gate == "token" else cfg.alpha_min
+        alphas = _adapted_alphas(em, batch, floor) if live is Mode.VALIDATED else {l: h.alpha for l, h in em.hooks.items()}
         times["routing_s"] = time.perf_counter() - t
     layers = tuple(LayerDelta(l, U, V, K, alphas[l]) for l, U, V, K in out)
     times["total_s"] = time.perf_counter() - t0
     metrics = {**times, "opt_steps": targets.steps, "opt_dtype": targets.opt_dtype,
                "target_nll": [float(x) for x in targets.nll]}
     ran = cfg.replace(opt_dtype=targets.opt_dtype)                          # the digest records what ran, not "auto"
-    return StepDelta(layers, tuple(requests), em.fingerprint(), ran.digest(), metrics)
+    return StepDelta(layers, tuple(requests), em.fingerprint(), ran.digest(), metrics, gate=em.gate)
 
 
 def apply_delta(em: EditableModel, delta: StepDelta) -> None:
     """Commit a step: every layer or none (everything is checked before anything changes)."""
     check_delta(em, delta)
+    if delta.layers:                                     # an empty step (a removal) routes nothing
+        em.adopt_gate(delta.gate)
     for ld in delta.layers:
         em.hooks[ld.layer].commit(ld.U, ld.V, ld.K, ld.alpha)
 
@@ -143,8 +148,13 @@ def restore_state(em: EditableModel, deltas: list[StepDelta]) -> None:
     """
     for d in deltas:
         check_delta(em, d)
+    gates = {d.gate for d in deltas if d.layers}
+    if len(gates) > 1:
+        raise DeltaMismatch(f"the versions mix routing gates {sorted(gates)}; one history routes one way")
     em.reset()
     for d in deltas:
+        if d.layers:
+            em.adopt_gate(d.gate)
         for ld in d.layers:
             em.hooks[ld.layer].commit(ld.U, ld.V, ld.K, ld.alpha)
 
@@ -202,9 +212,9 @@ def _keys_and_residual(em: EditableModel, batch: StepBatch, layer: int, cfg: Edi
 
 @torch.no_grad()
 def _adapted_alphas(em: EditableModel, batch: StepBatch, alpha_min: float = 0.0) -> dict[int, float]:
-    """α ← max(α_min, min(α, min over the batch's prompts of max_i z_i)), per layer (validated mode, trial
-    deltas on). α_min = 0 is the paper's rule; a floor keeps one weakly-routed prompt from opening the hook
-    to every sequence (measured in docs/benchmarks.md)."""
+    """α ← max(α_min, min(α, min over the batch's prompts of their max gate score)), per layer (validated mode,
+    trial deltas on): every edited prompt routes. The score is z (zscore gate) or a (token gate). α_min = 0
+    is the paper's rule; a floor keeps one weakly-routed prompt from opening the hook to every sequence."""
     ids, mask = batch.tensors(batch.plain, em.device)
     with em.mode(Mode.VALIDATED), em.recording() as rec:
         em.forward_until(max(em.layers), ids, mask)

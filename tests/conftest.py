@@ -21,16 +21,21 @@ SENTENCES = [
 ]
 
 
-def wait_for(check, timeout: float = 60.0, what: str = "the condition", step: float = 0.02):
+def wait_for(check, timeout: float = 60.0, what: str = "the condition", step: float = 0.02, process=None,
+             log: Path | None = None):
     """Poll ``check()`` until it returns something truthy, and return that; fail after ``timeout`` seconds.
 
     Tests wait on conditions, never on sleeps sized for a fast machine: the deadline is generous (a machine
-    5x slower than ours passes) and a fast machine returns as soon as the condition holds."""
+    5x slower than ours passes) and a fast machine returns as soon as the condition holds. With ``process``
+    (a Popen the condition depends on), fail at once when it exits, with the tail of ``log``."""
     deadline = time.monotonic() + timeout
     while True:
         value = check()
         if value:
             return value
+        if process is not None and process.poll() is not None:
+            tail = log.read_text(errors="replace")[-3000:] if log is not None and log.exists() else ""
+            raise AssertionError(f"the process exited ({process.returncode}) while waiting for {what}\n{tail}")
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(step)

@@ -39,7 +39,8 @@ def test_drop_sync_query_rollback_through_the_daemon(default_model, tmp_path):
         daemon = subprocess.Popen([sys.executable, "-m", "daemon", "--config", str(config), "run"], cwd=ROOT,
                                   env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        wait_for(lambda: (state / "daemon.json").exists() or None, 900, "the daemon to be ready")
+        dlog = tmp_path / "daemon.log"
+        wait_for(lambda: (state / "daemon.json").exists() or None, 900, "the daemon to be ready", process=daemon, log=dlog)
         ask = lambda f: cli(env, config, "query", f["prompt"], "--max-tokens", "4", "--json")  # noqa: E731
         before = [ask(f) for f in facts]
         assert all(a["version"] is None for a in before)
@@ -47,7 +48,7 @@ def test_drop_sync_query_rollback_through_the_daemon(default_model, tmp_path):
         shutil.copy(ROOT / "examples/facts.jsonl", state / "inbox" / ".facts.jsonl.part")
         os.replace(state / "inbox" / ".facts.jsonl.part", state / "inbox" / "facts.jsonl")
         status = wait_for(lambda: (lambda s: s if s["head"] is not None and s["pending"] == 0 else None)(
-            cli(env, config, "status", "--json")), 1200, "the dropped facts to be applied")
+            cli(env, config, "status", "--json")), 1200, "the dropped facts to be applied", process=daemon, log=dlog)
         assert status["failed"] == 0 and status["daemon"]
         after = [ask(f) for f in facts]
         assert all(a["version"] == status["head"] for a in after)

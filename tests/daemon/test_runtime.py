@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import httpx
 import pytest
@@ -50,12 +51,17 @@ class NotifyListener:
                 self.got.append(data)
                 self.cond.notify_all()
 
-    def wait(self, message: str, after: int = 0, timeout: float = 300) -> int:
-        """Index of the first datagram at or after index ``after`` whose first line is ``message``."""
+    def wait(self, message: str, after: int = 0, timeout: float = 300, process=None) -> int:
+        """Index of the first datagram at or after index ``after`` whose first line is ``message``
+        (failing at once if ``process`` exits first)."""
         def found():
             return next((i for i in range(after, len(self.got)) if self.got[i].split("\n")[0] == message), None)
+        stop = lambda: found() is not None or (process is not None and process.poll() is not None)  # noqa: E731
+        deadline = time.monotonic() + timeout
         with self.cond:
-            assert self.cond.wait_for(lambda: found() is not None, timeout), (message, self.got[after:])
+            while not stop() and time.monotonic() < deadline:
+                self.cond.wait(0.2)                                  # a notify, or a look at the process
+            assert found() is not None, (message, self.got[after:], process and process.poll())
             return found()
 
     def close(self) -> None:
@@ -87,7 +93,7 @@ def test_daemon_ingests_syncs_rolls_back_notifies_and_stops(project, notify_sock
                                  "--interval", "1", "--port", str(port)], cwd=ROOT, env=env,
                                 stdout=log, stderr=subprocess.STDOUT)
     try:
-        ready_at = listener.wait("READY=1", timeout=600)
+        ready_at = listener.wait("READY=1", timeout=600, process=proc)
         info = json.loads((state / "daemon.json").read_text())
         assert info["pid"] == proc.pid and info["port"] == port
         http = httpx.Client(base_url=info["url"], timeout=30)
@@ -99,7 +105,8 @@ def test_daemon_ingests_syncs_rolls_back_notifies_and_stops(project, notify_sock
         (state / "inbox" / "facts.jsonl.tmp").write_text(FACTS)             # ignored until renamed
         os.replace(state / "inbox" / "facts.jsonl.tmp", state / "inbox" / "facts.jsonl")
         done = wait_for(lambda: (lambda s: s if s["head"] is not None and s["pending"] == 0 else None)(
-            http.get("/v1/admin/status").json()), 600, "the dropped facts to be synced")
+            http.get("/v1/admin/status").json()), 600, "the dropped facts to be synced", process=proc,
+            log=project / "daemon.log")
         status = json.loads(kbsync(project, "status", "--json").stdout)
         assert status["head"] == done["head"] and status["pending"] == 0 and status["last_tick"]["ok"]
         head = status["head"]
@@ -178,7 +185,7 @@ def test_sigterm_mid_step_exits_within_10s_and_leaves_head_consistent(project): 
                 return http.get("/v1/admin/status").json()["daemon"]["tick_running"]
             except httpx.HTTPError:
                 return False
-        wait_for(mid_step, 600, "a step to start")
+        wait_for(mid_step, 600, "a step to start", process=proc, log=project / "daemon.log")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0                                   # the unit's TimeoutStopSec
     finally:

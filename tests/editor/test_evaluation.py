@@ -104,8 +104,10 @@ def test_report_has_the_contract_keys_and_resets_the_model(setup, corpus_file):
                       eval_every=1, heldout=texts, speed_at=(0,), progress=lambda *a: seen.append(a[:3]))
     assert report["edits"] == 4 and report["seconds"] > 0 and report["method"] == "comeba-hk"
     assert set(report["final"]) == {"efficacy", "paraphrase_efficacy", "specificity", "reliability",
-                                    "generality", "locality"}
+                                    "generality", "locality", "gen_success", "gen_paraphrase", "gen_locality"}
     assert all(0.0 <= v <= 1.0 for v in report["final"].values())
+    assert report["base"]["final"]["gen_locality"] == 1.0          # the unedited model agrees with itself
+    assert report["methods"]["comeba-hk"]["gate"] == cfg.gate
     assert report["base"]["perplexity"] == pytest.approx(ppl0)
     for name, run in report["methods"].items():
         assert [h["edits"] for h in run["history"]] == [2, 4]
@@ -117,3 +119,11 @@ def test_report_has_the_contract_keys_and_resets_the_model(setup, corpus_file):
     assert perplexity(em, texts) == pytest.approx(ppl0)
     with pytest.raises(EditorError, match="need 10 cases"):
         evaluate(em, CASES, stats, cfg, steps=5, batch=2)
+
+
+def test_the_gate_comes_from_the_config_of_the_run(setup):
+    em, cfg, stats = setup
+    report = evaluate(em, CASES, stats, cfg.replace(gate="token"), steps=1, batch=2)
+    run = report["methods"]["comeba-hk"]
+    assert run["gate"] == "token" and all(0.3 <= a <= 0.5 for a in run["alpha"].values())   # token α, in [min, α0]
+    assert report["config"]["gate"] == "token"

@@ -91,6 +91,50 @@ def test_model_sampled_corpus_is_seeded_and_leaves_global_rng(em):
     assert a.n_tokens >= 40 and torch.equal(a.mom2[1], b.mom2[1])
 
 
+def test_sampled_text_is_measured_as_a_full_forward_of_that_text_would(em, monkeypatch):
+    """Keys taken from the KV-cached sampling steps equal those of one plain forward over the sampled rows."""
+    cfg = StatsConfig(corpus="model", n_tokens=30, seq_len=10, batch_size=3, seed=1)
+    draws = []
+    real_draw = stats_mod._draw
+    monkeypatch.setattr(stats_mod, "_draw", lambda logits, gen: draws.append(real_draw(logits, gen)) or draws[-1])
+    eos = em.tokenizer.eos_token_id
+    forced = lambda logits, gen: (lambda t: torch.where(torch.arange(len(t)) == 1, torch.full_like(t, eos), t))(
+        real_draw(logits, gen))                                         # row 1 ends at once: its tail is not counted
+    monkeypatch.setattr(stats_mod, "_draw", lambda logits, gen: draws.append(forced(logits, gen)) or draws[-1])
+    got = compute_key_stats(em, cfg, progress=False)
+
+    tok, want, count, step = em.tokenizer, {l: 0 for l in em.layers}, 0, 0
+    grabbed = {}
+    hooks = [em.spec.projection_module(em.model, l).register_forward_hook(
+        lambda m, i, o, l=l: grabbed.__setitem__(l, i[0])) for l in em.layers]
+    try:
+        for round_ in range(2):
+            starters = [tok(stats_mod.STARTERS[(round_ * 3 + j) % len(stats_mod.STARTERS)])["input_ids"] for j in range(3)]
+            width = max(len(r) for r in starters)
+            tail = torch.stack(draws[step:step + cfg.seq_len], 1) if step < len(draws) else torch.empty(3, 0, dtype=torch.long)
+            n_new = tail.shape[1]
+            step += n_new
+            ids = torch.tensor([[tok.pad_token_id] * (width - len(r)) + r for r in starters])
+            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in starters])
+            ids = torch.cat([ids, tail], 1)
+            counted = torch.cat([mask, (torch.cumsum(tail == eos, 1) - (tail == eos).long()) == 0], 1).bool()
+            full_mask = torch.cat([mask, torch.ones_like(tail)], 1)
+            with torch.no_grad():
+                em.model(input_ids=ids, attention_mask=full_mask, position_ids=(full_mask.cumsum(1) - 1).clamp(min=0))
+            for l in em.layers:
+                k = grabbed[l][counted].double()
+                want[l] = want[l] + k.T @ k
+            count += int(counted.sum())
+            if count >= cfg.n_tokens:
+                break
+    finally:
+        for h in hooks:
+            h.remove()
+    assert got.n_tokens == count
+    for l in em.layers:
+        torch.testing.assert_close(got.mom2[l], want[l] / count, rtol=1e-4, atol=1e-6)
+
+
 def test_bad_corpus_is_a_clear_error(em, tmp_path):
     with pytest.raises(StatsError, match="not a text file"):
         compute_key_stats(em, StatsConfig(corpus=str(tmp_path / "missing.txt")), progress=False)

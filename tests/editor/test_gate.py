@@ -1,0 +1,152 @@
+"""The per-token gate on tiny random models: a token's route depends only on its own input and the edits."""
+import pytest
+import torch
+
+from editor.errors import DeltaMismatch
+from editor.hook import HookLayer, Mode, RoutingContext
+from editor.model import EditableModel
+from editor.step import LayerDelta, StepDelta, apply_delta, restore_state
+
+
+def _edit_keys_of(em, ids, layer):
+    """The projection inputs of ``layer`` for ``ids`` (1, T), (T, d_in)."""
+    got = {}
+    h = em.spec.projection_module(em.model, layer).register_forward_hook(lambda m, i, o: got.update(x=i[0]))
+    with torch.no_grad(), em.mode(Mode.OFF):
+        em.model(input_ids=ids)
+    h.remove()
+    return got["x"][0]
+
+
+def _delta(em, keys: dict, gate: str, alpha: float, seed=0) -> StepDelta:
+    """A step whose edits' keys are ``keys[l]`` (d_in, n), with V = C⁻¹K for a random SPD C."""
+    g = torch.Generator().manual_seed(seed)
+    layers = []
+    for l, K in keys.items():
+        h = em.hooks[l]
+        A = torch.randn(h.d_in, h.d_in, generator=g)
+        C = A @ A.T / h.d_in + torch.eye(h.d_in)
+        V = torch.linalg.solve(C + K @ K.T, K)                                   # (d_in, n)
+        U = torch.randn(h.d_out, K.shape[1], generator=g) * 3                    # (d_out, n)
+        layers.append(LayerDelta(l, U, V, K, alpha))
+    return StepDelta(tuple(layers), (), em.fingerprint(), "test", gate=gate)
+
+
+@pytest.fixture
+def gated(tiny_model):
+    """A tiny model with one token-gate step whose keys are the inputs at two chosen tokens of a text."""
+    model, tok = tiny_model
+    em = EditableModel(model, tok, layers=(1, 2), gate="token", alpha0=0.5)
+    text = torch.randint(2, len(tok), (1, 12))
+    keys = {l: _edit_keys_of(em, text, l)[[4, 9]].T.contiguous() for l in em.layers}   # (d_in, 2)
+    apply_delta(em, _delta(em, keys, "token", alpha=0.5))
+    yield em, text
+    em.close()
+
+
+def _routes(em, ids, mask=None, positions=None):
+    """{layer: (B, T) bool} of which tokens each hook routed in one forward."""
+    got, handles = {}, []
+    for l, hook in em.hooks.items():
+        def grab(m, i, o, l=l, hook=hook):
+            _, a = hook.delta_out(i[0], scores=True)
+            got[l] = hook._route_token(a)
+            return None
+        handles.append(em.spec.projection_module(em.model, l).register_forward_hook(grab))
+    try:
+        with torch.no_grad():
+            em.model(input_ids=ids, attention_mask=mask, position_ids=positions)
+    finally:
+        for h in handles:
+            h.remove()
+    return got
+
+
+def test_an_edit_key_scores_one_and_routes(gated):
+    em, text = gated
+    hook = em.hooks[1]
+    x = _edit_keys_of(em, text, 1)[[4, 9]]                                         # the keys themselves
+    _, a = hook.delta_out(x, scores=True)
+    torch.testing.assert_close(a, torch.ones(2), rtol=1e-4, atol=1e-4)
+    routes = _routes(em, text)
+    assert routes[1][0, 4] and routes[1][0, 9]
+
+
+def test_a_tokens_route_does_not_depend_on_its_neighbours_or_padding(gated):
+    em, text = gated
+    alone = _routes(em, text)
+    other = torch.randint(2, len(em.tokenizer), (1, 12))
+    padded = torch.cat([torch.zeros(2, 3, dtype=torch.long), torch.cat([text, other])], 1)   # left pads
+    mask = torch.cat([torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 12, dtype=torch.long)], 1)
+    batched = _routes(em, padded, mask, (mask.cumsum(1) - 1).clamp(min=0))     # the same positions as alone
+    for l in em.layers:
+        assert torch.equal(batched[l][0, 3:], alone[l][0])                       # same routes in a batch
+        assert not batched[l][:, :3].any()                                       # pads never route
+
+
+def test_full_forward_and_kv_cached_decoding_give_identical_routes_and_logits(gated):
+    em, text = gated
+    routes_full = _routes(em, text)
+    with torch.no_grad():
+        full = em.model(input_ids=text).logits                                  # (1, T, V)
+    seen = {l: [] for l in em.layers}
+    handles = [em.spec.projection_module(em.model, l).register_forward_hook(
+        lambda m, i, o, l=l: seen[l].append(em.hooks[l]._route_token(em.hooks[l].delta_out(i[0], scores=True)[1]))
+        and None)
+        for l in em.layers]
+    import inspect
+    kw = "cache" if "cache" in inspect.signature(em.model.forward).parameters else "past_key_values"
+    steps, cache = [], None
+    try:
+        with torch.no_grad():
+            out = em.model(input_ids=text[:, :5], use_cache=True)               # a prefill of 5, then one at a time
+            steps.append(out.logits)
+            cache = getattr(out, "cache", None) or out.past_key_values
+            for t in range(5, text.shape[1]):
+                out = em.model(input_ids=text[:, t:t + 1], use_cache=True, **{kw: cache})
+                steps.append(out.logits)
+    finally:
+        for h in handles:
+            h.remove()
+    for l in em.layers:
+        assert torch.equal(torch.cat(seen[l], 1), routes_full[l])
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-4)
+    assert any(r.any() for r in routes_full.values())                           # the test routes something
+
+
+def test_zscore_history_restores_and_keeps_its_gate_under_a_token_config(tiny_model):
+    model, tok = tiny_model
+    em = EditableModel(model, tok, layers=(1,), gate="token", alpha0=0.5)
+    text = torch.randint(2, len(tok), (1, 10))
+    keys = {1: _edit_keys_of(em, text, 1)[[3]].T.contiguous()}
+    old = _delta(em, keys, "zscore", alpha=2.2)
+    arrays, meta = old.to_arrays()
+    del meta["gate"]                                                             # a ledger from before the gate
+    restored = StepDelta.from_arrays(arrays, meta)
+    assert restored.gate == "zscore"
+    restore_state(em, [restored])
+    assert em.gate == "zscore" and em.hooks[1].alpha == 2.2
+    with pytest.raises(ValueError, match="cannot join"):
+        apply_delta(em, _delta(em, keys, "token", alpha=0.5, seed=1))
+    with pytest.raises(DeltaMismatch, match="mix routing gates"):
+        restore_state(em, [restored, _delta(em, keys, "token", alpha=0.5, seed=1)])
+    restore_state(em, [])                                                        # back to base: configured gate
+    assert em.gate == "token" and em.hooks[1].alpha == 0.5
+    em.close()
+
+
+def test_trial_steps_score_with_their_own_keys():
+    ctx = RoutingContext(gate="token")
+    lin = torch.nn.Linear(6, 4, bias=False)
+    hook = HookLayer(lin, 0, 6, 4, ctx, 0.5)
+    K = torch.eye(6, 1) * 2.0                                                    # one edit, key 2·e0
+    V = K / 8.0
+    ctx.attention_mask, ctx.incremental = torch.ones(1, 3), False
+    x = torch.zeros(1, 3, 6)
+    x[0, 0, 0], x[0, 1, 0], x[0, 2, 1] = 2.0, 0.4, 5.0                          # the key, a fifth of it, unrelated
+    with hook.trial(torch.ones(4, 1), V, K):
+        _, a = hook.delta_out(x, scores=True)
+        torch.testing.assert_close(a[0], torch.tensor([1.0, 0.2, 0.0]))
+        out = lin(x)
+    routed = (out - x @ lin.weight.T).abs().sum(-1)[0] > 0
+    assert routed.tolist() == [True, False, False]
