@@ -116,10 +116,10 @@ class HookLayer:
         return self._KK
 
     def _factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """U, V and V scaled column-wise by 1 / v_jᵀ k_j (the token gate's matcher), concatenated."""
+        """U, V and 1 / v_jᵀ k_j (the token gate's scale per edit), concatenated over the steps."""
         if self._cat is None:
-            Vc = torch.cat(self.V, 1)                                   # (d_in, r)
-            self._cat = (torch.cat(self.U, 1), Vc, Vc / torch.cat(self.S).clamp(min=1e-12))   # (d_out, r), 2x (d_in, r)
+            self._cat = (torch.cat(self.U, 1), torch.cat(self.V, 1),               # (d_out, r), (d_in, r)
+                         1.0 / torch.cat(self.S).clamp(min=1e-12))                # (r,)
         return self._cat
 
     @property
@@ -148,8 +148,8 @@ class HookLayer:
     def trial(self, U: torch.Tensor, V: torch.Tensor, K: torch.Tensor):
         """Temporarily add Δ = U Vᵀ with keys K (used while a step is computed); removed on exit, also on error."""
         V = V.to(self.device, torch.float32)                        # (d_in, n)
-        matcher = V / self_response(V, K.to(self.device, torch.float32)).clamp(min=1e-12)   # (d_in, n)
-        self._trial.append((U.to(self.device, torch.float32), V, matcher))
+        inv_s = 1.0 / self_response(V, K.to(self.device, torch.float32)).clamp(min=1e-12)   # (n,)
+        self._trial.append((U.to(self.device, torch.float32), V, inv_s))
         try:
             yield
         finally:
@@ -171,9 +171,9 @@ class HookLayer:
         xf = x.to(torch.float32)
         out, best = None, None
         if self.U:
-            Uc, Vc, matcher = self._factors()                       # (d_out, r), (d_in, r), (d_in, r)
+            Uc, Vc, inv_s = self._factors()                         # (d_out, r), (d_in, r), (r,)
+            xV = xf @ Vc if scores or not self.dense_path else None # (..., r) shared by Δx and the gate
             if not self.dense_path:
-                xV = xf @ Vc                                        # (..., r)
                 out = xV @ Uc.T                                     # (..., d_out)
             elif self.delta_dtype == torch.float32:
                 out = xf @ self.D.T                                 # (..., d_out)
@@ -182,12 +182,13 @@ class HookLayer:
                     self._D_fwd = self.D.to(self.delta_dtype)           # (d_out, d_in)
                 out = (x.to(self.delta_dtype) @ self._D_fwd.T).to(torch.float32)   # (..., d_out)
             if scores:
-                best = (xf @ matcher).amax(dim=-1)                  # (...,)
-        for U, V, matcher in self._trial:
-            part = (xf @ V) @ U.T                                   # (..., d_out)
+                best = (xV * inv_s).amax(dim=-1)                    # (...,)
+        for U, V, inv_s in self._trial:
+            xV = xf @ V                                             # (..., n)
+            part = xV @ U.T                                         # (..., d_out)
             out = part if out is None else out + part
             if scores:
-                a = (xf @ matcher).amax(dim=-1)                     # (...,)
+                a = (xV * inv_s).amax(dim=-1)                       # (...,)
                 best = a if best is None else torch.maximum(best, a)
         return (out, best) if scores else out
 

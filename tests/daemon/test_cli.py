@@ -69,6 +69,12 @@ def test_facts_sync_log_rollback_query(project):
     kbsync(project, "facts", "import", str(facts))
     status = json.loads(kbsync(project, "status", "--json").stdout)
     assert status["head"] is None and status["pending"] == 2 and status["model"]
+    import torch.backends.cpu
+    assert status["precision"]["hardware"].startswith(torch.backends.cpu.get_cpu_capability())   # the choice, and why
+    forced = subprocess.run([sys.executable, "-m", "daemon", "--config", str(project / "app.toml"), "status"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "KBSYNC_STATE_DIR": str(project / "state"), "KBSYNC_OPT_DTYPE": "float32"})
+    assert "editing precision: float32 (KBSYNC_OPT_DTYPE=float32" in forced.stdout
     first = json.loads(kbsync(project, "sync", "--json").stdout)
     assert [s["kind"] for s in first["steps"]] == ["edit"] and first["head"] == first["steps"][0]["version"]
     (project / "more.jsonl").write_text('{"subject": "Toko Yasuda", "prompt": "Toko Yasuda plays the", "target": "piano"}\n')
@@ -182,7 +188,9 @@ def test_eval_writes_report_and_plot(project, corpus_file):
                  "--json", str(project / "r.json"), "--plot", str(project / "r.png"), "--no-progress")
     report = json.loads((project / "r.json").read_text())
     assert report["edits"] == 3 and report["seconds"] > 0 and list(report["methods"]) == ["comeba-hk", "memit"]
-    assert {"efficacy", "paraphrase_efficacy", "specificity", "reliability", "generality", "locality"} == set(report["final"])
+    assert {"efficacy", "paraphrase_efficacy", "specificity", "reliability", "generality", "locality",
+            "gen_success", "gen_paraphrase", "gen_locality"} == set(report["final"])
+    assert report["precision"]["dtype"] in ("float32", "bfloat16") and report["precision"]["reason"]
     assert [h["edits"] for h in report["methods"]["memit"]["history"]] == [1, 2, 3]
     assert (project / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| comeba-hk |" in out.stdout and "| unedited |" in out.stdout
