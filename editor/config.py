@@ -40,8 +40,8 @@ class EditConfig:
     gate: str = "zscore"                   # routing: "zscore" (the paper's, per sequence) or "token" (per token)
     alpha0: float = 2.2                    # α0 of the zscore gate (a z-score)
     alpha_min: float = 0.0                 # floor of α's adaptation (0 = the paper's rule: α only decreases)
-    token_alpha0: float = 0.5              # α0 of the token gate (a share of an edit's own key, 1 = the key)
-    token_alpha_min: float = 0.3           # floor of the token gate's α
+    token_alpha0: float = 0.6              # α0 of the token gate (a share of an edit's own key, 1 = the key)
+    token_alpha_min: float = 0.4           # floor of the token gate's α
     massive_ratio: float = 0.0             # ρ: tokens with ‖x‖ > ρ x their sequence's median are never routed (0 = off)
     v_lr: float = 0.5
     v_steps: int = 25

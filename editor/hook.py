@@ -8,7 +8,9 @@ For input x (B, T, d_in) the base projection gives P = W0 x. The hook adds (Wh -
     "zscore" (the paper's): per sequence, M_i = ‖Δx_i‖, score z_i = (M_i - mean M) / std M over real tokens;
     "token" (per token, stateless): score a_i = max_j (v_jᵀ x_i) / (v_jᵀ k_j) over every committed edit j,
        where k_j is edit j's key and v_j its column of V = (C + K Kᵀ)⁻¹ K: how much of edit j's own key,
-       in the whitened metric the edit was solved in, x_i carries (1 at the key itself). A token's route
+       in the whitened metric the edit was solved in, x_i carries (1 at the key itself). The first edited
+       layer that routes in a forward pass decides for the token, and the later edited layers follow it:
+       the first layer separates edited subjects from ordinary text best (docs/editor.md). A token's route
        depends only on its own input and the committed edits, so it is the same in a full forward, in
        KV-cached decoding, in any batch and under chunked prefill.
 Massive activations: with ``massive_ratio`` ρ > 0, a token whose input norm ‖x_i‖ exceeds ρ x the median
@@ -51,6 +53,7 @@ class RoutingContext:
     records: dict[int, list[torch.Tensor]] | None = None   # layer -> max gate score per sequence, when recording
     massive_ratio: float = 0.0                   # ρ; 0 = every real token counts (the paper's rule)
     gate: str = "zscore"                         # "zscore" (per sequence, the paper's) or "token" (per token)
+    token_route: torch.Tensor | None = None      # token gate: this forward's decision, made by its first routing layer
 
     def real_tokens(self, batch: int, length: int, device) -> torch.Tensor:
         """(B, T) bool mask of real tokens for the hidden states in flight."""
@@ -199,8 +202,12 @@ class HookLayer:
         if self.mode is Mode.TEMPORARY:
             return output + self.delta_out(x).to(output.dtype)
         if self.context.gate == "token":
-            dx, a = self.delta_out(x, scores=True)                  # (B, T, d_out), (B, T)
-            route = self._route_token(a)                            # (B, T) bool
+            route = self.context.token_route                        # decided by an earlier layer of this pass
+            if route is None or route.shape != x.shape[:2]:
+                dx, a = self.delta_out(x, scores=True)              # (B, T, d_out), (B, T)
+                route = self.context.token_route = self._route_token(a)   # (B, T) bool, for the later layers
+            else:
+                dx = self.delta_out(x)                              # (B, T, d_out)
         else:
             dx = self.delta_out(x)                                  # (B, T, d_out)
             route = self._route(dx, x)                              # (B, T) bool

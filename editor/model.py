@@ -83,6 +83,7 @@ class EditableModel:
     def _capture(self, module, args, kwargs):
         past = kwargs.get("cache", kwargs.get("past_key_values"))    # transformers 5 renamed it `cache`
         self.context.attention_mask = kwargs.get("attention_mask")
+        self.context.token_route = None                                # each pass decides afresh
         self.context.incremental = past is not None and past.get_seq_length() > 0
         return None
 
