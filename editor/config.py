@@ -37,7 +37,7 @@ class EditConfig:
 
     layers: tuple[int, ...] = (1, 2, 3, 4, 5)
     mom2_weight: float = 15000.0           # λ
-    gate: str = "zscore"                   # routing: "zscore" (the paper's, per sequence) or "token" (per token)
+    gate: str = "token"                    # routing: "token" (per token, stateless) or "zscore" (the paper's, per sequence)
     alpha0: float = 2.2                    # α0 of the zscore gate (a z-score)
     alpha_min: float = 0.0                 # floor of α's adaptation (0 = the paper's rule: α only decreases)
     token_alpha0: float = 0.6              # α0 of the token gate (a share of an edit's own key, 1 = the key)

@@ -26,6 +26,7 @@ from .model import EditableModel
 
 FORMAT = "kbsync-keystats-1"
 SAMPLER = "kv-measured-icdf-1"     # how the model-sampled corpus is drawn (part of the cache key)
+FLUSH_ROWS = 2048                  # keys gathered per layer before they are summed into x xᵀ
 
 
 @dataclass(frozen=True)
@@ -129,17 +130,27 @@ def compute_key_stats(em: EditableModel, cfg: StatsConfig, progress: bool = True
     acc_dtype = {"float32": torch.float32, "float64": torch.float64}.get(cfg.dtype)
     if acc_dtype is None:
         raise StatsError(f"stats dtype {cfg.dtype!r} must be float32 or float64")
-    # float64 totals on the model's device; each chunk's x xᵀ in acc_dtype (no per-batch host copies on GPU)
+    # float64 totals on the model's device. Keys are buffered and summed as x xᵀ (in acc_dtype) once
+    # FLUSH_ROWS have gathered: a decoding step gives only batch_size rows, and a product per step would
+    # write a d_in x d_in matrix per layer for every 64 tokens
     sums = {l: torch.zeros(em.hooks[l].d_in, em.hooks[l].d_in, dtype=torch.float64, device=em.device) for l in em.layers}
+    held: dict[int, list[torch.Tensor]] = {l: [] for l in em.layers}
     counted: dict[str, object] = {}          # "mask": which positions of the running forward count; "stop"
     last = em.layers[-1]
+
+    def flush(layer):
+        if held[layer]:
+            k = torch.cat(held[layer])                                 # (N, d_in)
+            sums[layer] += (k.T @ k).to(torch.float64)                 # (d_in, d_in)
+            held[layer].clear()
 
     def capture(layer):
         def fn(module, inputs, output):
             if "mask" not in counted:
                 return None
-            k = inputs[0][counted["mask"]].to(acc_dtype)                # (N, d_in) the counted positions
-            sums[layer] += (k.T @ k).to(torch.float64)                 # (d_in, d_in)
+            held[layer].append(inputs[0][counted["mask"]].to(acc_dtype))   # (N, d_in) the counted positions
+            if sum(len(k) for k in held[layer]) >= FLUSH_ROWS:
+                flush(layer)
             if layer == last and counted["stop"]:
                 raise _Stop
         return fn
@@ -163,6 +174,8 @@ def compute_key_stats(em: EditableModel, cfg: StatsConfig, progress: bool = True
             for n in chunks:
                 count += n
                 bar.update(n)
+        for l in em.layers:
+            flush(l)
     finally:
         bar.close()
         for h in handles:
