@@ -63,19 +63,24 @@ def restore(em, args, upto: int | None = None):
     return len(deltas)
 
 
+def encode(em, text: str, subject: str | None):
+    """(ids (1, T), the subject's last token or -1): the subject's row when ``text`` holds it, else the
+    text's first 256 tokens."""
+    from editor.requests import subject_row
+    if subject is not None and subject in text:
+        row = subject_row(em.tokenizer, text, subject, 0)
+        return torch.tensor([row.ids]), row.lookup
+    return em.tokenizer(text, return_tensors="pt")["input_ids"][:, :256], -1
+
+
 @torch.no_grad()
 def token_norms(em, texts: list[str], subjects: list[str | None]):
     """Per text: {layer: (M (T,), z (T,))} in validated mode, and the subject's last token (or -1)."""
     from editor.hook import Mode, sequence_stats
-    from editor.requests import subject_row
     out = []
     with projection_inputs(em) as inputs, em.mode(Mode.VALIDATED):
         for t, s in zip(texts, subjects):
-            if s is not None and s in t:
-                row = subject_row(em.tokenizer, t, s, 0)
-                ids, look = torch.tensor([row.ids]), row.lookup
-            else:
-                ids, look = em.tokenizer(t, return_tensors="pt")["input_ids"][:, :256], -1
+            ids, look = encode(em, t, s)
             em.model(input_ids=ids.to(em.device))
             per = {}
             for l, hook in em.hooks.items():
@@ -188,15 +193,10 @@ def token_scores(em, texts: list[str], subjects: list[str | None]):
     """Per text: {layer: a (T,)}, the per-token gate's score a = max_j v_jᵀx / v_jᵀk_j, and the subject's
     last token (or -1)."""
     from editor.hook import Mode
-    from editor.requests import subject_row
     out = []
     with projection_inputs(em) as inputs, em.mode(Mode.OFF):          # the base model's inputs
         for t, s in zip(texts, subjects):
-            if s is not None and s in t:
-                row = subject_row(em.tokenizer, t, s, 0)
-                ids, look = torch.tensor([row.ids]), row.lookup
-            else:
-                ids, look = em.tokenizer(t, return_tensors="pt")["input_ids"][:, :256], -1
+            ids, look = encode(em, t, s)
             em.model(input_ids=ids.to(em.device))
             out.append(({l: hook.delta_out(inputs[l], scores=True)[1][0].cpu() for l, hook in em.hooks.items()}, look))
     return out

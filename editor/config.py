@@ -79,15 +79,13 @@ class EditConfig:
         if self.contexts[0] != "{}":
             raise EditorError("editor config: the first of `contexts` must be '{}' (the bare prompt)")
 
-    @property
-    def gate_alpha0(self) -> float:
-        """α0 of the configured gate."""
-        return self.token_alpha0 if self.gate == "token" else self.alpha0
+    def alpha0_for(self, gate: str | None = None) -> float:
+        """α0 of ``gate`` (default: the configured one)."""
+        return self.token_alpha0 if (gate or self.gate) == "token" else self.alpha0
 
-    @property
-    def gate_alpha_min(self) -> float:
-        """The floor of α for the configured gate."""
-        return self.token_alpha_min if self.gate == "token" else self.alpha_min
+    def alpha_min_for(self, gate: str | None = None) -> float:
+        """The floor of α for ``gate`` (default: the configured one)."""
+        return self.token_alpha_min if (gate or self.gate) == "token" else self.alpha_min
 
     @property
     def last_layer(self) -> int:

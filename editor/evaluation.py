@@ -231,7 +231,7 @@ def run_method(em: EditableModel, cases: list[Case], stats: KeyStats, cfg: EditC
     ``eval_every`` steps and at the end over every edit so far. ``em`` is reset before and after."""
     live = method_mode(method)
     em.reset()
-    em.configure_gate(cfg.gate, cfg.gate_alpha0)
+    em.configure_gate(cfg.gate, cfg.alpha0_for())
     history, speed, split = [], {}, {k: 0.0 for k in SPLIT}
     edit_s = 0.0
     probes = _probes(cases)

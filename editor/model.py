@@ -16,6 +16,12 @@ def _dtype(dtype: torch.dtype | str) -> torch.dtype:
     return dtype if isinstance(dtype, torch.dtype) else getattr(torch, dtype)
 
 
+def _checked(gate: str) -> str:
+    if gate not in GATES:
+        raise ValueError(f"gate {gate!r} is not one of {', '.join(GATES)}")
+    return gate
+
+
 class _StopForward(Exception):
     """Raised by a forward hook to end a pass early (see ``EditableModel.forward_until``)."""
 
@@ -32,9 +38,7 @@ class EditableModel:
         if bad:
             raise ValueError(f"editable layers {bad} are outside 0..{n_layers - 1} for this model")
         self.layers = tuple(layers)
-        if gate not in GATES:
-            raise ValueError(f"gate {gate!r} is not one of {', '.join(GATES)}")
-        self.configured_gate = gate                 # the gate of new histories; a restored one keeps its own
+        self.configured_gate = _checked(gate)       # the gate of new histories; a restored one keeps its own
         self.context = RoutingContext(massive_ratio=float(massive_ratio), gate=gate)
         self.hooks: dict[int, HookLayer] = {}
         for l in self.layers:
@@ -48,7 +52,7 @@ class EditableModel:
     @classmethod
     def for_config(cls, model: nn.Module, tokenizer, cfg) -> "EditableModel":
         """Hooks as an ``EditConfig`` describes them (layers, gate and its α0, massive-token exclusion, Δ's dtype)."""
-        return cls(model, tokenizer, cfg.layers, cfg.gate_alpha0, cfg.massive_ratio, cfg.delta_dtype, cfg.gate)
+        return cls(model, tokenizer, cfg.layers, cfg.alpha0_for(), cfg.massive_ratio, cfg.delta_dtype, cfg.gate)
 
     @property
     def gate(self) -> str:
@@ -57,23 +61,24 @@ class EditableModel:
 
     def configure_gate(self, gate: str, alpha0: float) -> None:
         """The gate (and its α0) of new histories; the model must be at the base (benchmarks switch it)."""
-        if any(h.U for h in self.hooks.values()):
+        if self.edited:
             raise ValueError("configure the gate on the base model (reset first)")
-        if gate not in GATES:
-            raise ValueError(f"gate {gate!r} is not one of {', '.join(GATES)}")
-        self.configured_gate = gate
+        self.configured_gate = _checked(gate)
         for h in self.hooks.values():
             h.alpha0 = float(alpha0)
         self.reset()
 
     def adopt_gate(self, gate: str) -> None:
         """Route with ``gate`` (a history is routed with the gate it was made with); only on the base model."""
-        if gate not in GATES:
-            raise ValueError(f"gate {gate!r} is not one of {', '.join(GATES)}")
-        if any(h.U for h in self.hooks.values()) and gate != self.context.gate:
+        if self.edited and _checked(gate) != self.context.gate:
             raise ValueError(f"the committed steps route with the {self.context.gate!r} gate; a step made with "
                              f"{gate!r} cannot join them")
-        self.context.gate = gate
+        self.context.gate = _checked(gate)
+
+    @property
+    def edited(self) -> bool:
+        """Whether any step is committed."""
+        return any(h.U for h in self.hooks.values())
 
     def set_delta_dtype(self, dtype: torch.dtype | str) -> None:
         """The dtype of the dense Δ every hook reads per token (benchmarks compare them in one process)."""

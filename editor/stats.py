@@ -135,6 +135,7 @@ def compute_key_stats(em: EditableModel, cfg: StatsConfig, progress: bool = True
     # write a d_in x d_in matrix per layer for every 64 tokens
     sums = {l: torch.zeros(em.hooks[l].d_in, em.hooks[l].d_in, dtype=torch.float64, device=em.device) for l in em.layers}
     held: dict[int, list[torch.Tensor]] = {l: [] for l in em.layers}
+    rows = dict.fromkeys(em.layers, 0)       # rows held per layer
     counted: dict[str, object] = {}          # "mask": which positions of the running forward count; "stop"
     last = em.layers[-1]
 
@@ -143,13 +144,15 @@ def compute_key_stats(em: EditableModel, cfg: StatsConfig, progress: bool = True
             k = torch.cat(held[layer])                                 # (N, d_in)
             sums[layer] += (k.T @ k).to(torch.float64)                 # (d_in, d_in)
             held[layer].clear()
+            rows[layer] = 0
 
     def capture(layer):
         def fn(module, inputs, output):
             if "mask" not in counted:
                 return None
             held[layer].append(inputs[0][counted["mask"]].to(acc_dtype))   # (N, d_in) the counted positions
-            if sum(len(k) for k in held[layer]) >= FLUSH_ROWS:
+            rows[layer] += len(held[layer][-1])
+            if rows[layer] >= FLUSH_ROWS:
                 flush(layer)
             if layer == last and counted["stop"]:
                 raise _Stop

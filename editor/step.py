@@ -120,8 +120,7 @@ def compute_delta(em: EditableModel, requests: list[EditRequest], stats: KeyStat
             stack.enter_context(em.mode(live, layers=[l]))
             out.append((l, U, V, K.to(torch.float32)))
         t = time.perf_counter()
-        floor = cfg.token_alpha_min if em.gate == "token" else cfg.alpha_min
-        alphas = _adapted_alphas(em, batch, floor) if live is Mode.VALIDATED else {l: h.alpha for l, h in em.hooks.items()}
+        alphas = _adapted_alphas(em, batch, cfg.alpha_min_for(em.gate)) if live is Mode.VALIDATED else {l: h.alpha for l, h in em.hooks.items()}
         times["routing_s"] = time.perf_counter() - t
     layers = tuple(LayerDelta(l, U, V, K, alphas[l]) for l, U, V, K in out)
     times["total_s"] = time.perf_counter() - t0
