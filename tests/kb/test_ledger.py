@@ -1,4 +1,4 @@
-"""The ledger on a real SQLite file and real safetensors blobs: versions, HEAD, statuses, blobs and their errors.
+"""The ledger on a real SQLite file or PostgreSQL database and real safetensors blobs: versions, HEAD, statuses, blobs and their errors.
 
 Random numpy arrays stand in for the step deltas (per layer U, V, K, α), as the daemon hands them over.
 """
@@ -119,8 +119,8 @@ def test_commit_refuses_failed_and_unknown_changes_and_writes_no_row(store, ledg
     "DELETE FROM head"])
 def test_versions_their_changes_and_the_head_log_are_immutable(store, ledger, sql):
     commit(ledger, add(store, "A"))
-    with pytest.raises(sqlite3.DatabaseError, match="immutable|append-only|cannot be deleted"):
-        store.conn.execute(sql)
+    with pytest.raises(store.db.Error, match="immutable|append-only|cannot be deleted"):
+        store.db.execute(sql)
 
 
 # -- statuses follow HEAD -------------------------------------------------------------------------------------
@@ -289,7 +289,7 @@ def test_a_blob_for_another_model_is_refused_naming_both_fingerprints(store, led
     with pytest.raises(ModelMismatchError, match=r"version 1: .*made for model 'model-fp-1', not for 'gpt2-xl@abc'"):
         ledger.load(v.id, expect_fingerprint="gpt2-xl@abc")
     # A row whose blob says another model (a blob copied in from another ledger) is refused as well.
-    store.conn.execute("INSERT INTO versions (parent, config_digest, model_fingerprint, blob_sha256, blob_bytes, "
+    store.db.execute("INSERT INTO versions (parent, config_digest, model_fingerprint, blob_sha256, blob_bytes, "
                        "n_facts) VALUES (1, ?, 'other-model', ?, ?, 0)", (DIGEST, v.blob_sha256, v.blob_bytes))
     with pytest.raises(ModelMismatchError, match=r"version 2: .*made for model 'model-fp-1', not for 'other-model'"):
         ledger.load(2)
@@ -330,24 +330,20 @@ def test_migration_2_rebuilds_the_change_log_keeping_rows_ids_and_triggers(tmp_p
     before = conn.execute("SELECT * FROM changes ORDER BY id").fetchall()
     conn.close()
     with FactStore(path) as store:
-        assert store.conn.execute("SELECT * FROM changes ORDER BY id").fetchall() == before
+        assert store.db.execute("SELECT * FROM changes ORDER BY id").fetchall() == before
         store.add("C", "C is", "z")                                          # the facts triggers still log
         assert [(c.id, c.subject, c.status) for c in store.changes.list()][-1] == (4, "C", "pending")
-        store.conn.execute("UPDATE changes SET status = 'held' WHERE id = 4")  # the new status is allowed
+        store.db.execute("UPDATE changes SET status = 'held' WHERE id = 4")  # the new status is allowed
         with pytest.raises(sqlite3.DatabaseError, match="append-only"):
-            store.conn.execute("DELETE FROM changes")
+            store.db.execute("DELETE FROM changes")
         with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
-            store.conn.execute("UPDATE changes SET status = 'lost' WHERE id = 4")
-        assert store.conn.execute("SELECT version_id FROM head").fetchall() == [(None,)]
+            store.db.execute("UPDATE changes SET status = 'lost' WHERE id = 4")
+        assert store.db.execute("SELECT version_id FROM head").fetchall() == [(None,)]
 
 
-def test_commit_chain_is_all_or_nothing(tmp_path):
-    from kb import FactStore
-    from kb.errors import ChangeStateError
-    from kb.ledger import Ledger, PlannedVersion
+def test_commit_chain_is_all_or_nothing(store, ledger):
+    from kb.ledger import PlannedVersion
 
-    store = FactStore(tmp_path / "kb.sqlite")
-    ledger = Ledger(store, tmp_path / "blobs")
     a = store.add("Paris", "{} is in", "Italy", source="t")
     b = store.add("Rome", "{} is in", "France", source="t")
     arr = {"1.U": np.ones((3, 1), dtype=np.float32)}
@@ -361,7 +357,6 @@ def test_commit_chain_is_all_or_nothing(tmp_path):
     made = ledger.commit_chain([plan([a.id]), plan([b.id])], parent=None, actor="t", reason="rebuild")
     assert [v.parent for v in made] == [None, made[0].id] and ledger.head().id == made[1].id
     assert store.counts().pending == 0 and store.counts().held == 0
-    store.close()
 
 
 def test_transposed_arrays_come_back_as_they_were(store, ledger):

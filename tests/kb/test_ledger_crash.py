@@ -4,9 +4,7 @@ whole version or the base model, every version's blob verifies, no change is app
 from __future__ import annotations
 
 import random
-import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -18,10 +16,10 @@ import pytest
 
 from kb import FactStore, Ledger
 
-from .conftest import fact, jsonl
+from .conftest import StoreTemplate, fact, jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
-TRIALS = 30
+TRIALS = 20
 FACTS, BATCH = 150, 10
 
 # Sizable arrays (the default model's shapes: 5 layers, hidden 576, MLP 1536, batch 10; ~0.7 MB a blob) so
@@ -61,29 +59,23 @@ print(time.monotonic() - t, flush=True)
 
 
 @pytest.fixture(scope="module")
-def template(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ledger_crash")
-    with FactStore(root / "template.sqlite") as store:
-        store.import_bytes(jsonl([fact(i) for i in range(FACTS)]).encode(), "facts.jsonl", name="facts.jsonl")
-    return root
+def template(store_template):
+    return store_template("ledger_crash", lambda store: store.import_bytes(
+        jsonl([fact(i) for i in range(FACTS)]).encode(), "facts.jsonl", name="facts.jsonl"))
 
 
 def start(template, trial, seed):
-    state = template / f"trial{trial}"
-    state.mkdir()
-    shutil.copy(template / "template.sqlite", state / "kb.sqlite")
-    proc = subprocess.Popen([sys.executable, "-c", COMMITTER, str(state / "kb.sqlite"), str(state / "blobs"),
-                             str(seed), str(BATCH)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    state, url = template.copy(trial)
+    proc = subprocess.Popen([sys.executable, "-c", COMMITTER, url, str(state / "blobs"), str(seed), str(BATCH)],
+                            cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "go"
-    return state, proc
+    return state, url, proc
 
 
-def check(state) -> tuple[int, int]:
+def check(state, url) -> tuple[int, int]:
     """Assert the store and blobs are consistent after a crash; return (versions, orphan files collected)."""
-    conn = sqlite3.connect(state / "kb.sqlite")
-    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    conn.close()
-    with FactStore(state / "kb.sqlite") as store:
+    StoreTemplate.check_integrity(url)
+    with FactStore(url) as store:
         ledger = Ledger(store, state / "blobs")
         head, versions, log = ledger.head(), ledger.versions(), ledger.head_log()
         assert (log[-1].to_version if log else None) == (head.id if head else None)   # HEAD moved with its log
@@ -92,7 +84,7 @@ def check(state) -> tuple[int, int]:
             assert len(arrays) == 20 and meta["step"] == v.note.split()[-1]
         chain = {v.id for v in ledger.chain(head.id if head else None)}
         carriers: dict[int, set[int]] = {}
-        for vid, cid in store.conn.execute("SELECT version_id, change_id FROM version_changes"):
+        for vid, cid in store.db.execute("SELECT version_id, change_id FROM version_changes").fetchall():
             carriers.setdefault(cid, set()).add(vid)
         changes = store.changes.list()
         assert len(changes) == FACTS                                                   # nothing lost
@@ -118,20 +110,20 @@ def check(state) -> tuple[int, int]:
 
 
 def test_kill_minus_nine_during_commits_at_random_moments(template):
-    state, proc = start(template, "calibrate", 0)
+    state, url, proc = start(template, "calibrate", 0)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0
     duration = float(out.strip())
-    check(state)
+    check(state, url)
 
     rng = random.Random(20261125)
     seen: Counter = Counter()
     for trial in range(TRIALS):
-        state, proc = start(template, trial, trial + 1)
-        time.sleep(rng.uniform(0, duration * 1.1))
+        state, url, proc = start(template, trial, trial + 1)
+        time.sleep(rng.uniform(0, duration * 1.1))        # a random moment inside the run, not a wait
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
-        versions, orphans = check(state)
+        versions, orphans = check(state, url)
         seen[(versions, orphans)] += 1
-    print(f"kill -9 over {TRIALS} trials (the run takes {duration:.2f} s): (versions, orphans collected) {dict(seen)}")
+    print(f"{template.backend}: kill -9 over {TRIALS} trials (the run takes {duration:.2f} s): (versions, orphans collected) {dict(seen)}")
     assert len({v for v, _ in seen}) >= 3                       # the kills landed at different moments

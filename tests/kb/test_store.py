@@ -1,4 +1,4 @@
-"""The fact store on a real SQLite file: schema, migrations, keys, updates, deletes, raw SQL capture."""
+"""The fact store on a real SQLite file and a real PostgreSQL database: schema, migrations, keys, updates, deletes, raw SQL capture."""
 from __future__ import annotations
 
 import sqlite3
@@ -24,10 +24,15 @@ def test_wal_busy_timeout_and_recorded_migrations(tmp_path):
     path = tmp_path / "kb.sqlite"
     FactStore(path).close()
     with FactStore(path) as store:          # reopening applies nothing twice
-        assert store.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert store.conn.execute("PRAGMA busy_timeout").fetchone()[0] == 30_000
-        rows = store.conn.execute("SELECT id, name FROM kb_migrations").fetchall()
-        assert rows == [(m.id, m.name) for m in MIGRATIONS]
+        assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert store.db.execute("PRAGMA busy_timeout").fetchone()[0] == 30_000
+
+
+def test_migrations_are_recorded_and_applied_once(kb_url):
+    FactStore(kb_url).close()
+    with FactStore(kb_url) as store:          # reopening applies nothing twice
+        rows = store.db.execute("SELECT id, name FROM kb_migrations ORDER BY id").fetchall()
+        assert [tuple(r) for r in rows] == [(m.id, m.name) for m in MIGRATIONS]
 
 
 def test_failed_migration_rolls_back_with_its_record(tmp_path):
@@ -40,15 +45,11 @@ def test_failed_migration_rolls_back_with_its_record(tmp_path):
     assert [r[0] for r in conn.execute("SELECT id FROM kb_migrations")] == [m.id for m in MIGRATIONS]
 
 
-def test_database_from_a_newer_kbsync_is_refused(tmp_path):
-    path = tmp_path / "kb.sqlite"
-    FactStore(path).close()
-    conn = sqlite3.connect(path)
-    conn.execute("INSERT INTO kb_migrations (id, name) VALUES (1000, 'from the future')")
-    conn.commit()
-    conn.close()
+def test_database_from_a_newer_kbsync_is_refused(kb_url):
+    with FactStore(kb_url) as store:
+        store.db.execute("INSERT INTO kb_migrations (id, name) VALUES (1000, 'from the future')")
     with pytest.raises(MigrationError, match=r"\[1000\].*upgrade kbsync"):
-        FactStore(path)
+        FactStore(kb_url)
 
 
 def test_kb_never_imports_torch():
@@ -99,7 +100,7 @@ def test_provenance_of_imported_facts(store, write):
     f = store.get("S2", "The thing about S2 is")
     assert (f.provenance.source, f.provenance.sha256, f.provenance.record) == (str(path), result.sha256, 2)
     assert f.provenance.at.endswith("Z")
-    row = store.conn.execute("SELECT source, records, facts, changes FROM ingested_files").fetchone()
+    row = store.db.execute("SELECT source, records, facts, changes FROM ingested_files").fetchone()
     assert row == (str(path), 2, 2, 2)
 
 
@@ -111,7 +112,7 @@ def test_import_is_all_or_nothing(store, write):
     assert [(p.record, p.field) for p in e.value.problems] == [(101, "prompt"), (101, "target")]
     assert "nothing was imported" in str(e.value)
     assert store.count() == 1 and len(changes(store)) == 1
-    assert store.conn.execute("SELECT count(*) FROM ingested_files").fetchone()[0] == 0
+    assert store.db.execute("SELECT count(*) FROM ingested_files").fetchone()[0] == 0
 
 
 def test_same_bytes_twice_are_not_applied_twice(store, write):
@@ -126,21 +127,29 @@ def test_same_bytes_twice_are_not_applied_twice(store, write):
 
 def test_a_failing_write_inside_import_rolls_everything_back(store, write):
     store.add("Keep", "Keep is", "kept")
-    store.conn.execute("CREATE TRIGGER boom BEFORE INSERT ON ingested_files BEGIN SELECT RAISE(ABORT, 'boom'); END")
-    with pytest.raises(sqlite3.IntegrityError, match="boom"):
+    if store.db.dialect == "sqlite":
+        store.db.execute("CREATE TRIGGER boom BEFORE INSERT ON ingested_files BEGIN SELECT RAISE(ABORT, 'boom'); END")
+    else:
+        store.db.execute("CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                         "RAISE EXCEPTION USING MESSAGE = 'boom', ERRCODE = 'integrity_constraint_violation'; END $$")
+        store.db.execute("CREATE TRIGGER boom BEFORE INSERT ON ingested_files FOR EACH ROW EXECUTE FUNCTION boom()")
+    with pytest.raises(store.db.IntegrityError, match="boom"):
         store.import_file(write("a.jsonl", jsonl([fact(i) for i in range(50)])))
     assert store.count() == 1 and len(changes(store)) == 1
 
 
 # -- raw SQL from another program ------------------------------------------------------------------------------
 
-def test_plain_sql_writes_from_another_connection_are_captured(store):
-    other = sqlite3.connect(store.path, isolation_level=None)    # another program: no kbsync code at all
+def test_plain_sql_writes_from_another_connection_are_captured(store, other_program):
+    other = other_program()                                      # another program: no kbsync code at all
     other.execute("INSERT INTO facts (subject, template, target) VALUES ('Rome', '{} is in', 'Italy')")
     other.execute("UPDATE facts SET target = 'Spain' WHERE subject = 'Rome'")
     other.execute("UPDATE facts SET updated_at = 'later', source = 'etl' WHERE subject = 'Rome'")   # no content
     other.execute("UPDATE facts SET template = '{} lies in' WHERE subject = 'Rome'")                 # a new key
-    other.execute("INSERT OR REPLACE INTO facts (subject, template, target) VALUES ('Rome', '{} lies in', 'Peru')")
+    other.execute("INSERT OR REPLACE INTO facts (subject, template, target) VALUES ('Rome', '{} lies in', 'Peru')"
+                  if other.dialect == "sqlite" else
+                  "INSERT INTO facts (subject, template, target) VALUES ('Rome', '{} lies in', 'Peru') "
+                  "ON CONFLICT (subject, template) DO UPDATE SET target = excluded.target")
     other.execute("DELETE FROM facts WHERE subject = 'Rome'")
     assert changes(store) == [("upsert", "Rome", "{} is in", "Italy"), ("upsert", "Rome", "{} is in", "Spain"),
                               ("delete", "Rome", "{} is in", None), ("upsert", "Rome", "{} lies in", "Spain"),
@@ -151,21 +160,21 @@ def test_plain_sql_writes_from_another_connection_are_captured(store):
 
 
 def test_schema_refuses_facts_without_a_template_slot(store):
-    with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
-        store.conn.execute("INSERT INTO facts (subject, template, target) VALUES ('Rome', 'Rome is in', 'Italy')")
-    with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
-        store.conn.execute("INSERT INTO facts (subject, template, target, paraphrases) "
+    with pytest.raises(store.db.IntegrityError, match="(?i)check"):
+        store.db.execute("INSERT INTO facts (subject, template, target) VALUES ('Rome', 'Rome is in', 'Italy')")
+    with pytest.raises(store.db.IntegrityError, match="(?i)check"):
+        store.db.execute("INSERT INTO facts (subject, template, target, paraphrases) "
                            "VALUES ('Rome', '{} is in', 'Italy', 'not json')")
     assert changes(store) == []
 
 
 def test_change_log_is_append_only(store):
     store.add("S", "S is", "x")
-    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
-        store.conn.execute("UPDATE changes SET target = 'y'")
-    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
-        store.conn.execute("DELETE FROM changes")
-    store.conn.execute("UPDATE changes SET error = 'allowed'")          # only outcome columns may change
+    with pytest.raises(store.db.IntegrityError, match="append-only"):
+        store.db.execute("UPDATE changes SET target = 'y'")
+    with pytest.raises(store.db.IntegrityError, match="append-only"):
+        store.db.execute("DELETE FROM changes")
+    store.db.execute("UPDATE changes SET error = 'allowed'")          # only outcome columns may change
     assert changes(store) == [("upsert", "S", "{} is", "x")]
 
 
@@ -181,8 +190,8 @@ def test_one_store_shared_by_threads(store):
     assert store.count() == 200 and store.counts().pending == 200
 
 
-def test_two_stores_on_one_file_wait_for_each_other(tmp_path, write):
-    a, b = FactStore(tmp_path / "kb.sqlite"), FactStore(tmp_path / "kb.sqlite", busy_timeout_s=5)
+def test_two_stores_on_one_database_wait_for_each_other(kb_url, write):
+    a, b = FactStore(kb_url), FactStore(kb_url, busy_timeout_s=5)
     try:
         with a.transaction():
             a.add("A", "A is", "x")
