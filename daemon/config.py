@@ -23,6 +23,23 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class KBConfig:
+    """Where the fact store and the version blobs live."""
+
+    url: str = ""        # "" = <state-dir>/kb.sqlite; sqlite:///path or postgresql://... (env KBSYNC_KB_URL wins)
+    blob_dir: str = ""   # "" = <state-dir>/versions; with several kbsync processes on one PostgreSQL, a shared folder
+
+    def __post_init__(self):
+        url = self.url.strip()
+        if url and "://" not in url:
+            raise ConfigError(f"[kb] url {url!r} is not a database URL: write sqlite:///path/to/kb.sqlite or "
+                              "postgresql://user@host/dbname (or leave it empty for <state-dir>/kb.sqlite)")
+        if url and url.split("://", 1)[0].lower() not in ("sqlite", "postgresql", "postgres"):
+            raise ConfigError(f"[kb] url {url!r}: kbsync stores facts in SQLite (sqlite:///...) or PostgreSQL "
+                              "(postgresql://...)")
+
+
+@dataclass(frozen=True)
 class SyncConfig:
     batch_size: int = 10          # B: facts per step (one version per step)
     max_steps: int = 100          # steps one sync may apply before yielding
@@ -117,18 +134,20 @@ class AppConfig:
     state_dir: Path
     model: ModelConfig
     editor: EditConfig
+    kb: KBConfig = KBConfig()
     sync: SyncConfig = SyncConfig()
     daemon: DaemonConfig = DaemonConfig()
     verify: VerifyConfig = VerifyConfig()
     serve: ServeConfig = ServeConfig()
 
     @property
-    def db_path(self) -> Path:
-        return self.state_dir / "kb.sqlite"
+    def kb_url(self) -> str:
+        """The fact store: env ``KBSYNC_KB_URL``, else ``[kb] url``, else ``<state-dir>/kb.sqlite``."""
+        return os.environ.get("KBSYNC_KB_URL") or self.kb.url or str(self.state_dir / "kb.sqlite")
 
     @property
     def blob_dir(self) -> Path:
-        return self.state_dir / "versions"
+        return Path(self.kb.blob_dir).expanduser() if self.kb.blob_dir else self.state_dir / "versions"
 
     @property
     def stats_dir(self) -> Path:
@@ -145,6 +164,7 @@ def load_config(config: str | Path | None, state_dir: str | Path) -> AppConfig:
     if override.is_file():
         data = _merge(data, _read(override))
     model = _section(data, "model", ModelConfig, base)
+    kb = _section(data, "kb", KBConfig, base)
     sync = _section(data, "sync", SyncConfig, base)
     daemon = _section(data, "daemon", DaemonConfig, base)
     verify = _section(data, "verify", VerifyConfig, base)
@@ -156,7 +176,7 @@ def load_config(config: str | Path | None, state_dir: str | Path) -> AppConfig:
         editor = EditConfig.from_toml(hparams)
     except Exception as exc:
         raise ConfigError(str(exc)) from None
-    return AppConfig(state_dir=state_dir, model=model, editor=editor, sync=sync, daemon=daemon, verify=verify,
+    return AppConfig(state_dir=state_dir, model=model, editor=editor, kb=kb, sync=sync, daemon=daemon, verify=verify,
                      serve=serve)
 
 

@@ -1,6 +1,7 @@
 """``kbsync facts``: add, import, list and remove facts in the knowledge base (a thin layer over ``kb``).
 
-The database is ``<state-dir>/kb.sqlite``; the drop folder is ``<state-dir>/inbox`` (see docs/facts.md).
+The database is ``[kb] url`` (default ``<state-dir>/kb.sqlite``); the drop folder is ``<state-dir>/inbox``
+(see docs/facts.md).
 """
 from __future__ import annotations
 
@@ -13,13 +14,15 @@ import click
 from kb import DIALECTS, FactStore, KBError
 from kb.formats import FORMATS
 
+from .config import ConfigError
+
 
 @contextmanager
 def _store(obj):
     """Open the store; every ``kb`` error becomes a clear message on stderr and exit status 1."""
     try:
-        store = FactStore(Path(obj.state_dir) / "kb.sqlite")
-    except KBError as e:
+        store = FactStore(obj.config().kb_url)
+    except (KBError, ConfigError) as e:
         raise click.ClickException(str(e)) from e
     try:
         yield store

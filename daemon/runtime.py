@@ -25,6 +25,7 @@ from pathlib import Path
 import structlog
 
 from kb import DropFolder
+from kb.listen import ChangeListener
 
 from .batcher import Batcher, Job
 from .config import AppConfig, ConfigError
@@ -70,6 +71,8 @@ class Runtime:
             raise ConfigError(f"the sync schedule: {exc}") from None
         self.drops = DropFolder(self.service.store, cfg.state_dir / "inbox", settle_s=cfg.daemon.inbox_settle_s,
                                 rescan_s=cfg.daemon.rescan_s)
+        # PostgreSQL: a commit by any client wakes the size trigger at once (None on SQLite: the poll is all).
+        self.listener = ChangeListener.for_store(self.service.store, on_change=self.scheduler.poke)
         self.started_at: float | None = None
         self.abandoned = False
         self._beat = time.monotonic()
@@ -126,6 +129,8 @@ class Runtime:
             _ = worker.stats                      # key statistics: built or read from the cache
         self.drops.start()
         self.scheduler.start()
+        if self.listener is not None:
+            self.listener.start()
         self.pinger.start()
         self.started_at = time.time()
         log.info("runtime.started", seconds=round(time.perf_counter() - t, 2), head=self._head())
@@ -174,6 +179,8 @@ class Runtime:
         self.notifier.stopping()
         self.batcher.stop(ShuttingDownError("the daemon is stopping; the request was not started"))
         self.scheduler.shutdown(wait=False)
+        if self.listener is not None:
+            self.listener.stop()
         self.pinger.stop()
         try:
             self.drops.stop(timeout=2.0)
@@ -213,7 +220,9 @@ class Runtime:
     def status(self) -> dict:
         """Service status plus the schedule's last and next tick (no model lock: answers during a step)."""
         last, nxt = self.scheduler.last_tick, self.scheduler.next_run_time
-        return {**self.service.status(), "last_tick": _tick_json(last),
+        doc = self.service.status()
+        doc["kb"]["listening"] = self.listener is not None and self.listener.listening.is_set()
+        return {**doc, "last_tick": _tick_json(last),
                 "next_tick": nxt.isoformat() if nxt is not None else None,
                 "daemon": {"pid": os.getpid(), "url": self.url, "started_at": self.started_at,
                            "ready": self.is_ready, "tick_running": self.scheduler.busy}}

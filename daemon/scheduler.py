@@ -150,6 +150,11 @@ class SyncScheduler:
             done = self._lock.wait_for(lambda: self._finished >= target or self._stopping, timeout)
             return self._last if done and self._finished >= target else None
 
+    def poke(self) -> None:
+        """Changes were committed (e.g. a PostgreSQL NOTIFY): check the size trigger now, not at the next poll."""
+        if self.running:
+            self._poll_size()
+
     def pause(self) -> None:
         """Suspend the time and size triggers; :meth:`run_now` still works. A running tick finishes."""
         self._paused = True

@@ -19,6 +19,7 @@ from editor.hook import Mode
 from editor.requests import EditRequest, StepBatch
 from editor.step import StepDelta, apply_delta, compute_delta, restore_state
 from kb import FactStore, KBError
+from kb.db import redact
 from kb.ledger import Ledger, PlannedVersion
 
 from .config import AppConfig
@@ -49,7 +50,7 @@ class Service:
         self.cfg = cfg
         self.progress = progress
         self._preloaded = preloaded
-        self.store = FactStore(cfg.db_path)
+        self.store = FactStore(cfg.kb_url)
         self.ledger = Ledger(self.store, cfg.blob_dir)
         self._worker = None
         self._served: int | None | str = "unloaded"   # the version the live hooks are at
@@ -129,7 +130,7 @@ class Service:
                "held": counts.held,
                "failed": counts.failed, "facts": counts.facts, "versions": len(self.ledger.versions()),
                "model": self.cfg.model.source, "device": None, "model_loaded": self.model_loaded,
-               "degraded": self.degraded}
+               "degraded": self.degraded, "kb": {"backend": self.store.db.dialect, "url": redact(self.store.url)}}
         if self.model_loaded:
             doc["device"] = str(self.worker.em.device)
             doc["fingerprint"] = self.worker.em.fingerprint()

@@ -110,7 +110,7 @@ class Database:
             if nested:
                 conn.execute(f"SAVEPOINT {name}")
             else:
-                self._begin_write(conn)
+                conn = self._begin(conn, self._begin_write)
             self._depth += 1
             try:
                 yield conn
@@ -130,12 +130,30 @@ class Database:
             if self._in_transaction():
                 yield conn
                 return
-            self._begin_read(conn)
+            conn = self._begin(conn, self._begin_read)
             try:
                 yield conn
             finally:
                 if self._in_transaction():
                     conn.execute("COMMIT")
+
+    def _begin(self, conn, begin):
+        """Start a transaction; if the connection turns out dead (server restart, idle kill), reconnect once.
+
+        Safe to retry: nothing of the transaction has run yet."""
+        try:
+            begin(conn)
+            return conn
+        except self.Error:
+            if not self._lost():
+                raise
+            conn = self._connection()
+            begin(conn)
+            return conn
+
+    def _lost(self) -> bool:
+        """Whether the connection broke (then ``_connection`` makes a new one)."""
+        return False
 
     def execute(self, sql: str, params: Sequence = ()):
         """Run one statement on its own (autocommit; inside an open transaction, as part of it).
@@ -266,9 +284,9 @@ class PostgresDatabase(Database):
         try:
             return psycopg.connect(self.url, autocommit=True, **kwargs)
         except psycopg.OperationalError as e:
-            raise KBError(f"cannot connect to the PostgreSQL fact store {redact(self.url)}: "
-                          f"{str(e).strip()}. Check that the server runs and the [kb] url "
-                          "(or KBSYNC_KB_URL) names it") from e
+            why = " ".join(str(e).split()).rstrip(".")
+            raise KBError(f"cannot connect to the PostgreSQL fact store {redact(self.url)}: {why}. Check that the "
+                          "server runs and that the [kb] url (or env KBSYNC_KB_URL) names it") from e
 
     def try_editor_lock(self) -> bool:
         with self.lock:
@@ -295,7 +313,10 @@ class PostgresDatabase(Database):
         return self._conn
 
     def _in_transaction(self) -> bool:
-        return self._conn is not None and self._conn.in_transaction
+        return self._conn is not None and not self._conn.broken and self._conn.in_transaction
+
+    def _lost(self) -> bool:
+        return self._conn is None or self._conn.closed or self._conn.broken
 
     def _begin_write(self, conn) -> None:
         conn.execute("BEGIN")
@@ -310,6 +331,24 @@ class _PgConnection:
 
     def __init__(self, conn):
         self.raw = conn
+
+    def _begin(self, conn, begin):
+        """Start a transaction; if the connection turns out dead (server restart, idle kill), reconnect once.
+
+        Safe to retry: nothing of the transaction has run yet."""
+        try:
+            begin(conn)
+            return conn
+        except self.Error:
+            if not self._lost():
+                raise
+            conn = self._connection()
+            begin(conn)
+            return conn
+
+    def _lost(self) -> bool:
+        """Whether the connection broke (then ``_connection`` makes a new one)."""
+        return False
 
     def execute(self, sql: str, params: Sequence = ()):
         return self.raw.execute(_pg_sql(sql) if params else sql, tuple(params) if params else None)

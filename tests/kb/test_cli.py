@@ -1,15 +1,15 @@
-"""`kbsync facts ...` through click's runner, on a group that mirrors the real parent (ctx.obj.state_dir)."""
+"""`kbsync facts ...` through click's runner, on a group that mirrors the real parent (its ``Ctx``)."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import click
 import pytest
 import structlog
 from click.testing import CliRunner
 
+from daemon.cli import Ctx
 from daemon.facts_cli import facts
 from daemon.logs import configure_logging
 from kb import FactStore
@@ -22,7 +22,7 @@ from .conftest import fact, jsonl
 @click.pass_context
 def root(ctx, state_dir):
     configure_logging("info")            # as the real entry point does: logs to stderr, stdout stays clean
-    ctx.obj = SimpleNamespace(state_dir=state_dir)
+    ctx.obj = Ctx(state_dir, None)
 
 
 root.add_command(facts)
