@@ -57,12 +57,16 @@ class ChangeLog:
                 if len(rows) < page:
                     break
                 after = rows[-1][0]
-            entries = []
-            for subject, template in keys:
-                changes = change_from_cursor(conn.execute(
-                    "SELECT * FROM changes WHERE status = 'pending' AND subject = ? AND template = ? ORDER BY id",
-                    (subject, template)))
-                entries.append(BatchEntry(changes[-1], tuple(c.id for c in changes)))
+            if not keys:
+                return Batch(())
+            ids = {(subject, template): [i for (i,) in conn.execute(
+                "SELECT id FROM changes WHERE status = 'pending' AND subject = ? AND template = ? ORDER BY id",
+                (subject, template))] for subject, template in keys}
+            last: dict[int, Change] = {}
+            for chunk in _chunks([max(v) for v in ids.values()]):
+                last.update((c.id, c) for c in change_from_cursor(conn.execute(
+                    f"SELECT * FROM changes WHERE id IN ({', '.join('?' * len(chunk))})", chunk)))
+            entries = [BatchEntry(last[v[-1]], tuple(v)) for v in ids.values()]
         return Batch(tuple(entries))
 
     def mark_applied(self, change_ids: Iterable[int], version_id: int) -> int:

@@ -197,15 +197,17 @@ class FactStore:
     # -- helpers ------------------------------------------------------------------------------------------------
 
     def _put(self, conn, facts: Iterable[Fact]) -> int:
-        """Upsert facts; returns how many changed (each wrote exactly one change row through the triggers)."""
-        cur = conn.executemany(self._upsert_sql, (
-            (f.subject, f.template, f.target, json.dumps(list(f.paraphrases), ensure_ascii=False),
-             probes_to_json(f.locality), f.provenance.source if f.provenance else "api",
-             f.provenance.sha256 if f.provenance else None, f.provenance.record if f.provenance else None,
-             (f.provenance.at if f.provenance else None) or now_iso(),
-             (f.provenance.at if f.provenance else None) or now_iso())
-            for f in facts))
-        return max(cur.rowcount, 0)
+        """Upsert facts; returns how many changed (each wrote exactly one change row through the triggers).
+
+        A key given twice counts once, with its last record (a file may repeat a fact; the last one wins)."""
+        last: dict[tuple[str, str], Fact] = {}
+        for f in facts:
+            last.pop((f.subject, f.template), None)
+            last[(f.subject, f.template)] = f
+        rows = [_fact_row(f) for f in last.values()]
+        if self.db.dialect == "postgresql" and len(rows) > _COPY_FROM:
+            return _copy_upsert(conn, rows, self.db.differ)
+        return max(conn.executemany(self._upsert_sql, rows).rowcount, 0)
 
     def _delete(self, conn, fact_id: int, source: str) -> Change:
         conn.execute("UPDATE facts SET deleted_by = ? WHERE id = ?", (source, fact_id))
@@ -214,6 +216,45 @@ class FactStore:
         change = _last_change(conn, subject, template)
         log.info("kb.fact_removed", subject=change.subject, template=change.template, source=source)
         return change
+
+
+def _fact_row(f: Fact) -> tuple:
+    at = (f.provenance.at if f.provenance else None) or now_iso()
+    return (f.subject, f.template, f.target, json.dumps(list(f.paraphrases), ensure_ascii=False),
+            probes_to_json(f.locality), f.provenance.source if f.provenance else "api",
+            f.provenance.sha256 if f.provenance else None, f.provenance.record if f.provenance else None, at, at)
+
+
+#: Above this many facts, PostgreSQL imports through COPY into a staging table and one INSERT ... SELECT.
+_COPY_FROM = 200
+#: After a bulk import of this many facts, PostgreSQL's planner statistics are refreshed in the same transaction.
+_ANALYZE_FROM = 10_000
+
+
+def _copy_upsert(conn, rows: list[tuple], differ: str) -> int:
+    """PostgreSQL's bulk path: COPY is ~10x faster than row-by-row statements; the triggers still log each change."""
+    raw = conn.raw
+    raw.execute("CREATE TEMP TABLE IF NOT EXISTS kb_stage (seq bigint, subject text, template text, target text, "
+                "paraphrases text, locality text, source text, source_sha256 text, source_record integer, "
+                "added_at text, updated_at text) ON COMMIT DELETE ROWS")
+    cols = ", ".join(_FACT_COLS)
+    with raw.cursor().copy(f"COPY kb_stage (seq, {cols}) FROM STDIN") as copy:
+        for seq, row in enumerate(rows):
+            copy.write_row((seq, *row))
+    cur = raw.execute(f"""
+INSERT INTO facts ({cols}) SELECT {cols} FROM kb_stage ORDER BY seq
+ON CONFLICT (subject, template) DO UPDATE SET
+    target = excluded.target, paraphrases = excluded.paraphrases, locality = excluded.locality,
+    source = excluded.source, source_sha256 = excluded.source_sha256, source_record = excluded.source_record,
+    updated_at = excluded.updated_at
+WHERE facts.target {differ} excluded.target OR facts.paraphrases {differ} excluded.paraphrases
+   OR facts.locality {differ} excluded.locality""")
+    n = cur.rowcount
+    raw.execute("TRUNCATE kb_stage")
+    if len(rows) >= _ANALYZE_FROM:     # fresh statistics, or the planner sorts the whole queue for the next batch
+        raw.execute("ANALYZE facts")
+        raw.execute("ANALYZE changes")
+    return max(n, 0)
 
 
 def _last_change(conn, subject: str, template: str) -> Change:

@@ -162,9 +162,12 @@ def test_plain_sql_writes_from_another_connection_are_captured(store, other_prog
 def test_schema_refuses_facts_without_a_template_slot(store):
     with pytest.raises(store.db.IntegrityError, match="(?i)check"):
         store.db.execute("INSERT INTO facts (subject, template, target) VALUES ('Rome', 'Rome is in', 'Italy')")
+    with pytest.raises(store.db.Error, match="(?i)check|json"):       # PostgreSQL: "invalid ... type json"
+        store.db.execute("INSERT INTO facts (subject, template, target, paraphrases) "
+                         "VALUES ('Rome', '{} is in', 'Italy', 'not json')")
     with pytest.raises(store.db.IntegrityError, match="(?i)check"):
         store.db.execute("INSERT INTO facts (subject, template, target, paraphrases) "
-                           "VALUES ('Rome', '{} is in', 'Italy', 'not json')")
+                         "VALUES ('Rome', '{} is in', 'Italy', '{\"a\": 1}')")
     assert changes(store) == []
 
 
