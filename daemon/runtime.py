@@ -72,7 +72,8 @@ class Runtime:
         self.drops = DropFolder(self.service.store, cfg.state_dir / "inbox", settle_s=cfg.daemon.inbox_settle_s,
                                 rescan_s=cfg.daemon.rescan_s)
         # PostgreSQL: a commit by any client wakes the size trigger at once (None on SQLite: the poll is all).
-        self.listener = ChangeListener.for_store(self.service.store, on_change=self.scheduler.poke)
+        self.listener = ChangeListener.for_store(self.service.store, on_change=self.scheduler.poke,
+                                                 on_head=self._head_moved)
         self.started_at: float | None = None
         self.abandoned = False
         self._beat = time.monotonic()
@@ -127,13 +128,15 @@ class Runtime:
         with self.lock:
             worker = self.service.worker          # loads the model and restores HEAD
             _ = worker.stats                      # key statistics: built or read from the cache
+            editor = self.service.is_editor       # edits, or follows the process that holds the editor lock
         self.drops.start()
         self.scheduler.start()
         if self.listener is not None:
             self.listener.start()
         self.pinger.start()
         self.started_at = time.time()
-        log.info("runtime.started", seconds=round(time.perf_counter() - t, 2), head=self._head())
+        log.info("runtime.started", seconds=round(time.perf_counter() - t, 2), head=self._head(),
+                 role="editor" if editor else "follower")
 
     def ready(self, port: int | None = None) -> None:
         """The API answers: write ``daemon.json`` (for the CLI) and tell systemd READY=1."""
@@ -229,6 +232,7 @@ class Runtime:
 
     def sync_now(self, timeout: float | None = None) -> dict:
         """Run a tick now through the scheduler (never overlapping a scheduled one); its step reports."""
+        self.service.require_editor()
         record = self.scheduler.run_now(wait=True, timeout=timeout)
         if record is None:
             raise ShuttingDownError("the daemon is stopping (or the sync timed out); nothing was started")
@@ -274,6 +278,9 @@ class Runtime:
     def _tick(self) -> list[dict]:
         try:
             with self.lock:
+                if not self.service.is_editor:     # another process edits: serve HEAD as it moves
+                    self.service.follow()
+                    return []
                 reports = self.service.sync(actor="daemon")
         except BaseException as exc:
             self._last_exc = exc
@@ -296,6 +303,11 @@ class Runtime:
                 job.on_start(version)
             decode(em, rows)
         self.metrics.batch_size.observe(len(rows))
+
+    def _head_moved(self) -> None:
+        """HEAD moved (PostgreSQL NOTIFY, maybe by another process): a tick now serves it (and a follower's
+        tick does nothing else)."""
+        self.scheduler.run_now()
 
     def _pending(self) -> int:
         return self.service.store.counts().pending

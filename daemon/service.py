@@ -56,6 +56,7 @@ class Service:
         self._served: int | None | str = "unloaded"   # the version the live hooks are at
         self._canary_base = None                      # canaries' next tokens on the unedited model
         self.degraded: str | None = None              # why HEAD could not be restored, if it could not
+        self._editor = False                          # holds the store's editor lock (see is_editor)
 
     def __enter__(self) -> "Service":
         return self
@@ -130,7 +131,9 @@ class Service:
                "held": counts.held,
                "failed": counts.failed, "facts": counts.facts, "versions": len(self.ledger.versions()),
                "model": self.cfg.model.source, "device": None, "model_loaded": self.model_loaded,
-               "degraded": self.degraded, "kb": {"backend": self.store.db.dialect, "url": redact(self.store.url)}}
+               "degraded": self.degraded, "kb": {"backend": self.store.db.dialect, "url": redact(self.store.url)},
+               "role": "editor" if self._editor else "follower",
+               "served": self._served if self.model_loaded else None}   # the version the live model is at
         if self.model_loaded:
             doc["device"] = str(self.worker.em.device)
             doc["fingerprint"] = self.worker.em.fingerprint()
@@ -168,9 +171,33 @@ class Service:
         version = self._at_head()
         return self.worker.em, version
 
+    # ----- the editor lock: one process edits, the others follow HEAD ----------------------------
+    @property
+    def is_editor(self) -> bool:
+        """Whether this process edits the store: it holds the editor lock, or takes it now if it is free.
+
+        The lock is a PostgreSQL session advisory lock (a lock file beside a SQLite store), released when the
+        process ends, so a follower takes over on its next tick after the editor dies."""
+        if not self._editor:
+            self._editor = self.store.db.try_editor_lock()
+            if self._editor:
+                log.info("editor.acquired", kb=self.store.db.dialect)
+        return self._editor
+
+    def follow(self) -> int | None:
+        """A follower's tick: serve HEAD as the editor (or an operator's rollback) moved it; returns HEAD."""
+        return self._at_head()
+
+    def require_editor(self) -> None:
+        if not self.is_editor:
+            raise ServiceError("another kbsync process is the editor of this fact store (it holds the editor "
+                               "lock), so this one only follows HEAD: send sync and revert to that process, or "
+                               "stop it and this one takes over on its next tick")
+
     # ----- writes --------------------------------------------------------------------------------
     def sync(self, actor: str = "cli") -> list[StepReport]:
         """Apply pending changes as consecutive steps of at most B facts (at most ``max_steps`` steps)."""
+        self.require_editor()
         self._at_head()
         reports: list[StepReport] = []
         for _ in range(self.cfg.sync.max_steps):
@@ -198,6 +225,7 @@ class Service:
 
     def revert(self, version_id: int, actor: str = "cli") -> list[StepReport]:
         """Take one step out: back to its parent, then the later steps' facts applied again as new steps."""
+        self.require_editor()
         v = self._version(version_id)
         head = self.ledger.head()
         chain = self.ledger.chain(head.id if head else BASE)

@@ -38,6 +38,8 @@ WRITE_LOCK_KEY = 0x6B6273796E63          # "kbsync"
 EDITOR_LOCK_KEY = WRITE_LOCK_KEY + 1
 #: The channel the PostgreSQL triggers NOTIFY when the change log grows (``ChangeListener``).
 CHANGES_CHANNEL = "kbsync_changes"
+#: The channel the PostgreSQL triggers NOTIFY when HEAD moves (payload: the version id, or "base").
+HEAD_CHANNEL = "kbsync_head"
 #: The PostgreSQL schema holding kbsync's tables and trigger functions.
 SCHEMA = "kbsync"
 

@@ -1,7 +1,7 @@
-"""Wake-ups when another client commits changes: PostgreSQL ``LISTEN kbsync_changes``.
+"""Wake-ups when another client commits changes or moves HEAD: PostgreSQL ``LISTEN kbsync_changes, kbsync_head``.
 
-The facts triggers ``NOTIFY kbsync_changes`` once per transaction that grew the change log; PostgreSQL delivers
-it when that transaction commits. ``ChangeListener`` holds its own connection, waits on it in a thread and calls
+The facts triggers ``NOTIFY kbsync_changes`` once per transaction that grew the change log, and the ledger's
+``head`` table ``NOTIFY kbsync_head`` when HEAD moves; PostgreSQL delivers them when the transaction commits. ``ChangeListener`` holds its own connection, waits on it in a thread and calls
 ``on_change()`` for each notification (a burst of commits may fold into fewer calls: a call means "look again",
 never "exactly this change"). If the connection drops it reconnects, and calls ``on_change()`` once after
 reconnecting, since commits in between sent nothing it could hear. The daemon's periodic poll stays as the
@@ -9,7 +9,7 @@ safety net. SQLite has no such channel: there ``ChangeListener.for_store`` retur
 
 Example::
 
-    listener = ChangeListener.for_store(store, on_change=scheduler.poke)
+    listener = ChangeListener.for_store(store, on_change=scheduler.poke, on_head=follow_head)
     if listener:
         listener.start()
     ...
@@ -22,17 +22,19 @@ from collections.abc import Callable
 
 import structlog
 
-from .db import CHANGES_CHANNEL, PostgresDatabase, redact
+from .db import CHANGES_CHANNEL, HEAD_CHANNEL, PostgresDatabase, redact
 
 log = structlog.get_logger("kbsync.kb")
 
 
 class ChangeListener:
-    """Calls ``on_change()`` from its own thread whenever a commit grows the change log."""
+    """Calls ``on_change()`` from its own thread whenever a commit grows the change log (``on_head()`` when one
+    moves HEAD, if given)."""
 
-    def __init__(self, db: PostgresDatabase, on_change: Callable[[], object], *, channel: str = CHANGES_CHANNEL,
-                 retry_s: float = 1.0):
-        self.db, self.on_change, self.channel, self.retry_s = db, on_change, channel, retry_s
+    def __init__(self, db: PostgresDatabase, on_change: Callable[[], object], *,
+                 on_head: Callable[[], object] | None = None, retry_s: float = 1.0):
+        self.db, self.retry_s = db, retry_s
+        self._callbacks = {CHANGES_CHANNEL: on_change, **({HEAD_CHANNEL: on_head} if on_head else {})}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._conn = None
@@ -68,16 +70,18 @@ class ChangeListener:
         while not self._stop.is_set():
             try:
                 self._conn = self.db.connect()
-                self._conn.execute(f"LISTEN {self.channel}")
+                for channel in self._callbacks:
+                    self._conn.execute(f"LISTEN {channel}")
                 self.listening.set()
-                log.info("kb.listening", channel=self.channel, url=redact(self.db.url))
+                log.info("kb.listening", channels=list(self._callbacks), url=redact(self.db.url))
                 if not first:
-                    self._fire()                   # commits while we were away sent nothing we heard
+                    for channel in self._callbacks:
+                        self._fire(channel)        # commits while we were away sent nothing we heard
                 first = False
                 while not self._stop.is_set():
-                    for _ in self._conn.notifies(timeout=0.25, stop_after=1):
+                    for note in self._conn.notifies(timeout=0.25, stop_after=1):
                         self.notifications += 1
-                        self._fire()
+                        self._fire(note.channel)
             except Exception as e:
                 self.listening.clear()
                 if self._stop.is_set():
@@ -93,9 +97,9 @@ class ChangeListener:
                         pass
                     self._conn = None
 
-    def _fire(self) -> None:
+    def _fire(self, channel: str) -> None:
         try:
-            self.on_change()
+            self._callbacks[channel]()
         except Exception as e:                     # the callback's failure must not end the listening
             log.warning("kb.listen_callback_failed", error=f"{type(e).__name__}: {e}")
 

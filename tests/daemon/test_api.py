@@ -10,14 +10,13 @@ from daemon.api import create_app, is_loopback
 from daemon.config import ConfigError, load_config
 from daemon.notify import Notifier
 from daemon.runtime import Runtime
-from tests.daemon.test_cli import project  # noqa: F401  (the tiny-model project fixture)
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.fixture
-def runtime(project, monkeypatch):  # noqa: F811
+def runtime(project, monkeypatch):
     monkeypatch.delenv("KBSYNC_TOKEN", raising=False)
     with open(project / "app.toml", "a") as f:
         f.write(f"[daemon]\ninterval_s = 3600\ntoken = '{TOKEN}'\ninbox_settle_s = 0.1\n")
@@ -66,7 +65,7 @@ def test_health_readiness_auth_and_admin_routes(runtime, project):
     assert http.get("/readyz").status_code == 503
 
 
-def test_refuses_a_public_bind_without_a_token(project, monkeypatch):  # noqa: F811
+def test_refuses_a_public_bind_without_a_token(project, monkeypatch):
     monkeypatch.delenv("KBSYNC_TOKEN", raising=False)
     cfg = load_config(project / "app.toml", project / "state")
     rt = Runtime(cfg, host="0.0.0.0", notifier=Notifier({}))
@@ -88,7 +87,7 @@ def test_refuses_a_public_bind_without_a_token(project, monkeypatch):  # noqa: F
     assert is_loopback("localhost") and is_loopback("::1") and not is_loopback("10.0.0.1")
 
 
-def test_reload_config_reschedules_and_survives_a_bad_file(project, monkeypatch):  # noqa: F811
+def test_reload_config_reschedules_and_survives_a_bad_file(project, monkeypatch):
     monkeypatch.delenv("KBSYNC_TOKEN", raising=False)
     state = project / "state"
     load = lambda: load_config(project / "app.toml", state)  # noqa: E731

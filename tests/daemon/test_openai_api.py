@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
-import time
 import tomllib
 
 import httpx
@@ -22,7 +21,6 @@ from daemon.config import ConfigError, ServeConfig, load_config
 from daemon.notify import Notifier
 from daemon.runtime import Runtime
 from tests.conftest import ROOT, wait_for
-from tests.daemon.test_cli import project  # noqa: F401  (the tiny-model project fixture)
 
 TOKEN = "s3cret-token"
 SERVE = "[serve]\nbatch_window_ms = 20\nmax_output_tokens = 64\nmax_prompt_tokens = 200\nmax_body_bytes = 20000\n"
@@ -47,14 +45,14 @@ def serving(runtime: Runtime):
         runtime.stop()
 
 
-def make_runtime(project, extra: str = "", **kw) -> Runtime:  # noqa: F811
+def make_runtime(project, extra: str = "", **kw) -> Runtime:
     with open(project / "app.toml", "a") as f:
         f.write(f"[daemon]\ninterval_s = 3600\ninbox_settle_s = 0.1\n{SERVE}{extra}")
     return Runtime(load_config(project / "app.toml", project / "state"), notifier=Notifier({}), **kw)
 
 
 @pytest.fixture
-def server(project, monkeypatch):  # noqa: F811
+def server(project, monkeypatch):
     monkeypatch.delenv("KBSYNC_TOKEN", raising=False)
     runtime = make_runtime(project)
     with serving(runtime) as (url, _):
@@ -177,7 +175,7 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server):
     assert http.get("/readyz").status_code == 200
 
 
-def test_per_client_concurrency_limit_and_not_ready(project, monkeypatch):  # noqa: F811
+def test_per_client_concurrency_limit_and_not_ready(project, monkeypatch):
     monkeypatch.delenv("KBSYNC_TOKEN", raising=False)
     runtime = make_runtime(project, "max_concurrent_per_client = 2\n")
     early = TestClient(create_app(runtime)).post("/v1/completions", json={"model": "model", "prompt": "x"})
@@ -207,7 +205,7 @@ def test_per_client_concurrency_limit_and_not_ready(project, monkeypatch):  # no
         assert httpx.post(f"{url}/v1/completions", json=body, timeout=30).status_code == 200
 
 
-def test_serve_config_is_documented_loaded_and_checked(project):  # noqa: F811
+def test_serve_config_is_documented_loaded_and_checked(project):
     defaults = tomllib.loads((ROOT / "configs/default.toml").read_text())["serve"]
     assert set(defaults) == set(ServeConfig.__dataclass_fields__)
     readme = (ROOT / "README.md").read_text()
@@ -219,7 +217,7 @@ def test_serve_config_is_documented_loaded_and_checked(project):  # noqa: F811
         load_config(None, project / "state")
 
 
-def test_metrics(server, project):  # noqa: F811
+def test_metrics(server, project):
     runtime, url = server
     oa = client(url)
     oa.completions.create(model="model", prompt="Paris is", max_tokens=3, temperature=0)
@@ -242,7 +240,7 @@ def test_metrics(server, project):  # noqa: F811
     assert samples["kbsync_facts_pending"] == 1 and samples["kbsync_facts_failed"] == 0
 
 
-def test_metrics_need_the_token_off_loopback(project, monkeypatch):  # noqa: F811
+def test_metrics_need_the_token_off_loopback(project, monkeypatch):
     monkeypatch.setenv("KBSYNC_TOKEN", TOKEN)
     runtime = make_runtime(project, host="0.0.0.0")
     try:

@@ -14,16 +14,10 @@ import httpx
 import pytest
 
 from tests.conftest import ROOT, wait_for
-from tests.daemon.test_cli import kbsync, project  # noqa: F401  (the tiny-model project fixture)
+from .conftest import free_port, kbsync
 
 FACTS = ('{"subject": "Paris", "prompt": "{} is the capital of", "target": "Italy"}\n'
          '{"subject": "Apple A5", "prompt": "Apple A5 was created by", "target": "Microsoft"}\n')
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class NotifyListener:
@@ -80,7 +74,7 @@ def notify_socket(tmp_path):
     listener.close()
 
 
-def test_daemon_ingests_syncs_rolls_back_notifies_and_stops(project, notify_socket):  # noqa: F811
+def test_daemon_ingests_syncs_rolls_back_notifies_and_stops(project, notify_socket):
     listener, sock_path = notify_socket, notify_socket.path
     with open(project / "app.toml", "a") as f:
         f.write("[daemon]\ninbox_settle_s = 0.1\nrescan_s = 0.5\n")
@@ -149,7 +143,7 @@ def test_daemon_ingests_syncs_rolls_back_notifies_and_stops(project, notify_sock
     assert status["daemon"] is None and status["head"] is None and set(status) >= {"last_tick", "next_tick"}
 
 
-def test_run_refuses_a_public_host_without_a_token(project):  # noqa: F811
+def test_run_refuses_a_public_host_without_a_token(project):
     env = {**os.environ, "KBSYNC_STATE_DIR": str(project / "state")}
     env.pop("KBSYNC_TOKEN", None)
     proc = subprocess.run([sys.executable, "-m", "daemon", "--config", str(project / "app.toml"), "run",
@@ -164,7 +158,7 @@ def test_run_has_help_with_an_example():
     assert proc.returncode == 0 and "Example" in proc.stdout and "--interval" in proc.stdout
 
 
-def test_sigterm_mid_step_exits_within_10s_and_leaves_head_consistent(project):  # noqa: F811
+def test_sigterm_mid_step_exits_within_10s_and_leaves_head_consistent(project):
     tiny = (project / "tiny.toml").read_text().replace("v_steps = 3", "v_steps = 1000000\nearly_stop_nll = 0.0")
     (project / "tiny.toml").write_text(tiny)                             # a step that never finishes by itself
     state, port = project / "state", free_port()

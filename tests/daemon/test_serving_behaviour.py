@@ -20,7 +20,6 @@ from daemon.runtime import Runtime
 from editor.hook import Mode
 from editor.model import EditableModel
 from tests.conftest import DATA, ROOT, wait_for
-from tests.daemon.test_cli import project  # noqa: F401  (the tiny-model project fixture)
 from tests.daemon.test_openai_api import make_runtime, serving
 
 PROMPTS = ["Paris is the capital of", "The", "Apple A5 was created by Apple, and Windows was developed by",
@@ -73,7 +72,7 @@ def test_alone_and_in_a_padded_batch_give_the_same_greedy_tokens(tiny_model):
     em.close()
 
 
-def test_50_concurrent_requests_while_a_step_is_applied(project, make_tiny, monkeypatch):  # noqa: F811
+def test_50_concurrent_requests_while_a_step_is_applied(project, make_tiny, monkeypatch):
     monkeypatch.delenv("KBSYNC_TOKEN", raising=False)
     model = make_tiny("llama")
     model.lm_head.weight.data *= 30                       # peaked logits, and a weak λ: the edit changes answers
