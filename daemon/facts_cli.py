@@ -159,3 +159,28 @@ def rm(obj, ids, subject, prompt, as_json):
                 changes.append(store.remove(subject, prompt, source="cli:rm"))
     _emit(as_json, [c.to_json() for c in changes],
           "\n".join(f"removed: {c.prompt} (change #{c.id})" for c in changes))
+
+
+@facts.command("retry")
+@click.argument("ids", nargs=-1, type=int)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@click.pass_obj
+def retry(obj, ids, as_json):
+    """Make failed changes pending again (all of them, or these ids from `kbsync facts list --failed`).
+
+    The next sync tries them again; fix what made them fail first (the reason is in the list).
+
+    \b
+    Example:
+      kbsync facts retry          # every failed change
+      kbsync facts retry 41 42
+    """
+    with _store(obj) as store:
+        if ids:
+            failed = {c.id for c in store.changes.list("failed")}
+            unknown = sorted(set(ids) - failed)
+            if unknown:
+                raise click.ClickException(f"changes {unknown} are not failed (or do not exist); see "
+                                           "`kbsync facts list --failed`. Nothing was retried")
+        n = store.changes.retry_failed(list(ids) or None)
+    _emit(as_json, {"retried": n}, f"{n} failed change(s) pending again")

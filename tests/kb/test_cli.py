@@ -45,7 +45,8 @@ def _runner(tmp_path):
 
 
 def test_every_command_has_help_with_an_example(kbsync):
-    for args in (["facts"], ["facts", "add"], ["facts", "import"], ["facts", "list"], ["facts", "rm"]):
+    for args in (["facts"], ["facts", "add"], ["facts", "import"], ["facts", "list"], ["facts", "rm"],
+                 ["facts", "retry"]):
         out = kbsync(*args, "--help").stdout
         assert "Example:" in out and "kbsync facts" in out
 
@@ -108,6 +109,11 @@ def test_list_failed_changes_with_reason(kbsync, tmp_path):
     failed = kbsync("facts", "list", "--failed")
     assert "S is -> x" in failed.stdout and "[did not converge]" in failed.stdout
     assert json.loads(kbsync("facts", "list", "--pending", "--json").stdout) == []
+    (change,) = json.loads(kbsync("facts", "list", "--failed", "--json").stdout)
+    assert "not failed" in kbsync("facts", "retry", "999", code=1).stderr
+    assert json.loads(kbsync("facts", "retry", str(change["id"]), "--json").stdout) == {"retried": 1}
+    assert [c["id"] for c in json.loads(kbsync("facts", "list", "--pending", "--json").stdout)] == [change["id"]]
+    assert json.loads(kbsync("facts", "list", "--failed", "--json").stdout) == []
 
 
 def test_usage_and_input_errors(kbsync, tmp_path):
