@@ -1,1 +1,2 @@
-"""The kbsync daemon: service layer, CLI and (later) the model worker, scheduler, watcher and HTTP API."""
+"""The kbsync daemon: the service (facts, versions and the live model), its runtime and scheduler, the HTTP APIs
+(admin and OpenAI-compatible serving) and the ``kbsync`` command line."""

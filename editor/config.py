@@ -43,11 +43,11 @@ class EditConfig:
     token_alpha0: float = 0.6              # α0 of the token gate (a share of an edit's own key, 1 = the key)
     token_alpha_min: float = 0.4           # floor of the token gate's α
     massive_ratio: float = 0.0             # ρ: tokens with ‖x‖ > ρ x their sequence's median are never routed (0 = off)
-    v_lr: float = 0.5
-    v_steps: int = 25
-    v_weight_decay: float = 0.5
-    kl_factor: float = 0.0625
-    clamp_norm_factor: float = 4.0
+    v_lr: float = 0.5                      # Adam learning rate of the target residuals δ_j (z_j = h_L + δ_j)
+    v_steps: int = 25                      # at most this many optimisation steps per batch (early_stop_nll may end sooner)
+    v_weight_decay: float = 0.5            # weight of ‖δ_j‖² / ‖h_L‖² in the loss: keeps each target near its output
+    kl_factor: float = 0.0625              # weight of the KL term that keeps "{subject} is a" predictions as they were
+    clamp_norm_factor: float = 4.0         # ‖δ_j‖ is clamped to this many times ‖h_L‖ after each step
     early_stop_nll: float = 0.05           # stop once every fact's target NLL is below this
     opt_dtype: str = "auto"                # autocast dtype of the target optimisation; "auto": bf16 only where the
                                            # hardware has it natively, else float32 (editor/precision.py)

@@ -1,4 +1,6 @@
-"""The change log's reading side: pending batches (coalesced per key) and their outcomes.
+"""The change log: pending batches (coalesced per key), and every status write of a change.
+
+The triggers append the rows (``kb.migrations``); this module is the only code that changes a row's status.
 
 A change is ``pending`` until a version carries it (``applied``, with ``version_id``) or it fails
 (``failed``, with ``error``). When the ledger (``kb.ledger``) moves HEAD so that no version on HEAD's chain
@@ -112,6 +114,29 @@ class ChangeLog:
             sql, args = sql + " LIMIT ?", args + [limit]
         with self._store.snapshot() as conn:
             return change_from_cursor(conn.execute(sql, args))
+
+    # -- the ledger's side (inside its transaction): the log owns every status write ---------------------------
+
+    def carry(self, conn, change_ids: list[int], version_id: int) -> None:
+        """Inside a transaction: a new version carries these changes (checked by the ledger), so they are applied."""
+        for chunk in _chunks(change_ids):
+            conn.execute(f"UPDATE changes SET status = 'applied', version_id = ?, error = NULL "
+                         f"WHERE id IN ({','.join('?' * len(chunk))})", [version_id, *chunk])
+
+    def follow_chain(self, conn, chain: set[int]) -> None:
+        """Inside a transaction, after HEAD moved: every applied or held change becomes applied (version: its
+        latest carrier on ``chain``, HEAD's versions) or held (version: its latest carrier)."""
+        updates = []
+        for change_id, status, current, carriers in conn.execute(
+                f"SELECT vc.change_id, c.status, c.version_id, {self._store.db.group_concat('vc.version_id')} "
+                "FROM version_changes vc JOIN changes c ON c.id = vc.change_id WHERE c.status IN ('applied', 'held') "
+                "GROUP BY vc.change_id, c.status, c.version_id"):
+            versions = [int(v) for v in carriers.split(",")]
+            on_chain = [v for v in versions if v in chain]
+            want = ("applied", max(on_chain)) if on_chain else ("held", max(versions))
+            if (status, current) != want:
+                updates.append((*want, change_id))
+        conn.executemany("UPDATE changes SET status = ?, version_id = ? WHERE id = ?", updates)
 
     def _settle(self, change_ids: Iterable[int], status: str, *, version_id: int | None, error: str | None) -> int:
         ids = sorted(set(change_ids))

@@ -114,9 +114,7 @@ class Ledger:
                  reason)).fetchone()[0]
             conn.executemany("INSERT INTO version_changes (version_id, change_id) VALUES (?, ?)",
                              [(version_id, i) for i in ids])
-            for chunk in _chunks(ids):
-                conn.execute(f"UPDATE changes SET status = 'applied', version_id = ?, error = NULL "
-                             f"WHERE id IN ({','.join('?' * len(chunk))})", [version_id, *chunk])
+            self.store.changes.carry(conn, ids, version_id)
             self._move(conn, version_id, actor, reason)
             version = self._get(conn, version_id)
         log.info("kb.version_committed", version=version.id, parent=version.parent, changes=len(ids),
@@ -298,19 +296,9 @@ class Ledger:
         return HeadMove(move_id, at, actor, frm, to, reason)
 
     def _restatus(self, conn, head: int | None) -> None:
-        """Applied (latest carrier on HEAD's chain) or held (latest carrier) for every applied or held change."""
+        """The change log re-derives its statuses from HEAD's chain (the versions from the root to HEAD)."""
         chain = set() if head is None else {i for (i,) in conn.execute(_CHAIN + "SELECT id FROM up", (head,))}
-        updates = []
-        for change_id, status, current, carriers in conn.execute(
-                f"SELECT vc.change_id, c.status, c.version_id, {self.store.db.group_concat('vc.version_id')} "
-                "FROM version_changes vc JOIN changes c ON c.id = vc.change_id WHERE c.status IN ('applied', 'held') "
-                "GROUP BY vc.change_id, c.status, c.version_id"):
-            versions = [int(v) for v in carriers.split(",")]
-            on_chain = [v for v in versions if v in chain]
-            want = ("applied", max(on_chain)) if on_chain else ("held", max(versions))
-            if (status, current) != want:
-                updates.append((*want, change_id))
-        conn.executemany("UPDATE changes SET status = ?, version_id = ? WHERE id = ?", updates)
+        self.store.changes.follow_chain(conn, chain)
 
 
 def _blob_metadata(meta: Mapping[str, str], config_digest: str, model_fingerprint: str) -> dict[str, str]:
