@@ -71,7 +71,7 @@ if __name__ == "__main__":
         if png:
             from pathlib import Path
 
-            from daemon.eval_cli import plot
+            from daemon.cli.evaluate import plot
             plot(merged, Path(png))
         print(tables(merged))
     else:

@@ -115,7 +115,7 @@ def daemon(model, tok, state: Path, extra: str = ""):
     """A Runtime on ``state`` with the real model, served by uvicorn on a free loopback port."""
     import uvicorn
 
-    from daemon.api import create_app
+    from daemon.http.api import create_app
     from daemon.config import load_config
     from daemon.notify import Notifier
     from daemon.runtime import Runtime

@@ -6,7 +6,7 @@ sees a half-applied step; a served batch holds the lock from reading HEAD to its
 never mixes two versions. Reads that need no model (status, log) do not take it, so they answer during a
 step.
 
-Lifecycle (driven by ``daemon.server``): :meth:`Runtime.start` loads the model and its key statistics,
+Lifecycle (driven by ``daemon.http.server``): :meth:`Runtime.start` loads the model and its key statistics,
 then starts the drop folder, the scheduler and the watchdog pinger; :meth:`Runtime.ready` (once the API
 answers) writes ``<state>/daemon.json`` and sends READY=1; :meth:`Runtime.stop` stops everything, sends
 STOPPING=1, removes ``daemon.json`` and closes the service, unless a step is still computing: then the

@@ -6,7 +6,7 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
-from daemon.api import create_app, is_loopback
+from daemon.http.api import create_app, is_loopback
 from daemon.config import ConfigError, load_config
 from daemon.notify import Notifier
 from daemon.runtime import Runtime

@@ -16,7 +16,7 @@ import pytest
 import uvicorn
 from fastapi.testclient import TestClient
 
-from daemon.api import create_app
+from daemon.http.api import create_app
 from daemon.config import ConfigError, ServeConfig, load_config
 from daemon.notify import Notifier
 from daemon.runtime import Runtime

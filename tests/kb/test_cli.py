@@ -10,7 +10,7 @@ import structlog
 from click.testing import CliRunner
 
 from daemon.cli import Ctx
-from daemon.facts_cli import facts
+from daemon.cli.facts import facts
 from daemon.logs import configure_logging
 from kb import FactStore
 

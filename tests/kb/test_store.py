@@ -53,7 +53,7 @@ def test_database_from_a_newer_kbsync_is_refused(kb_url):
 
 
 def test_kb_never_imports_torch():
-    code = ("import sys, kb, kb.drops, kb.facts, kb.changes, kb.formats, kb.validation, daemon.facts_cli\n"
+    code = ("import sys, kb, kb.drops, kb.facts, kb.changes, kb.formats, kb.validation, daemon.cli.facts\n"
             "assert 'torch' not in sys.modules, 'torch was imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 

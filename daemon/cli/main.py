@@ -11,11 +11,11 @@ from editor.errors import EditorError
 
 from kb import KBError
 
-from .config import ConfigError, load_config
-from .eval_cli import eval_cmd
-from .facts_cli import facts
-from .logs import configure_logging
-from .errors import ServiceError
+from ..config import ConfigError, load_config
+from .evaluate import eval_cmd
+from .facts import facts
+from ..logs import configure_logging
+from ..errors import ServiceError
 
 
 class Ctx:
@@ -26,11 +26,11 @@ class Ctx:
         return load_config(self.config_path, self.state_dir)
 
     def worker(self, progress: bool = True):
-        from .worker import ModelWorker
+        from ..worker import ModelWorker
         return ModelWorker(self.config(), progress=progress)
 
     def service(self, progress: bool = True):
-        from .service import Service
+        from ..service import Service
         return Service(self.config(), progress=progress)
 
     def daemon(self):
@@ -248,8 +248,8 @@ def run(obj: Ctx, interval_s, cron, host, port):
     Example:
       kbsync --state-dir ./state run --interval 30 --port 8765
     """
-    from .runtime import Runtime
-    from .server import serve
+    from ..runtime import Runtime
+    from ..http.server import serve
 
     cfg = obj.config()
     cfg.state_dir.mkdir(parents=True, exist_ok=True)

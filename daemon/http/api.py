@@ -1,5 +1,5 @@
 """The HTTP API (FastAPI): health, readiness, admin (status, sync now, rollback, revert), metrics, and the
-OpenAI-compatible serving API (``daemon.openai_api``).
+OpenAI-compatible serving API (``daemon.http.openai_api``).
 
 Routes:
 
@@ -17,7 +17,7 @@ env ``KBSYNC_TOKEN``); a token is optional on a loopback address and required on
 Errors are ``{"error": {"message", "type", "code"}}`` (``code`` is the HTTP status): 404 for unknown
 versions, 409 for operations the service refuses, 400 for other knowledge-base errors, 401 without a
 valid token, 503 while starting or stopping, 500 for anything unexpected. Routes of the serving API
-answer in OpenAI's error shape instead (``daemon.openai_api``). Every request body is limited to
+answer in OpenAI's error shape instead (``daemon.http.openai_api``). Every request body is limited to
 ``[serve] max_body_bytes`` (413).
 """
 from __future__ import annotations
@@ -39,12 +39,12 @@ from starlette.exceptions import HTTPException
 
 from kb import FactNotFoundError, KBError, VersionNotFoundError
 
-from .config import ConfigError
-from .errors import ServiceError
+from ..config import ConfigError
+from ..errors import ServiceError
 from .limits import BodyLimitMiddleware, ClientSlots
-from .metrics import MetricsMiddleware
+from ..metrics import MetricsMiddleware
 from .openai_api import OpenAIError, error_response, is_openai_path, openai_router
-from .runtime import Runtime, ShuttingDownError
+from ..runtime import Runtime, ShuttingDownError
 
 log = structlog.get_logger("kbsync.api")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import structlog
 
-from .errors import ServiceError
+from ..errors import ServiceError
 
 log = structlog.get_logger("kbsync.client")
 

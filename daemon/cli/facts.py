@@ -14,7 +14,7 @@ import click
 from kb import DIALECTS, FactStore, KBError
 from kb.formats import FORMATS
 
-from .config import ConfigError
+from ..config import ConfigError
 
 
 @contextmanager

@@ -20,7 +20,7 @@ import structlog
 import uvicorn
 
 from .api import create_app
-from .runtime import Runtime
+from ..runtime import Runtime
 
 log = structlog.get_logger("kbsync.server")
 

@@ -76,7 +76,7 @@ def eval_cmd(obj, dataset, data_path, span, steps, batch, eval_every, methods, h
 
     from dataclasses import replace
 
-    from .worker import ModelWorker
+    from ..worker import ModelWorker
 
     cfg = obj.config()
     cfg = replace(cfg, model=replace(cfg.model, source=model_source or cfg.model.source,

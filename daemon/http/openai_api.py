@@ -1,6 +1,6 @@
 """The OpenAI-compatible serving API: completions and chat completions of the edited model at HEAD.
 
-Routes (included by :func:`daemon.api.create_app`):
+Routes (included by :func:`daemon.http.api.create_app`):
 
 - ``POST /v1/completions``: ``prompt`` (a string or a list of strings), streaming or not.
 - ``POST /v1/chat/completions``: ``messages``, rendered with the tokenizer's chat template (a tokenizer
@@ -36,10 +36,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.background import BackgroundTask
 
-from .batcher import Job
-from .decoding import DONE, TEXT, Row, Sampling
+from ..batcher import Job
+from ..decoding import DONE, TEXT, Row, Sampling
 from .limits import ClientSlots
-from .runtime import Runtime
+from ..runtime import Runtime
 
 MAX_CHOICES = 16                 # prompts x n per request at most
 ERROR = "error"                  # the event a request gets when its batch fails
