@@ -55,17 +55,17 @@ class DaemonConfig:
     cron: str = ""                # a 5-field crontab line, e.g. "*/5 * * * *"; empty = use interval_s
     host: str = "127.0.0.1"       # the admin API; a non-loopback host needs a token
     port: int = 8765
-    token: str = ""               # bearer token of the admin API (or env KBSYNC_TOKEN)
+    admin_token: str = ""         # bearer token of the admin routes only (env KBSYNC_TOKEN wins); old name: token
     inbox_settle_s: float = 2.0   # a dropped file is taken once unchanged this long
-    rescan_s: float = 30.0        # full rescan of the inbox (catches missed file events)
+    inbox_rescan_s: float = 30.0  # full rescan of the inbox (catches missed file events); old name: rescan_s
 
     def __post_init__(self):
         if self.interval_s <= 0 and not self.cron:
             raise ConfigError("[daemon] interval_s must be positive (or set cron)")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"[daemon] port must be in 0..65535, got {self.port}")
-        if self.inbox_settle_s < 0 or self.rescan_s <= 0:
-            raise ConfigError("[daemon] inbox_settle_s must be >= 0 and rescan_s > 0")
+        if self.inbox_settle_s < 0 or self.inbox_rescan_s <= 0:
+            raise ConfigError("[daemon] inbox_settle_s must be >= 0 and inbox_rescan_s > 0")
 
 
 @dataclass(frozen=True)
@@ -159,10 +159,10 @@ def load_config(config: str | Path | None, state_dir: str | Path) -> AppConfig:
     """Read the config file (default ``configs/default.toml``) and merge ``<state-dir>/config.toml`` over it."""
     state_dir = Path(state_dir)
     base = Path(config) if config else _default_config()
-    data = _read(base)
+    data = _renamed(_read(base), base)
     override = state_dir / "config.toml"
     if override.is_file():
-        data = _merge(data, _read(override))
+        data = _merge(data, _renamed(_read(override), override))
     model = _section(data, "model", ModelConfig, base)
     kb = _section(data, "kb", KBConfig, base)
     sync = _section(data, "sync", SyncConfig, base)
@@ -188,6 +188,26 @@ def user_cache_dir(configured: str = "") -> Path:
         return Path(os.environ["KBSYNC_CACHE_DIR"]).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg) if xdg else Path.home() / ".cache") / "kbsync"
+
+
+#: Keys renamed in a section: the old name is still read (one of the two, not both).
+RENAMED = {"daemon": {"token": "admin_token", "rescan_s": "inbox_rescan_s"}}
+
+
+def _renamed(data: dict, path: Path) -> dict:
+    """One file's tables with old key names read as their new names (each file on its own, before merging)."""
+    out = dict(data)
+    for name, renames in RENAMED.items():
+        if not isinstance(out.get(name), dict):
+            continue
+        values = out[name] = dict(out[name])
+        for old, new in renames.items():
+            if old in values:
+                if new in values:
+                    raise ConfigError(f"{path}: [{name}] sets both {old} and {new}; {old} is the old name of {new}: "
+                                      f"keep {new} only")
+                values[new] = values.pop(old)
+    return out
 
 
 def _section(data: dict, name: str, cls, base: Path):

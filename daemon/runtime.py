@@ -70,7 +70,7 @@ class Runtime:
             self.service.close()
             raise ConfigError(f"the sync schedule: {exc}") from None
         self.drops = DropFolder(self.service.store, cfg.state_dir / "inbox", settle_s=cfg.daemon.inbox_settle_s,
-                                rescan_s=cfg.daemon.rescan_s)
+                                rescan_s=cfg.daemon.inbox_rescan_s)
         # PostgreSQL: a commit by any client wakes the size trigger at once (None on SQLite: the poll is all).
         self.listener = ChangeListener.for_store(self.service.store, on_change=self.scheduler.poke,
                                                  on_head=self._head_moved)
@@ -87,7 +87,7 @@ class Runtime:
     @property
     def token(self) -> str:
         """The admin API's bearer token: env ``KBSYNC_TOKEN``, else ``[daemon] token`` ('' = none)."""
-        return os.environ.get("KBSYNC_TOKEN") or self.cfg.daemon.token
+        return os.environ.get("KBSYNC_TOKEN") or self.cfg.daemon.admin_token
 
     @property
     def daemon_file(self) -> Path:

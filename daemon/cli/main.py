@@ -38,7 +38,7 @@ class Ctx:
         import os
 
         from .client import find_daemon
-        return find_daemon(self.state_dir, os.environ.get("KBSYNC_TOKEN") or self.config().daemon.token)
+        return find_daemon(self.state_dir, os.environ.get("KBSYNC_TOKEN") or self.config().daemon.admin_token)
 
 
 def _version_arg(value: str) -> int | None:

@@ -77,7 +77,7 @@ def notify_socket(tmp_path):
 def test_daemon_ingests_syncs_rolls_back_notifies_and_stops(project, notify_socket):
     listener, sock_path = notify_socket, notify_socket.path
     with open(project / "app.toml", "a") as f:
-        f.write("[daemon]\ninbox_settle_s = 0.1\nrescan_s = 0.5\n")
+        f.write("[daemon]\ninbox_settle_s = 0.1\ninbox_rescan_s = 0.5\n")
     state, port = project / "state", free_port()
     env = {**os.environ, "KBSYNC_STATE_DIR": str(state), "NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "1000000"}
     env.pop("KBSYNC_TOKEN", None)
