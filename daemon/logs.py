@@ -4,10 +4,10 @@ from __future__ import annotations
 import logging
 import sys
 
-import structlog
-
 
 def configure_logging(level: str = "info", json: bool | None = None) -> None:
+    import structlog          # here, not at the top: `kbsync --help` never configures logging, so never pays for it
+
     json = (not sys.stderr.isatty()) if json is None else json
     renderer = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer()
     structlog.configure(

@@ -56,7 +56,7 @@ class Service:
         self._served: int | None | str = "unloaded"   # the version the live hooks are at
         self._canary_base = None                      # canaries' next tokens on the unedited model
         self.degraded: str | None = None              # why HEAD could not be restored, if it could not
-        self._editor = False                          # holds the store's editor lock (see is_editor)
+        self._editor: bool | None = None              # holds the editor lock (see is_editor); None: never asked
 
     def __enter__(self) -> "Service":
         return self
@@ -132,7 +132,7 @@ class Service:
                "failed": counts.failed, "facts": counts.facts, "versions": len(self.ledger.versions()),
                "model": self.cfg.model.source, "device": None, "model_loaded": self.model_loaded,
                "degraded": self.degraded, "kb": {"backend": self.store.db.dialect, "url": redact(self.store.url)},
-               "role": "editor" if self._editor else "follower",
+               "role": {True: "editor", False: "follower", None: None}[self._editor],   # None: not a daemon
                "served": self._served if self.model_loaded else None}   # the version the live model is at
         if self.model_loaded:
             doc["device"] = str(self.worker.em.device)

@@ -13,17 +13,31 @@ Public API (what the daemon calls)::
                             actor="daemon", reason="tick")
     arrays, meta = ledger.load(version.id, expect_fingerprint=...); ledger.move_head(3, actor=..., reason=...)
 """
-from .drops import DropFolder, DropOutcome
-from .errors import (BlobError, ChangeStateError, FactNotFoundError, InvalidFactsError, KBError, MigrationError,
-                     ModelMismatchError, VersionNotFoundError)
-from .facts import FactStore
-from .ledger import BLOB_FORMAT, Ledger
-from .records import (BadRecord, Batch, BatchEntry, Change, Counts, Fact, HeadMove, ImportResult, LocalityProbe,
-                      Provenance, Version)
-from .validation import DIALECTS, MAX_FIELD_CHARS, ParsedFile, parse_fact_file
+import importlib
 
-__all__ = ["BLOB_FORMAT", "BadRecord", "Batch", "BatchEntry", "BlobError", "Change", "ChangeStateError", "Counts",
-           "DIALECTS", "DropFolder", "DropOutcome", "Fact", "FactNotFoundError", "FactStore", "HeadMove",
-           "ImportResult", "InvalidFactsError", "KBError", "Ledger", "LocalityProbe", "MAX_FIELD_CHARS",
-           "MigrationError", "ModelMismatchError", "ParsedFile", "Provenance", "Version", "VersionNotFoundError",
-           "parse_fact_file"]
+#: Where each public name lives. Imported on first use (PEP 562), so ``from kb import KBError`` does not pull in
+#: numpy, safetensors or watchdog: a command line that only needs the errors starts quickly.
+_WHERE = {
+    **dict.fromkeys(("DropFolder", "DropOutcome"), "drops"),
+    **dict.fromkeys(("BlobError", "ChangeStateError", "FactNotFoundError", "InvalidFactsError", "KBError",
+                     "MigrationError", "ModelMismatchError", "VersionNotFoundError"), "errors"),
+    "FactStore": "facts",
+    **dict.fromkeys(("BLOB_FORMAT", "Ledger"), "ledger"),
+    **dict.fromkeys(("BadRecord", "Batch", "BatchEntry", "Change", "Counts", "Fact", "HeadMove", "ImportResult",
+                     "LocalityProbe", "Provenance", "Version"), "records"),
+    **dict.fromkeys(("DIALECTS", "MAX_FIELD_CHARS", "ParsedFile", "parse_fact_file"), "validation"),
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'kb' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))

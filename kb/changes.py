@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
 import structlog
 
+from .db import Database
 from .errors import ChangeStateError
 from .records import Batch, BatchEntry, Change, Counts, Provenance, probes_from_json
 
-if TYPE_CHECKING:
-    from .facts import FactStore
 
 log = structlog.get_logger("kbsync.kb")
 
@@ -32,10 +30,10 @@ _CHUNK = 500   # ids per IN (...) list, well under SQLite's variable limit
 
 
 class ChangeLog:
-    """The append-only change log of a ``FactStore`` (use ``store.changes``)."""
+    """The append-only change log in a ``Database`` (a ``FactStore`` has one: ``store.changes``)."""
 
-    def __init__(self, store: FactStore):
-        self._store = store
+    def __init__(self, db: Database):
+        self._db = db
 
     def next_batch(self, limit: int) -> Batch:
         """The next ≤ ``limit`` pending keys in the order they first became pending, each coalesced.
@@ -46,7 +44,7 @@ class ChangeLog:
         if limit < 1:
             raise ValueError(f"a batch holds at least one change, not {limit}")
         page = max(4 * limit, 256)
-        with self._store.snapshot() as conn:
+        with self._db.snapshot() as conn:
             keys: dict[tuple[str, str], None] = {}
             after = 0
             while len(keys) < limit:
@@ -86,7 +84,7 @@ class ChangeLog:
 
     def retry_failed(self, change_ids: Iterable[int] | None = None) -> int:
         """Make failed changes (all, or these) pending again. Returns how many."""
-        with self._store.transaction() as conn:
+        with self._db.transaction() as conn:
             if change_ids is None:
                 return conn.execute("UPDATE changes SET status = 'pending', error = NULL "
                                     "WHERE status = 'failed'").rowcount
@@ -97,7 +95,7 @@ class ChangeLog:
             return n
 
     def counts(self) -> Counts:
-        with self._store.snapshot() as conn:
+        with self._db.snapshot() as conn:
             facts = conn.execute("SELECT count(*) FROM facts").fetchone()[0]
             keys = conn.execute("SELECT count(*) FROM (SELECT 1 FROM changes WHERE status = 'pending' "
                                 "GROUP BY subject, template) AS pending_keys").fetchone()[0]
@@ -112,7 +110,7 @@ class ChangeLog:
         args: list = [status] if status else []
         if limit is not None:
             sql, args = sql + " LIMIT ?", args + [limit]
-        with self._store.snapshot() as conn:
+        with self._db.snapshot() as conn:
             return change_from_cursor(conn.execute(sql, args))
 
     # -- the ledger's side (inside its transaction): the log owns every status write ---------------------------
@@ -128,7 +126,7 @@ class ChangeLog:
         latest carrier on ``chain``, HEAD's versions) or held (version: its latest carrier)."""
         updates = []
         for change_id, status, current, carriers in conn.execute(
-                f"SELECT vc.change_id, c.status, c.version_id, {self._store.db.group_concat('vc.version_id')} "
+                f"SELECT vc.change_id, c.status, c.version_id, {self._db.group_concat('vc.version_id')} "
                 "FROM version_changes vc JOIN changes c ON c.id = vc.change_id WHERE c.status IN ('applied', 'held') "
                 "GROUP BY vc.change_id, c.status, c.version_id"):
             versions = [int(v) for v in carriers.split(",")]
@@ -140,7 +138,7 @@ class ChangeLog:
 
     def _settle(self, change_ids: Iterable[int], status: str, *, version_id: int | None, error: str | None) -> int:
         ids = sorted(set(change_ids))
-        with self._store.transaction() as conn:
+        with self._db.transaction() as conn:
             bad = []
             for chunk in _chunks(ids):
                 pending = {i for (i,) in conn.execute(f"SELECT id FROM changes WHERE status = 'pending' AND id IN "

@@ -213,8 +213,9 @@ class SqliteDatabase(Database):
                                check_same_thread=False)
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
-            import sqlite_utils
-            sqlite_utils.Database(conn).enable_wal()
+            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":   # persistent: set once per file
+                import sqlite_utils                                         # (its import costs ~0.25 s)
+                sqlite_utils.Database(conn).enable_wal()
             conn.execute("PRAGMA synchronous = FULL")   # a committed import survives power loss before its move
             from .migrations import migrate
             migrate(conn)

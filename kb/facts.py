@@ -57,7 +57,7 @@ class FactStore:
         #: The SQLite file (None on PostgreSQL).
         self.path: Path | None = getattr(self.db, "path", None)
         self._upsert_sql = _upsert(self.db)
-        self.changes = ChangeLog(self)
+        self.changes = ChangeLog(self.db)
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
 

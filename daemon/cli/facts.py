@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from kb import DIALECTS, FactStore, KBError
+from kb import DIALECTS, KBError
 from kb.formats import FORMATS
 
 from ..config import ConfigError
@@ -20,6 +20,7 @@ from ..config import ConfigError
 @contextmanager
 def _store(obj):
     """Open the store; every ``kb`` error becomes a clear message on stderr and exit status 1."""
+    from kb.facts import FactStore            # here: the store's imports are not needed for --help
     try:
         store = FactStore(obj.config().kb_url)
     except (KBError, ConfigError) as e:
