@@ -306,8 +306,9 @@ class Runtime:
 
     def _head_moved(self) -> None:
         """HEAD moved (PostgreSQL NOTIFY, maybe by another process): a tick now serves it (and a follower's
-        tick does nothing else)."""
-        self.scheduler.run_now()
+        tick does nothing else). Our own commits and rollbacks notify too; the model is already there."""
+        if self.service.served != self._head():
+            self.scheduler.run_now()
 
     def _pending(self) -> int:
         return self.service.store.counts().pending

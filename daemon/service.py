@@ -184,6 +184,11 @@ class Service:
                 log.info("editor.acquired", kb=self.store.db.dialect)
         return self._editor
 
+    @property
+    def served(self) -> int | None | str:
+        """The version the live model is at (None: the base model; "unloaded" before the model loads)."""
+        return self._served
+
     def follow(self) -> int | None:
         """A follower's tick: serve HEAD as the editor (or an operator's rollback) moved it; returns HEAD."""
         return self._at_head()

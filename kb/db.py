@@ -335,24 +335,6 @@ class _PgConnection:
     def __init__(self, conn):
         self.raw = conn
 
-    def _begin(self, conn, begin):
-        """Start a transaction; if the connection turns out dead (server restart, idle kill), reconnect once.
-
-        Safe to retry: nothing of the transaction has run yet."""
-        try:
-            begin(conn)
-            return conn
-        except self.Error:
-            if not self._lost():
-                raise
-            conn = self._connection()
-            begin(conn)
-            return conn
-
-    def _lost(self) -> bool:
-        """Whether the connection broke (then ``_connection`` makes a new one)."""
-        return False
-
     def execute(self, sql: str, params: Sequence = ()):
         return self.raw.execute(_pg_sql(sql) if params else sql, tuple(params) if params else None)
 

@@ -25,19 +25,21 @@ _FACT_COLS = ("subject", "template", "target", "paraphrases", "locality", "sourc
               "added_at", "updated_at")
 
 
-def _upsert(db: Database) -> str:
-    """Insert or update one fact by its key; a row comes back only when the content changed (one change each)."""
-    differ = db.differ
+def _on_conflict(differ: str) -> str:
+    """The upsert's conflict clause: update a fact by its key only when its content changed (one change each)."""
     return f"""
-INSERT INTO facts ({", ".join(_FACT_COLS)})
-VALUES ({", ".join("?" * len(_FACT_COLS))})
 ON CONFLICT (subject, template) DO UPDATE SET
     target = excluded.target, paraphrases = excluded.paraphrases, locality = excluded.locality,
     source = excluded.source, source_sha256 = excluded.source_sha256, source_record = excluded.source_record,
     updated_at = excluded.updated_at
 WHERE facts.target {differ} excluded.target OR facts.paraphrases {differ} excluded.paraphrases
-   OR facts.locality {differ} excluded.locality
-"""
+   OR facts.locality {differ} excluded.locality"""
+
+
+def _upsert(db: Database) -> str:
+    """Insert or update one fact by its key; a row counts only when the content changed (one change each)."""
+    return (f"INSERT INTO facts ({', '.join(_FACT_COLS)}) VALUES ({', '.join('?' * len(_FACT_COLS))})"
+            + _on_conflict(db.differ))
 
 
 class FactStore:
@@ -241,14 +243,7 @@ def _copy_upsert(conn, rows: list[tuple], differ: str) -> int:
     with raw.cursor().copy(f"COPY kb_stage (seq, {cols}) FROM STDIN") as copy:
         for seq, row in enumerate(rows):
             copy.write_row((seq, *row))
-    cur = raw.execute(f"""
-INSERT INTO facts ({cols}) SELECT {cols} FROM kb_stage ORDER BY seq
-ON CONFLICT (subject, template) DO UPDATE SET
-    target = excluded.target, paraphrases = excluded.paraphrases, locality = excluded.locality,
-    source = excluded.source, source_sha256 = excluded.source_sha256, source_record = excluded.source_record,
-    updated_at = excluded.updated_at
-WHERE facts.target {differ} excluded.target OR facts.paraphrases {differ} excluded.paraphrases
-   OR facts.locality {differ} excluded.locality""")
+    cur = raw.execute(f"INSERT INTO facts ({cols}) SELECT {cols} FROM kb_stage ORDER BY seq" + _on_conflict(differ))
     n = cur.rowcount
     raw.execute("TRUNCATE kb_stage")
     if len(rows) >= _ANALYZE_FROM:     # fresh statistics, or the planner sorts the whole queue for the next batch

@@ -39,7 +39,6 @@ class ChangeListener:
         self._thread: threading.Thread | None = None
         self._conn = None
         self.listening = threading.Event()        # set while LISTEN is in effect (tests and status wait on it)
-        self.notifications = 0
 
     @classmethod
     def for_store(cls, store, on_change: Callable[[], object], **kwargs) -> ChangeListener | None:
@@ -80,7 +79,6 @@ class ChangeListener:
                 first = False
                 while not self._stop.is_set():
                     for note in self._conn.notifies(timeout=0.25, stop_after=1):
-                        self.notifications += 1
                         self._fire(note.channel)
             except Exception as e:
                 self.listening.clear()

@@ -35,11 +35,10 @@ class OtherProgram:
             self.conn = psycopg.connect(store.url, autocommit=True, options="-c search_path=kbsync")
 
     def execute(self, sql: str, params=()):
-        if self.dialect == "postgresql":
-            from kb.db import _pg_sql
-            sql = _pg_sql(sql) if params else sql
-        return self.conn.execute(sql, params or None) if self.dialect == "postgresql" else \
-            self.conn.execute(sql, params)
+        if self.dialect == "sqlite":
+            return self.conn.execute(sql, params)
+        from kb.db import _pg_sql
+        return self.conn.execute(_pg_sql(sql), params) if params else self.conn.execute(sql)
 
     def close(self) -> None:
         self.conn.close()
