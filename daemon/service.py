@@ -171,6 +171,25 @@ class Service:
         version = self._at_head()
         return self.worker.em, version
 
+    def export(self, version_id: int | None, fmt: str, out, max_rank: int | None = None) -> dict:
+        """Write ``version_id``'s edit as a PEFT adapter or a merged model directory (editor/export.py);
+        neither keeps the gate. The live model and its hooks are untouched."""
+        from editor import export
+
+        if version_id is not None:
+            self._version(version_id)
+        deltas = self._deltas(version_id)
+        meta = {"kbsync_version": version_id, "ledger_digest": self.ledger.chain_digest(version_id),
+                "model_fingerprint": self.worker.em.fingerprint(), "model_source": str(self.cfg.model.source)}
+        if fmt == "peft":
+            doc = export.write_peft(self.worker.em, deltas, out, meta, max_rank or export.MAX_LORA_RANK)
+        elif fmt == "merged":
+            doc = export.write_merged(self.worker.em, deltas, out, meta)
+        else:
+            raise ServiceError(f"export format {fmt!r} is not one of peft, merged")
+        log.info("version.exported", version=version_id, format=fmt, out=str(out))
+        return {**doc, "out": str(out)}
+
     # ----- the editor lock: one process edits, the others follow HEAD ----------------------------
     @property
     def is_editor(self) -> bool:

@@ -191,6 +191,13 @@ class Ledger:
                                 "ORDER BY id", (version_id,)).fetchall()
         return [_version(r) for r in rows]
 
+    def chain_digest(self, version_id: int | None) -> str:
+        """sha256 over the chain's (id, blob sha256) pairs: names exactly the deltas a version is made of."""
+        h = hashlib.sha256(b"kbsync-chain-v1")
+        for v in self.chain(version_id):
+            h.update(f"\n{v.id}:{v.blob_sha256}".encode())
+        return h.hexdigest()
+
     def children(self, version_id: int | None) -> list[Version]:
         """The versions whose parent is ``version_id`` (None: the roots, built on the base model), by id."""
         with self.store.snapshot() as conn:

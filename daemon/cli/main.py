@@ -231,6 +231,39 @@ def revert(obj: Ctx, version, as_json):
     _emit(as_json, doc, f"reverted {version}; head: {doc['head'] or 'base'} ({len(doc['steps'])} new versions)")
 
 
+@cli.command("export")
+@click.argument("version")
+@click.option("--format", "fmt", type=click.Choice(["peft", "merged"]), required=True,
+              help="peft: a LoRA adapter (vLLM --enable-lora, peft); merged: a Hugging Face model directory.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Directory to write (default: <state-dir>/exports/v<VERSION>-<FORMAT>).")
+@click.option("--max-rank", type=click.IntRange(min=1), default=None,
+              help="peft only: the largest LoRA rank (default 512, vLLM's largest); above it a truncated SVD, "
+                   "its error written down.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@click.pass_obj
+def export_cmd(obj: Ctx, version, fmt, out, max_rank, as_json):
+    """Export VERSION ('head', a number, or 'base') for another server. Both formats serve the edit WITHOUT
+    the gate (what `kbsync eval` calls no-hook): see docs/serving.md for the cost and for the vLLM plugin,
+    which keeps it.
+
+    \b
+    Examples:
+      kbsync export head --format peft
+      kbsync export 12 --format merged --out ./smollm2-v12
+    """
+    with obj.service(progress=not as_json) as svc:
+        if version == "head":
+            head = svc.ledger.head()
+            target = head.id if head else None
+        else:
+            target = _version_arg(version)
+        out = out or obj.config().state_dir / "exports" / f"v{target or 'base'}-{fmt}"
+        doc = svc.export(target, fmt, out, max_rank=max_rank)
+    _emit(as_json, doc, f"version {target or 'base'} exported as {fmt} to {doc['out']} (no gate: the delta "
+                        "applies to every token)")
+
+
 @cli.command()
 @click.option("--interval", "interval_s", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Sync every S seconds (default: [daemon] interval_s, 60).")
