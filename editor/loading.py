@@ -62,6 +62,15 @@ def embedded_gguf() -> Path:
     return path
 
 
+def model_directory(source: str = EMBEDDED, state_dir: str | Path | None = None) -> Path:
+    """The Hugging Face directory ``source`` loads from (a GGUF source converted once into ``state_dir``):
+    what another server (vLLM) is pointed at to serve the same base model."""
+    path = embedded_gguf() if source == EMBEDDED else Path(source).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return _converted_gguf(path, state_dir)
+    return path.parent if path.is_file() else path
+
+
 def load_model(source: str = EMBEDDED, state_dir: str | Path | None = None,
                device: str = "auto", dtype: str = "auto"):
     """Load (model, tokenizer) from ``source``; GGUF sources are converted once and cached in ``state_dir``."""

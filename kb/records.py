@@ -226,3 +226,8 @@ def probes_from_json(text: str | None) -> tuple[LocalityProbe, ...]:
 
 def probes_to_json(probes: tuple[LocalityProbe, ...]) -> str:
     return json.dumps([p.to_json() for p in probes], ensure_ascii=False)
+
+
+def version_label(version_id: int | None) -> str:
+    """How a served answer names the version that produced it (``system_fingerprint``): "v3", or "base"."""
+    return "base" if version_id is None else f"v{version_id}"

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random models built from config objects and a tokenizer trained in-process."""
 from __future__ import annotations
 
+import importlib.util
 import time
 from pathlib import Path
 
@@ -9,6 +10,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
+
+# tests/vllm needs vLLM, which lives in its own venv: `make test-vllm` runs it there.
+collect_ignore = [] if importlib.util.find_spec("vllm") else ["vllm"]
 
 SENTENCES = [
     "The mother tongue of Danielle Darrieux is French.",

@@ -1,7 +1,8 @@
 """The layering of the packages, read from the source (docs/architecture.md draws it).
 
 editor and kb never import daemon (nor each other), kb never imports torch; inside daemon the core never imports
-its two rooms (``daemon.cli``, ``daemon.http``), and the HTTP room never imports the command line.
+its rooms (``daemon.cli``, ``daemon.http``, ``daemon.vllm``), the HTTP room never imports the command line and
+the vLLM plugin neither of them.
 """
 from __future__ import annotations
 
@@ -49,8 +50,12 @@ def test_kb_imports_neither_daemon_nor_editor_nor_torch():
 
 
 def test_the_daemon_core_never_imports_its_rooms():
-    assert offenders("daemon", ("daemon.cli", "daemon.http"), skip=("daemon/cli/", "daemon/http/",
-                                                                     "daemon/__main__.py")) == []
+    assert offenders("daemon", ("daemon.cli", "daemon.http", "daemon.vllm"),
+                     skip=("daemon/cli/", "daemon/http/", "daemon/vllm/", "daemon/__main__.py")) == []
+
+
+def test_the_vllm_room_imports_neither_the_http_room_nor_the_command_line():
+    assert offenders("daemon/vllm", ("daemon.cli", "daemon.http")) == []
 
 
 def test_the_http_room_never_imports_the_command_line():

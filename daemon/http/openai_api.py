@@ -36,6 +36,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.background import BackgroundTask
 
+from kb.records import version_label
+
 from ..batcher import Job
 from ..decoding import DONE, TEXT, Row, Sampling
 from .limits import ClientSlots
@@ -118,7 +120,7 @@ def openai_router(runtime: Runtime, slots: ClientSlots) -> APIRouter:
         head = runtime.service.ledger.head()
         version = head.id if head else None
         return {"id": name, "object": "model", "created": int(runtime.started_at or 0), "owned_by": "kbsync",
-                "kbsync_version": version, "system_fingerprint": fingerprint(version)}
+                "kbsync_version": version, "system_fingerprint": version_label(version)}
 
     @router.get("/v1/models")
     def models() -> dict:
@@ -166,7 +168,7 @@ def openai_router(runtime: Runtime, slots: ClientSlots) -> APIRouter:
             version = await call.start()
             runtime.metrics.prompt_tokens.inc(sum(len(p) for p in ids))
             head = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, "created": int(time.time()),
-                    "model": name, "system_fingerprint": fingerprint(version)}
+                    "model": name, "system_fingerprint": version_label(version)}
             if body.stream:
                 usage = body.stream_options is not None and body.stream_options.include_usage
                 owner, call = call, None                        # the stream owns it now (and closes it)
@@ -191,10 +193,6 @@ def model_name(cfg) -> str:
     path = Path(source)
     return (path.parent.name if path.suffix == ".safetensors" else path.stem if path.suffix == ".gguf"
             else path.name).lower() or "model"
-
-
-def fingerprint(version: int | None) -> str:
-    return "base" if version is None else f"v{version}"
 
 
 def _unknown_model(given: str, name: str) -> OpenAIError:

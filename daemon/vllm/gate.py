@@ -1,0 +1,128 @@
+"""The per-token gate on vLLM's flattened token layout: a version's deltas on the edited down projections.
+
+vLLM runs a forward pass over every scheduled token of every request side by side, x (N, d_in), with no
+padding and no sequence axis. The token gate needs neither: token i routes when
+a_i = max_j (v_jᵀ x_i) / (v_jᵀ k_j) ≥ α at the first edited layer, and the later edited layers follow that
+decision (editor/hook.py, "token"). So one token's output depends only on its own input and the version:
+the same under continuous batching, chunked prefill and prefix caching. Pure torch, no vLLM import: the
+tests check it against kbsync's own hook in the main environment.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from editor.hook import self_response
+from editor.step import StepDelta
+
+
+@dataclass(frozen=True)
+class LayerFactors:
+    """One edited projection at one version: Δ = U Vᵀ, the gate's 1 / (v_jᵀ k_j) per edit, and α."""
+
+    U: torch.Tensor        # (d_out, r) float32
+    V: torch.Tensor        # (d_in, r) float32
+    inv_s: torch.Tensor    # (r,) float32
+    alpha: float
+
+
+@dataclass(frozen=True)
+class ServedVersion:
+    """What the gated projections serve: a version id (None = base), its chain digest and its factors."""
+
+    version: int | None
+    digest: str
+    layers: dict[int, LayerFactors]
+
+    @property
+    def decider(self) -> int | None:
+        """The layer whose gate decides for every token: the first edited one."""
+        return min(self.layers) if self.layers else None
+
+
+BASE = ServedVersion(None, "", {})
+
+
+def served_version(version: int | None, digest: str, deltas: list[StepDelta], device, gate: str) -> ServedVersion:
+    """Stack ``deltas`` (a version's chain, in commit order) per layer, as kbsync's hooks do on restore."""
+    if gate != "token":
+        raise ValueError(f"version {version} routes with the {gate!r} gate; the vLLM plugin serves the per-token "
+                         "gate only (the per-sequence one needs whole sequences, which vLLM never has in one "
+                         "piece). Rebuild the history with gate = \"token\" (configs/models/*.toml)")
+    parts: dict[int, list] = {}
+    alphas: dict[int, float] = {}
+    for d in deltas:
+        for ld in d.layers:
+            parts.setdefault(ld.layer, []).append((ld.U.float(), ld.V.float(), ld.K.float()))
+            alphas[ld.layer] = ld.alpha                             # α after the layer's latest step
+    layers = {}
+    for layer, ps in sorted(parts.items()):
+        U = torch.cat([u for u, _, _ in ps], 1).to(device)          # (d_out, r)
+        V = torch.cat([v for _, v, _ in ps], 1).to(device)          # (d_in, r)
+        S = torch.cat([self_response(v, k) for _, v, k in ps]).to(device)   # (r,)
+        layers[layer] = LayerFactors(U.contiguous(), V.contiguous(), 1.0 / S.clamp(min=1e-12), alphas[layer])
+    return ServedVersion(version, digest, layers)
+
+
+class GateState:
+    """One model's served version and the route its deciding layer chose in the forward pass in flight.
+
+    ``swap`` replaces the version between forward passes (the engine calls it between steps); each pass
+    reads ``current`` once, at its first gated layer, so a pass never mixes two versions."""
+
+    def __init__(self):
+        self.current: ServedVersion = BASE
+        self._pass: ServedVersion = BASE
+        self._route: torch.Tensor | None = None
+        self._last_layer = float("inf")                             # the gated layer the pass in flight is at
+
+    def swap(self, version: ServedVersion) -> None:
+        self.current = version
+
+    def delta(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
+        """The gated Δx of ``layer`` for tokens x (N, d_in) -> (N, d_out) float32, or None (nothing routes).
+        Only the deciding layer reads every token (its scores); Δx is computed for the routed tokens alone."""
+        if layer <= self._last_layer:                              # layers run in order: a new pass begins
+            self._pass, self._route = self.current, None
+        self._last_layer = layer
+        f = self._pass.layers.get(layer)
+        if f is None:
+            return None
+        if layer == self._pass.decider:                             # scores need every token's x V
+            xV = x.to(torch.float32) @ f.V                          # (N, r)
+            self._route = (xV * f.inv_s).amax(dim=-1) >= f.alpha    # (N,) bool
+            rows = self._route.nonzero().squeeze(-1)                # (n,) the routed tokens
+            if not len(rows):
+                return None
+            part = xV[rows] @ f.U.T                                 # (n, d_out)
+        else:                                                       # later layers: the routed tokens only
+            route = self._route
+            if route is None or route.shape[0] != x.shape[0]:
+                return None
+            rows = route.nonzero().squeeze(-1)                      # (n,)
+            if not len(rows):
+                return None
+            part = (x[rows].to(torch.float32) @ f.V) @ f.U.T        # (n, d_out)
+        return torch.zeros(x.shape[0], f.U.shape[0], dtype=torch.float32, device=x.device).index_copy_(0, rows, part)
+
+
+def gate_projection(module: nn.Module, layer: int, state: GateState) -> None:
+    """Serve ``state``'s gated Δ on top of ``module`` (a vLLM RowParallelLinear, whose forward returns
+    (output, bias)). The module itself stays in place, so whatever vLLM reads from it (its quantisation
+    method, its weights) is unchanged; only its instance ``forward`` is wrapped, once."""
+    if getattr(module, "_kbsync_layer", None) == layer:
+        return
+    inner = module.forward
+
+    def forward(x: torch.Tensor, *args, **kwargs):
+        out = inner(x, *args, **kwargs)
+        y, rest = (out[0], out[1:]) if isinstance(out, tuple) else (out, None)
+        dx = state.delta(layer, x.reshape(-1, x.shape[-1]))          # vLLM's x is (N, d_in) already
+        if dx is not None:
+            y = y + dx.to(y.dtype).view(y.shape)
+        return (y, *rest) if rest is not None else y
+
+    module.forward = forward
+    module._kbsync_layer = layer

@@ -1,0 +1,87 @@
+"""The vLLM plugin's gated projections (daemon/vllm/gate.py) against kbsync's own hooks, on a tiny Llama.
+
+The plugin's layer logic runs here without vLLM: wrapped around the Hugging Face model's down projections it
+must give the logits kbsync's hooks give, token for token, whether a sequence comes in one piece or in
+chunks (as chunked prefill feeds it), and a version swap must take effect on the next forward pass.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from daemon.vllm.gate import BASE, GateState, gate_projection, served_version
+from editor.hook import Mode
+from editor.model import EditableModel
+from editor.step import apply_delta, restore_state
+from tests.editor.test_gate import _delta, _edit_keys_of
+
+
+@pytest.fixture
+def history(make_tiny, tiny_tokenizer):
+    """A tiny Llama with two committed token-gate steps (keys: tokens of a text) and a text to run."""
+    model = make_tiny("llama")
+    em = EditableModel(model, tiny_tokenizer, layers=(1, 2), gate="token", alpha0=0.5)
+    text = torch.randint(2, len(tiny_tokenizer), (1, 16))
+    deltas = []
+    for seed, positions in ((0, [4, 9]), (1, [12])):
+        keys = {l: _edit_keys_of(em, text, l)[positions].T.contiguous() for l in em.layers}
+        deltas.append(_delta(em, keys, "token", alpha=0.5, seed=seed))
+        apply_delta(em, deltas[-1])
+    yield em, text, deltas
+    em.close()
+
+
+def _logits(model, ids) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits[0]                       # (T, V)
+
+
+def _chunked_logits(model, ids, size: int) -> torch.Tensor:
+    """The sequence fed in chunks of ``size`` tokens with the KV cache in between, as chunked prefill does."""
+    out, past = [], None
+    with torch.no_grad():
+        for start in range(0, ids.shape[1], size):
+            r = model(input_ids=ids[:, start:start + size], past_key_values=past, use_cache=True)
+            out.append(r.logits[0])
+            past = r.past_key_values
+    return torch.cat(out)
+
+
+def _plugin(em) -> GateState:
+    """kbsync's hooks off the model, the plugin's gated projections on it."""
+    em.close()
+    state = GateState()
+    for layer in em.layers:
+        gate_projection(em.spec.projection_module(em.model, layer), layer, state)
+    return state
+
+
+def test_the_plugin_gives_kbsyncs_logits_whole_and_in_chunks(history):
+    em, text, deltas = history
+    ours = _logits(em.model, text)
+    with em.mode(Mode.OFF):
+        base = _logits(em.model, text)
+    restore_state(em, deltas[:1])
+    ours_v1 = _logits(em.model, text)
+    restore_state(em, deltas)
+    assert (ours - base).abs().amax(dim=-1).gt(1e-3).any()         # some tokens route
+    assert (ours - base).abs().amax(dim=-1).lt(1e-6).any()         # and some do not
+
+    state = _plugin(em)
+    assert torch.equal(_logits(em.model, text), base)               # nothing served yet: the base model
+    state.swap(served_version(2, "digest", deltas, "cpu", "token"))
+    torch.testing.assert_close(_logits(em.model, text), ours, rtol=0, atol=1e-4)
+    for size in (1, 5, 7):
+        torch.testing.assert_close(_chunked_logits(em.model, text, size), ours, rtol=0, atol=1e-4)
+
+    state.swap(served_version(1, "digest", deltas[:1], "cpu", "token"))   # a rollback, on the next pass
+    torch.testing.assert_close(_logits(em.model, text), ours_v1, rtol=0, atol=1e-4)
+    state.swap(BASE)
+    assert torch.equal(_logits(em.model, text), base)
+
+
+def test_a_per_sequence_history_is_refused_with_the_fix(history):
+    em, text, deltas = history
+    zscore = [d.__class__(d.layers, d.requests, d.model_fingerprint, d.config_digest, gate="zscore") for d in deltas]
+    with pytest.raises(ValueError, match='per-token gate only.*gate = "token"'):
+        served_version(2, "digest", zscore, "cpu", "zscore")
