@@ -9,7 +9,7 @@ leaves either the old HEAD or the whole new chain.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import structlog
 import torch
@@ -34,13 +34,23 @@ BASE = None  # the version id of the unedited model
 class StepReport:
     version: int | None
     facts: int
-    kind: str            # "edit", "replay", "record" (a version with no weights), "failed"
+    kind: str            # "edit", "remove" (a version that masks edits), "replay", "record" (no weights), "failed"
     seconds: float
     error: str | None = None
 
     def to_json(self) -> dict:
         return {"version": self.version, "facts": self.facts, "kind": self.kind,
                 "seconds": round(self.seconds, 2), "error": self.error}
+
+
+@dataclass(frozen=True)
+class StepColumns:
+    """What one version does to the hooks' columns: whether it adds factors, the fact (subject, template)
+    of each column it adds, and the (step, column) edits of earlier steps it takes out."""
+
+    has_factors: bool
+    columns: tuple
+    masked: tuple
 
 
 class Service:
@@ -57,6 +67,7 @@ class Service:
         self._canary_base = None                      # canaries' next tokens on the unedited model
         self.degraded: str | None = None              # why HEAD could not be restored, if it could not
         self._editor: bool | None = None              # holds the editor lock (see is_editor); None: never asked
+        self._columns: dict[int, StepColumns] = {}     # per version: the facts its columns write, what it masks
 
     def __enter__(self) -> "Service":
         return self
@@ -100,7 +111,36 @@ class Service:
             except EditorError as exc:
                 raise ServiceError(f"version {v.id}: {exc}; roll back to an earlier version with "
                                    f"`kbsync rollback {v.parent if v.parent is not None else 'base'}`") from None
+            d = out[-1]
+            self._columns[v.id] = StepColumns(bool(d.layers), d.columns, d.masked)
         return out
+
+    def _live_columns(self, version_id: int | None) -> dict[tuple[str, str], list[tuple[int, int]]] | None:
+        """Where each fact the model at ``version_id`` answers with sits in the hooks: key -> [(step, column)]
+        of its edits not taken out yet. None when a step of the chain predates recorded columns (then only a
+        rebuild can take a fact out)."""
+        chain = self.ledger.chain(version_id)
+        if any(v.id not in self._columns for v in chain):
+            self._deltas(version_id)                     # reads the blobs once; the columns are kept
+        where: dict[tuple[str, str], list[tuple[int, int]]] = {}
+        masked: set[tuple[int, int]] = set()
+        step = 0
+        for v in chain:
+            sc = self._columns[v.id]
+            masked.update(sc.masked)
+            if sc.has_factors:
+                if not sc.columns:
+                    return None
+                for c, key in enumerate(sc.columns):
+                    where.setdefault(tuple(key), []).append((step, c))
+                step += 1
+        return {k: [m for m in ms if m not in masked] for k, ms in where.items()}
+
+    def _masks_for(self, keys, version_id: int | None) -> tuple[tuple[int, int], ...] | None:
+        live = self._live_columns(version_id)
+        if live is None:
+            return None
+        return tuple(sorted(m for k in keys for m in live.get(tuple(k), [])))
 
     def _restore(self, version_id: int | None) -> None:
         t = time.perf_counter()
@@ -272,12 +312,26 @@ class Service:
             return StepReport(None, 0, "failed", time.perf_counter() - t, "; ".join(w for _, w in bad))
         requests = [_request(e.change) for e in good]
         change_ids = [i for e in good for i in e.change_ids]
+        head = self.ledger.head()
+        # A correction: the facts' earlier edits are taken out first, so the new step is solved on a model
+        # that no longer carries the old targets (and then only the new target routes).
+        masks = self._masks_for({e.change.key for e in good}, head.id if head else BASE) or ()
         try:
-            delta = compute_delta(self.worker.em, requests, self.worker.stats, self.cfg.editor)
+            if masks:
+                apply_delta(self.worker.em, self._mask_step(masks))
+            delta = replace(compute_delta(self.worker.em, requests, self.worker.stats, self.cfg.editor),
+                            masked=masks)
         except (EditorError, torch.linalg.LinAlgError) as exc:   # this batch cannot be edited: do not retry it forever
+            if masks:
+                self._served = "unloaded"
+                self._at_head()
             self.store.mark_failed(change_ids, f"edit step failed: {exc}")
             log.warning("step.failed", facts=len(requests), reason=str(exc))
             return StepReport(None, len(requests), "failed", time.perf_counter() - t, str(exc))
+        except BaseException:
+            self._served = "unloaded"
+            self._at_head()
+            raise
         try:
             apply_delta(self.worker.em, delta)      # the gate looks at the edited model; not yet committed
             refused = self._verify(requests)
@@ -299,6 +353,38 @@ class Service:
         return StepReport(version.id, len(requests), "edit", time.perf_counter() - t)
 
     def _delete(self, entries, actor: str) -> StepReport:
+        """Take facts out. Fast path: one version that masks their edits' columns (they stop routing and
+        adding anything, at once; every other edit is untouched). A chain from before columns were recorded
+        is rebuilt instead: back to the parent of the first version carrying a fact, the rest replayed."""
+        t = time.perf_counter()
+        head = self.ledger.head()
+        keys = {e.change.key for e in entries}
+        del_ids = [i for e in entries for i in e.change_ids]
+        masks = self._masks_for(keys, head.id if head else BASE)
+        if masks is not None:
+            self._at_head()
+            delta = self._mask_step(masks)
+            try:
+                apply_delta(self.worker.em, delta)
+                version = self._commit_one(delta, del_ids, actor, f"remove {len(keys)} facts "
+                                                                 f"({len(masks)} edits masked)")
+            except BaseException:
+                self._served = "unloaded"
+                self._at_head()
+                raise
+            self._served = version.id
+            log.info("facts.removed", version=version.id, facts=len(keys), masked=len(masks),
+                     seconds=round(time.perf_counter() - t, 3))
+            return StepReport(version.id, len(keys), "remove", time.perf_counter() - t)
+        return self._delete_by_rebuild(entries, actor)
+
+    def _mask_step(self, masks) -> StepDelta:
+        """A version with no factors of its own that takes the edits ``masks`` out."""
+        em = self.worker.em
+        return StepDelta((), (), em.fingerprint(), self.cfg.editor.replace(opt_dtype=self.worker.precision.dtype).digest(),
+                         gate=em.gate, masked=tuple(masks))
+
+    def _delete_by_rebuild(self, entries, actor: str) -> StepReport:
         head = self.ledger.head()
         chain = self.ledger.chain(head.id if head else BASE)
         keys = {e.change.key for e in entries}

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .model import EditableModel
-from .step import StepDelta, check_delta
+from .step import StepDelta, check_delta, masked_indices
 
 MAX_LORA_RANK = 512        # vLLM's largest --max-lora-rank
 METADATA_FILE = "kbsync.json"
@@ -29,12 +29,18 @@ PEFT_CONFIG = "adapter_config.json"
 
 def stacked_factors(deltas: list[StepDelta]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Per edited layer the factors of every step side by side: U (d_out, r), V (d_in, r), float32, with
-    Σ_t U_t V_tᵀ = U Vᵀ."""
+    Σ_t U_t V_tᵀ = U Vᵀ; the columns of removed facts (masked) are left out."""
     parts: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     for d in deltas:
         for ld in d.layers:
             parts.setdefault(ld.layer, []).append((ld.U.float(), ld.V.float()))
-    return {l: (torch.cat([u for u, _ in p], 1), torch.cat([v for _, v in p], 1)) for l, p in sorted(parts.items())}
+    out = {}
+    for l, p in sorted(parts.items()):
+        U, V = torch.cat([u for u, _ in p], 1), torch.cat([v for _, v in p], 1)
+        keep = torch.ones(U.shape[1], dtype=torch.bool)
+        keep[masked_indices(deltas)] = False
+        out[l] = (U[:, keep].contiguous(), V[:, keep].contiguous())
+    return out
 
 
 def low_rank(U: torch.Tensor, V: torch.Tensor, max_rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:

@@ -88,6 +88,7 @@ class HookLayer:
         self.V: list[torch.Tensor] = []   # each (d_in, r_t) float32
         self.K: list[torch.Tensor] = []   # each (d_in, r_t) float32, the steps' keys
         self.S: list[torch.Tensor] = []   # each (r_t,) float32: v_jᵀ k_j, edit j's response to its own key
+        self.masked: set[tuple[int, int]] = set()   # (step, column) of edits taken out (removed facts)
         self.alpha = self.alpha0
         self._cat: tuple[torch.Tensor, torch.Tensor] | None = None
         self._D: torch.Tensor | None = None
@@ -119,11 +120,29 @@ class HookLayer:
         return self._KK
 
     def _factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """U, V and 1 / v_jᵀ k_j (the token gate's scale per edit), concatenated over the steps."""
+        """U, V and 1 / v_jᵀ k_j (the token gate's scale per edit), concatenated over the steps. A masked
+        edit's column of U and its gate scale are zero: it adds nothing and never routes a token."""
         if self._cat is None:
-            self._cat = (torch.cat(self.U, 1), torch.cat(self.V, 1),               # (d_out, r), (d_in, r)
-                         1.0 / torch.cat(self.S).clamp(min=1e-12))                # (r,)
+            U, V = torch.cat(self.U, 1), torch.cat(self.V, 1)                      # (d_out, r), (d_in, r)
+            inv_s = 1.0 / torch.cat(self.S).clamp(min=1e-12)                      # (r,)
+            if self.masked:
+                starts = [0]
+                for u in self.U[:-1]:
+                    starts.append(starts[-1] + u.shape[1])
+                idx = torch.tensor([starts[s] + c for s, c in sorted(self.masked)], device=U.device)
+                U[:, idx] = 0.0
+                inv_s[idx] = 0.0
+            self._cat = (U, V, inv_s)
         return self._cat
+
+    def mask(self, step: int, column: int) -> None:
+        """Take edit ``column`` of committed step ``step`` (counted over the steps this hook holds) out."""
+        if not (0 <= step < len(self.U) and 0 <= column < self.U[step].shape[1]):
+            raise IndexError(f"layer {self.layer}: no edit {column} in step {step} (it holds {len(self.U)} steps)")
+        self.masked.add((step, column))
+        self._cat = None
+        self._D = None
+        self._D_fwd = None
 
     @property
     def rank(self) -> int:

@@ -10,6 +10,7 @@ then α ← min(α, min over the batch's prompts of max_i z_i) per layer.
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from dataclasses import dataclass, field
 
@@ -44,6 +45,15 @@ class StepDelta:
     config_digest: str
     metrics: dict = field(default_factory=dict)
     gate: str = "zscore"     # the routing gate the step was made with (and is served with)
+    # Edits of earlier steps this step takes out, as (step, column): ``step`` counts the steps that carry
+    # factors, from the root of the chain; ``column`` is the edit's column in that step's factors.
+    masked: tuple[tuple[int, int], ...] = ()
+    # Per column, the (subject, prompt template) of the fact it writes: how a removal finds its columns.
+    columns: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self):
+        if self.requests and not self.columns:
+            object.__setattr__(self, "columns", tuple((r.subject, r.prompt) for r in self.requests))
 
     def to_arrays(self) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         """numpy tensors and string metadata, for storage with ``safetensors.numpy`` (no torch needed)."""
@@ -54,8 +64,12 @@ class StepDelta:
             for name, t in (("U", ld.U), ("V", ld.V), ("K", ld.K)):
                 arrays[f"{ld.layer}.{name}"] = np.ascontiguousarray(t.detach().cpu().numpy())
             arrays[f"{ld.layer}.alpha"] = np.array([ld.alpha], dtype=np.float64)
+        if self.masked:
+            arrays["masked"] = np.array(self.masked, dtype=np.int64).reshape(-1, 2)
         meta = {"layers": ",".join(str(ld.layer) for ld in self.layers), "gate": self.gate,
                 "model_fingerprint": self.model_fingerprint, "config_digest": self.config_digest}
+        if self.columns:
+            meta["columns"] = json.dumps([list(c) for c in self.columns])
         return arrays, meta
 
     @classmethod
@@ -69,7 +83,10 @@ class StepDelta:
         except (KeyError, ValueError, IndexError) as exc:
             raise DeltaMismatch(f"stored delta is incomplete ({exc!r} missing or malformed)") from None
         gate = meta.get("gate", "zscore")                 # versions from before the gate was recorded: the paper's
-        return cls(layers, tuple(requests), meta["model_fingerprint"], meta["config_digest"], gate=gate)
+        masked = tuple((int(a), int(b)) for a, b in arrays["masked"]) if "masked" in arrays else ()
+        columns = tuple(tuple(c) for c in json.loads(meta["columns"])) if "columns" in meta else ()
+        return cls(layers, tuple(requests), meta["model_fingerprint"], meta["config_digest"], gate=gate,
+                   masked=masked, columns=columns)
 
 
 METHODS = ("comeba-hk", "no-hook", "memit")
@@ -133,8 +150,10 @@ def compute_delta(em: EditableModel, requests: list[EditRequest], stats: KeyStat
 def apply_delta(em: EditableModel, delta: StepDelta) -> None:
     """Commit a step: every layer or none (everything is checked before anything changes)."""
     check_delta(em, delta)
+    _check_masks(em, delta)
     if delta.layers:                                     # an empty step (a removal) routes nothing
         em.adopt_gate(delta.gate)
+    _mask(em, delta)
     for ld in delta.layers:
         em.hooks[ld.layer].commit(ld.U, ld.V, ld.K, ld.alpha)
 
@@ -150,12 +169,45 @@ def restore_state(em: EditableModel, deltas: list[StepDelta]) -> None:
     gates = {d.gate for d in deltas if d.layers}
     if len(gates) > 1:
         raise DeltaMismatch(f"the versions mix routing gates {sorted(gates)}; one history routes one way")
+    steps = 0
+    for d in deltas:
+        bad = [m for m in d.masked if not 0 <= m[0] < steps]
+        if bad:
+            raise DeltaMismatch(f"a step masks edits {bad} of steps that are not before it ({steps} are)")
+        steps += bool(d.layers)
     em.reset()
     for d in deltas:
         if d.layers:
             em.adopt_gate(d.gate)
+        _mask(em, d)
         for ld in d.layers:
             em.hooks[ld.layer].commit(ld.U, ld.V, ld.K, ld.alpha)
+
+
+def _mask(em: EditableModel, delta: StepDelta) -> None:
+    for step, column in delta.masked:
+        for h in em.hooks.values():
+            if h.U:
+                h.mask(step, column)
+
+
+def _check_masks(em: EditableModel, delta: StepDelta) -> None:
+    held = max((len(h.U) for h in em.hooks.values()), default=0)
+    for step, column in delta.masked:
+        if not 0 <= step < held or any(h.U and column >= h.U[step].shape[1] for h in em.hooks.values()):
+            raise DeltaMismatch(f"the step masks edit {column} of step {step}, which the model does not hold "
+                                f"({held} steps committed)")
+
+
+def masked_indices(deltas: list[StepDelta]) -> list[int]:
+    """The masked edits of a chain as indices into its factors concatenated step by step (the order the
+    hooks, the exports and the vLLM plugin stack them in)."""
+    starts, total = [], 0
+    for d in deltas:
+        if d.layers:
+            starts.append(total)
+            total += d.layers[0].U.shape[1]
+    return sorted({starts[s] + c for d in deltas for s, c in d.masked})
 
 
 def check_delta(em: EditableModel, delta: StepDelta) -> None:

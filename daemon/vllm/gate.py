@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from editor.hook import self_response
-from editor.step import StepDelta
+from editor.step import StepDelta, masked_indices
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,10 @@ def served_version(version: int | None, digest: str, deltas: list[StepDelta], de
         U = torch.cat([u for u, _, _ in ps], 1).to(device)          # (d_out, r)
         V = torch.cat([v for _, v, _ in ps], 1).to(device)          # (d_in, r)
         S = torch.cat([self_response(v, k) for _, v, k in ps]).to(device)   # (r,)
-        layers[layer] = LayerFactors(U.contiguous(), V.contiguous(), 1.0 / S.clamp(min=1e-12), alphas[layer])
+        inv_s = 1.0 / S.clamp(min=1e-12)                            # (r,)
+        masked = masked_indices(deltas)                             # removed facts: no Δ, never route
+        U[:, masked], inv_s[masked] = 0.0, 0.0
+        layers[layer] = LayerFactors(U.contiguous(), V.contiguous(), inv_s, alphas[layer])
     return ServedVersion(version, digest, layers)
 
 

@@ -1,4 +1,4 @@
-"""Versions on the real default model: rollback, revert and delete change what the model answers."""
+"""Versions on the real default model: rollback, revert, removal and correction change what the model answers."""
 import pytest
 import torch
 
@@ -53,11 +53,25 @@ def test_rollback_revert_delete(default_model, counterfact, tmp_path):
         assert torch.equal(top()[2:4], tops[0][2:4])
         assert svc.ledger.head().id not in (v1, v2, v3)
 
+        before_removal = svc.ledger.head().id
+        n_versions = len(svc.ledger.versions())
         svc.store.remove(cases[4]["subject"], cases[4]["prompt"], source="test")
-        svc.sync()                                       # the deleted fact answers as the unedited model
+        reports = svc.sync()                             # the deleted fact answers as the unedited model
+        assert [r.kind for r in reports] == ["remove"] and len(svc.ledger.versions()) == n_versions + 1
         h = holds()
         assert int(top()[4]) == int(base_top[4])
         assert h[5] and h[:2] == [True, True] and h[2:4] == [False, False]
         assert svc.status()["pending"] == 0
+        removed = svc.ledger.head().id
+
+        # a correction: one step, then the new target wins over the edit it replaces
+        svc.store.add(cases[5]["subject"], cases[5]["prompt"], cases[5]["ground_truth"], source="test")
+        assert [r.kind for r in svc.sync()] == ["edit"]
+        assert int(top()[5]) == int(old[5]) and not holds()[5] and holds()[:2] == [True, True]
+
+        svc.rollback(before_removal)                     # rollback across the removal is exact
+        assert holds()[4] and holds()[5]
+        svc.rollback(removed)
+        assert int(top()[4]) == int(base_top[4]) and holds()[5]
     finally:
         svc.close()

@@ -12,7 +12,7 @@ import torch
 from daemon.vllm.gate import BASE, GateState, gate_projection, served_version
 from editor.hook import Mode
 from editor.model import EditableModel
-from editor.step import apply_delta, restore_state
+from editor.step import StepDelta, apply_delta, restore_state
 from tests.editor.test_gate import _delta, _edit_keys_of
 
 
@@ -63,6 +63,9 @@ def test_the_plugin_gives_kbsyncs_logits_whole_and_in_chunks(history):
         base = _logits(em.model, text)
     restore_state(em, deltas[:1])
     ours_v1 = _logits(em.model, text)
+    removal = StepDelta((), (), em.fingerprint(), "test", gate="token", masked=((0, 1),))
+    restore_state(em, [*deltas, removal])
+    ours_removed = _logits(em.model, text)
     restore_state(em, deltas)
     assert (ours - base).abs().amax(dim=-1).gt(1e-3).any()         # some tokens route
     assert (ours - base).abs().amax(dim=-1).lt(1e-6).any()         # and some do not
@@ -76,6 +79,8 @@ def test_the_plugin_gives_kbsyncs_logits_whole_and_in_chunks(history):
 
     state.swap(served_version(1, "digest", deltas[:1], "cpu", "token"))   # a rollback, on the next pass
     torch.testing.assert_close(_logits(em.model, text), ours_v1, rtol=0, atol=1e-4)
+    state.swap(served_version(3, "digest", [*deltas, removal], "cpu", "token"))   # a fact taken out
+    torch.testing.assert_close(_logits(em.model, text), ours_removed, rtol=0, atol=1e-4)
     state.swap(BASE)
     assert torch.equal(_logits(em.model, text), base)
 

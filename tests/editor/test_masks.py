@@ -1,0 +1,86 @@
+"""Taking edits out by masking their columns: the rest of the history is untouched, the masked edit adds
+nothing and routes nothing, and a masked history stores, restores and exports exactly."""
+import pytest
+import torch
+
+from editor.errors import DeltaMismatch
+from editor.hook import Mode
+from editor.model import EditableModel
+from editor.step import StepDelta, apply_delta, masked_indices, restore_state
+from editor.export import stacked_factors
+from tests.editor.test_gate import _delta, _edit_keys_of
+
+
+@pytest.fixture
+def two_steps(make_tiny, tiny_tokenizer):
+    """A tiny Llama with two token-gate steps: edits at tokens 4 and 9, then at token 12, of one text."""
+    em = EditableModel(make_tiny("llama"), tiny_tokenizer, layers=(1, 2), gate="token", alpha0=0.5)
+    text = torch.randint(2, len(tiny_tokenizer), (1, 16))
+    deltas = []
+    for seed, positions in ((0, [4, 9]), (1, [12])):
+        keys = {l: _edit_keys_of(em, text, l)[positions].T.contiguous() for l in em.layers}
+        deltas.append(_delta(em, keys, "token", alpha=0.5, seed=seed))
+        apply_delta(em, deltas[-1])
+    yield em, text, deltas
+    em.close()
+
+
+def _logits(em, ids):
+    with torch.no_grad():
+        return em.model(input_ids=ids).logits[0]
+
+
+def _mask(em, masked):
+    return StepDelta((), (), em.fingerprint(), "test", gate="token", masked=tuple(masked))
+
+
+def _dropped(delta: StepDelta, column: int) -> StepDelta:
+    """The same step without one edit (its columns of U, V and K gone): what masking that edit must equal."""
+    from dataclasses import replace
+    from editor.step import LayerDelta
+    keep = [c for c in range(delta.layers[0].U.shape[1]) if c != column]
+    return replace(delta, layers=tuple(LayerDelta(ld.layer, ld.U[:, keep], ld.V[:, keep], ld.K[:, keep], ld.alpha)
+                                       for ld in delta.layers))
+
+
+def test_a_masked_edit_stops_routing_and_the_others_hold(two_steps):
+    em, text, deltas = two_steps
+    before = _logits(em, text)
+    with em.mode(Mode.OFF):
+        base = _logits(em, text)
+    routed = (before - base).abs().amax(-1) > 1e-5                  # (T,) the tokens an edit changes
+    assert routed[4] and routed[9] and routed[12]
+
+    apply_delta(em, _mask(em, [(0, 1)]))                            # step 0's edit at token 9 out
+    after = _logits(em, text)
+    assert (after[9] - before[9]).abs().max() > 1e-4                # token 9 changed
+    # exactly the history whose step 0 never had that edit: it adds nothing and scores no token
+    other = EditableModel(em.model, em.tokenizer, layers=(1, 2), gate="token", alpha0=0.5)
+    em.close()
+    try:
+        restore_state(other, [_dropped(deltas[0], 1), deltas[1]])
+        torch.testing.assert_close(_logits(other, text), after, rtol=0, atol=1e-5)
+    finally:
+        other.close()
+
+
+def test_a_masked_history_round_trips_through_storage_and_export(two_steps):
+    em, text, deltas = two_steps
+    mask = _mask(em, [(0, 0)])
+    apply_delta(em, mask)
+    served = _logits(em, text)
+    stored = [StepDelta.from_arrays(*d.to_arrays()) for d in (*deltas, mask)]
+    assert stored[-1].masked == ((0, 0),) and masked_indices(stored) == [0]
+    restore_state(em, stored)
+    torch.testing.assert_close(_logits(em, text), served, rtol=0, atol=0)
+    U, V = stacked_factors(stored)[1]
+    assert U.shape[1] == 2                                          # 3 edits, 1 masked
+    torch.testing.assert_close(U @ V.T, em.hooks[1].D, rtol=0, atol=1e-5)
+
+
+def test_a_mask_of_an_edit_that_is_not_there_is_refused(two_steps):
+    em, text, deltas = two_steps
+    with pytest.raises(DeltaMismatch, match="masks edit 5 of step 0"):
+        apply_delta(em, _mask(em, [(0, 5)]))
+    with pytest.raises(DeltaMismatch, match="not before it"):
+        restore_state(em, [_mask(em, [(0, 0)]), *deltas])
