@@ -73,10 +73,17 @@ def synthetic_state(root: Path, edits: int, model_dir: Path) -> Path:
             assert torch.allclose(self_response(V, K), torch.ones(10), atol=1e-4)
             layers.append(LayerDelta(l, U, V, K, cfg.token_alpha0))
         arrays, meta = StepDelta(tuple(layers), (), "synthetic", "synthetic", gate="token").to_arrays()
-        ledger.commit(arrays, meta, [], config_digest="synthetic", model_fingerprint="synthetic", actor="bench",
+        ledger.commit(arrays, meta, [], config_digest="synthetic", model_fingerprint="synthetic", metrics={}, actor="bench",
                       reason=f"synthetic step {step}")
     store.close()
     return state
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def start(model_dir: Path, port: int, log: Path, state: Path | None) -> subprocess.Popen:
@@ -160,7 +167,6 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=ROOT / "bench" / "out" / "vllm_bench.json")
     args = ap.parse_args()
     from editor.loading import model_directory
-    from tests.daemon.conftest import free_port
 
     model_dir = args.model or model_directory("embedded", STATE)
     root = Path(tempfile.mkdtemp(prefix="vllm-bench-"))

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from .decoding import Row
+from .decoding import Continuation
 
 log = structlog.get_logger("kbsync.batcher")
 
@@ -25,7 +25,7 @@ _STOP = object()
 class Job:
     """One request's rows; ``on_start(version)`` before its first token, ``on_error(exc)`` if it fails."""
 
-    rows: list[Row]
+    rows: list[Continuation]
     on_start: Callable[[int | None], None]
     on_error: Callable[[BaseException], None]
     cancelled: bool = False

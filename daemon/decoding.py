@@ -33,7 +33,7 @@ class Sampling:
 
 
 @dataclass(eq=False)
-class Row:
+class Continuation:
     """One sequence to continue. ``emit`` is called from the decoding thread with this row's events."""
 
     prompt: list[int]
@@ -44,7 +44,7 @@ class Row:
 
 
 @torch.no_grad()
-def decode(em: EditableModel, rows: list[Row]) -> None:
+def decode(em: EditableModel, rows: list[Continuation]) -> None:
     """Continue every row until its stop text, an end-of-sequence token or ``max_tokens``."""
     if not rows:
         return
@@ -87,7 +87,7 @@ def decode(em: EditableModel, rows: list[Row]) -> None:
 class _RowState:
     """A row's generated tokens and the text already reported; stop texts are cut, never reported."""
 
-    def __init__(self, row: Row, tok, eos: set[int]):
+    def __init__(self, row: Continuation, tok, eos: set[int]):
         self.row, self.tok, self.eos = row, tok, eos
         self.tokens: list[int] = []
         self.sent = 0                                                    # characters reported so far

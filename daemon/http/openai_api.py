@@ -39,7 +39,7 @@ from starlette.background import BackgroundTask
 from kb.records import version_label
 
 from ..batcher import Job
-from ..decoding import DONE, TEXT, Row, Sampling
+from ..decoding import DONE, TEXT, Continuation, Sampling
 from .limits import ClientSlots
 from ..runtime import Runtime
 
@@ -273,7 +273,7 @@ class _Call:
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue = asyncio.Queue()
         self.prompt_tokens = sum(len(p) for p in prompts)
-        rows = [Row(ids, replace(sampling, seed=sampling.seed + j), self._put, index=i * n + j,
+        rows = [Continuation(ids, replace(sampling, seed=sampling.seed + j), self._put, index=i * n + j,
                     cancelled=lambda: self.job.cancelled)
                 for i, ids in enumerate(prompts) for j in range(n)]
         self.job = Job(rows, on_start=lambda v: self._put(("start", v)), on_error=lambda e: self._put((ERROR, e)))

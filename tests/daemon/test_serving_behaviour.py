@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from daemon.config import load_config
-from daemon.decoding import DONE, TEXT, Row, Sampling, decode
+from daemon.decoding import DONE, TEXT, Continuation, Sampling, decode
 from daemon.notify import Notifier
 from daemon.runtime import Runtime
 from editor.hook import Mode
@@ -35,7 +35,7 @@ def run_rows(em: EditableModel, prompts: list[str], sampling: list[Sampling]) ->
             texts[event[1]] += event[2]
         elif event[0] == DONE:
             done[event[1]] = (event[2], event[3])
-    decode(em, [Row(em.tokenizer(p)["input_ids"], s, sink, index=i) for i, (p, s) in enumerate(zip(prompts, sampling))])
+    decode(em, [Continuation(em.tokenizer(p)["input_ids"], s, sink, index=i) for i, (p, s) in enumerate(zip(prompts, sampling))])
     return [(t, *d) for t, d in zip(texts, done)]
 
 
