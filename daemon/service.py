@@ -156,6 +156,11 @@ class Service:
         log.info("model.restored", version=version_id, steps=len(deltas),
                  seconds=round(time.perf_counter() - t, 3))
 
+    def _back_to_head(self) -> None:
+        """The live hooks may hold uncommitted work (a step, a mask, a half-built chain): restore HEAD exactly."""
+        self._served = "unloaded"
+        self._at_head()
+
     def _at_head(self) -> int | None:
         head = self.ledger.head()
         head_id = head.id if head else BASE
@@ -312,10 +317,9 @@ class Service:
             return StepReport(None, 0, "failed", time.perf_counter() - t, "; ".join(w for _, w in bad))
         requests = [_request(e.change) for e in good]
         change_ids = [i for e in good for i in e.change_ids]
-        head = self.ledger.head()
         # A correction: the facts' earlier edits are taken out first, so the new step is solved on a model
         # that no longer carries the old targets (and then only the new target routes).
-        masks = self._masks_for({e.change.key for e in good}, head.id if head else BASE) or ()
+        masks = self._masks_for({e.change.key for e in good}, self._at_head()) or ()
         try:
             if masks:
                 apply_delta(self.worker.em, self._mask_step(masks))
@@ -323,14 +327,12 @@ class Service:
                             masked=masks)
         except (EditorError, torch.linalg.LinAlgError) as exc:   # this batch cannot be edited: do not retry it forever
             if masks:
-                self._served = "unloaded"
-                self._at_head()
+                self._back_to_head()
             self.store.mark_failed(change_ids, f"edit step failed: {exc}")
             log.warning("step.failed", facts=len(requests), reason=str(exc))
             return StepReport(None, len(requests), "failed", time.perf_counter() - t, str(exc))
         except BaseException:
-            self._served = "unloaded"
-            self._at_head()
+            self._back_to_head()
             raise
         try:
             apply_delta(self.worker.em, delta)      # the gate looks at the edited model; not yet committed
@@ -338,12 +340,10 @@ class Service:
             if not refused:
                 version = self._commit_one(delta, change_ids, actor, f"sync: {len(requests)} facts")
         except BaseException:
-            self._served = "unloaded"               # uncommitted: back to HEAD exactly
-            self._at_head()
+            self._back_to_head()
             raise
         if refused:
-            self._served = "unloaded"
-            self._at_head()                         # back to HEAD exactly
+            self._back_to_head()
             self.store.mark_failed(change_ids, refused)
             log.warning("step.rejected", facts=len(requests), reason=refused)
             return StepReport(None, len(requests), "failed", time.perf_counter() - t, refused)
@@ -357,20 +357,17 @@ class Service:
         adding anything, at once; every other edit is untouched). A chain from before columns were recorded
         is rebuilt instead: back to the parent of the first version carrying a fact, the rest replayed."""
         t = time.perf_counter()
-        head = self.ledger.head()
         keys = {e.change.key for e in entries}
         del_ids = [i for e in entries for i in e.change_ids]
-        masks = self._masks_for(keys, head.id if head else BASE)
+        masks = self._masks_for(keys, self._at_head())
         if masks is not None:
-            self._at_head()
             delta = self._mask_step(masks)
             try:
                 apply_delta(self.worker.em, delta)
                 version = self._commit_one(delta, del_ids, actor, f"remove {len(keys)} facts "
                                                                  f"({len(masks)} edits masked)")
             except BaseException:
-                self._served = "unloaded"
-                self._at_head()
+                self._back_to_head()
                 raise
             self._served = version.id
             log.info("facts.removed", version=version.id, facts=len(keys), masked=len(masks),
@@ -432,8 +429,7 @@ class Service:
                 self.ledger.move_head(parent, actor=actor, reason=reason)
                 committed = []
         except BaseException:
-            self._served = "unloaded"          # the live hooks hold a half-built chain: restore from the ledger
-            self._at_head()
+            self._back_to_head()
             raise
         self._served = committed[-1].id if committed else parent
         seconds = time.perf_counter() - t

@@ -113,7 +113,8 @@ def write_merged(em: EditableModel, deltas: list[StepDelta], out: str | Path, me
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state = dict(em.model.state_dict())                        # the base tensors, shared, never written
-    for layer, (U, V) in stacked_factors(deltas).items():
+    factors = stacked_factors(deltas)
+    for layer, (U, V) in factors.items():
         key = f"{em.spec.projection_name(layer)}.weight"
         W0 = state[key]
         D = (U.to(W0.device) @ V.to(W0.device).T)              # (d_out, d_in) float32
@@ -124,7 +125,7 @@ def write_merged(em: EditableModel, deltas: list[StepDelta], out: str | Path, me
     if em.tokenizer is not None:
         em.tokenizer.save_pretrained(out)
     doc = {**metadata, "format": "merged", "gate": "none: the delta applies to every token (no-hook)",
-           "layers": sorted(stacked_factors(deltas))}
+           "layers": sorted(factors)}
     config_path = out / "config.json"
     config = json.loads(config_path.read_text())
     config["kbsync"] = {k: v for k, v in doc.items() if k != "layers"}

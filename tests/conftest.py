@@ -155,3 +155,50 @@ def kb_url(request, tmp_path):
     if request.param == "sqlite":
         return str(tmp_path / "kb.sqlite")
     return request.getfixturevalue("postgres_cluster").create_database()
+
+
+# ----- hooks with hand-made token-gate steps (tests/editor/test_gate.py, test_masks.py, daemon/test_vllm_gate.py)
+def edit_keys_of(em, ids, layer):
+    """The projection inputs of ``layer`` for ``ids`` (1, T), (T, d_in)."""
+    from editor.hook import Mode
+
+    got = {}
+    h = em.spec.projection_module(em.model, layer).register_forward_hook(lambda m, i, o: got.update(x=i[0]))
+    with torch.no_grad(), em.mode(Mode.OFF):
+        em.model(input_ids=ids)
+    h.remove()
+    return got["x"][0]
+
+
+def token_step(em, keys: dict, gate: str, alpha: float, seed=0):
+    """A step (StepDelta) whose edits' keys are ``keys[l]`` (d_in, n), with V = C⁻¹K for a random SPD C."""
+    from editor.step import LayerDelta, StepDelta
+
+    g = torch.Generator().manual_seed(seed)
+    layers = []
+    for l, K in keys.items():
+        h = em.hooks[l]
+        A = torch.randn(h.d_in, h.d_in, generator=g)
+        C = A @ A.T / h.d_in + torch.eye(h.d_in)
+        V = torch.linalg.solve(C + K @ K.T, K)                                   # (d_in, n)
+        U = torch.randn(h.d_out, K.shape[1], generator=g) * 3                    # (d_out, n)
+        layers.append(LayerDelta(l, U, V, K, alpha))
+    return StepDelta(tuple(layers), (), em.fingerprint(), "test", gate=gate)
+
+
+@pytest.fixture
+def token_history(make_tiny, tiny_tokenizer):
+    """A tiny Llama with two token-gate steps (edit keys: tokens 4 and 9, then 12, of one text); yields
+    (EditableModel, text (1, 16), [delta of step 1, delta of step 2])."""
+    from editor.model import EditableModel
+    from editor.step import apply_delta
+
+    em = EditableModel(make_tiny("llama"), tiny_tokenizer, layers=(1, 2), gate="token", alpha0=0.5)
+    text = torch.randint(2, len(tiny_tokenizer), (1, 16))
+    deltas = []
+    for seed, positions in ((0, [4, 9]), (1, [12])):
+        keys = {l: edit_keys_of(em, text, l)[positions].T.contiguous() for l in em.layers}
+        deltas.append(token_step(em, keys, "token", alpha=0.5, seed=seed))
+        apply_delta(em, deltas[-1])
+    yield em, text, deltas
+    em.close()

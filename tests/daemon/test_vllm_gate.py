@@ -11,24 +11,7 @@ import torch
 
 from daemon.vllm.gate import BASE, GateState, gate_projection, served_version
 from editor.hook import Mode
-from editor.model import EditableModel
-from editor.step import StepDelta, apply_delta, restore_state
-from tests.editor.test_gate import _delta, _edit_keys_of
-
-
-@pytest.fixture
-def history(make_tiny, tiny_tokenizer):
-    """A tiny Llama with two committed token-gate steps (keys: tokens of a text) and a text to run."""
-    model = make_tiny("llama")
-    em = EditableModel(model, tiny_tokenizer, layers=(1, 2), gate="token", alpha0=0.5)
-    text = torch.randint(2, len(tiny_tokenizer), (1, 16))
-    deltas = []
-    for seed, positions in ((0, [4, 9]), (1, [12])):
-        keys = {l: _edit_keys_of(em, text, l)[positions].T.contiguous() for l in em.layers}
-        deltas.append(_delta(em, keys, "token", alpha=0.5, seed=seed))
-        apply_delta(em, deltas[-1])
-    yield em, text, deltas
-    em.close()
+from editor.step import StepDelta, restore_state
 
 
 def _logits(model, ids) -> torch.Tensor:
@@ -56,8 +39,8 @@ def _plugin(em) -> GateState:
     return state
 
 
-def test_the_plugin_gives_kbsyncs_logits_whole_and_in_chunks(history):
-    em, text, deltas = history
+def test_the_plugin_gives_kbsyncs_logits_whole_and_in_chunks(token_history):
+    em, text, deltas = token_history
     ours = _logits(em.model, text)
     with em.mode(Mode.OFF):
         base = _logits(em.model, text)
@@ -85,8 +68,8 @@ def test_the_plugin_gives_kbsyncs_logits_whole_and_in_chunks(history):
     assert torch.equal(_logits(em.model, text), base)
 
 
-def test_a_per_sequence_history_is_refused_with_the_fix(history):
-    em, text, deltas = history
+def test_a_per_sequence_history_is_refused_with_the_fix(token_history):
+    em, text, deltas = token_history
     zscore = [d.__class__(d.layers, d.requests, d.model_fingerprint, d.config_digest, gate="zscore") for d in deltas]
     with pytest.raises(ValueError, match='per-token gate only.*gate = "token"'):
         served_version(2, "digest", zscore, "cpu", "zscore")

@@ -6,30 +6,7 @@ from editor.errors import DeltaMismatch
 from editor.hook import HookLayer, Mode, RoutingContext
 from editor.model import EditableModel
 from editor.step import LayerDelta, StepDelta, apply_delta, restore_state
-
-
-def _edit_keys_of(em, ids, layer):
-    """The projection inputs of ``layer`` for ``ids`` (1, T), (T, d_in)."""
-    got = {}
-    h = em.spec.projection_module(em.model, layer).register_forward_hook(lambda m, i, o: got.update(x=i[0]))
-    with torch.no_grad(), em.mode(Mode.OFF):
-        em.model(input_ids=ids)
-    h.remove()
-    return got["x"][0]
-
-
-def _delta(em, keys: dict, gate: str, alpha: float, seed=0) -> StepDelta:
-    """A step whose edits' keys are ``keys[l]`` (d_in, n), with V = C⁻¹K for a random SPD C."""
-    g = torch.Generator().manual_seed(seed)
-    layers = []
-    for l, K in keys.items():
-        h = em.hooks[l]
-        A = torch.randn(h.d_in, h.d_in, generator=g)
-        C = A @ A.T / h.d_in + torch.eye(h.d_in)
-        V = torch.linalg.solve(C + K @ K.T, K)                                   # (d_in, n)
-        U = torch.randn(h.d_out, K.shape[1], generator=g) * 3                    # (d_out, n)
-        layers.append(LayerDelta(l, U, V, K, alpha))
-    return StepDelta(tuple(layers), (), em.fingerprint(), "test", gate=gate)
+from tests.conftest import edit_keys_of as _edit_keys_of, token_step as _delta
 
 
 @pytest.fixture

@@ -8,21 +8,6 @@ from editor.hook import Mode
 from editor.model import EditableModel
 from editor.step import StepDelta, apply_delta, masked_indices, restore_state
 from editor.export import stacked_factors
-from tests.editor.test_gate import _delta, _edit_keys_of
-
-
-@pytest.fixture
-def two_steps(make_tiny, tiny_tokenizer):
-    """A tiny Llama with two token-gate steps: edits at tokens 4 and 9, then at token 12, of one text."""
-    em = EditableModel(make_tiny("llama"), tiny_tokenizer, layers=(1, 2), gate="token", alpha0=0.5)
-    text = torch.randint(2, len(tiny_tokenizer), (1, 16))
-    deltas = []
-    for seed, positions in ((0, [4, 9]), (1, [12])):
-        keys = {l: _edit_keys_of(em, text, l)[positions].T.contiguous() for l in em.layers}
-        deltas.append(_delta(em, keys, "token", alpha=0.5, seed=seed))
-        apply_delta(em, deltas[-1])
-    yield em, text, deltas
-    em.close()
 
 
 def _logits(em, ids):
@@ -43,8 +28,8 @@ def _dropped(delta: StepDelta, column: int) -> StepDelta:
                                        for ld in delta.layers))
 
 
-def test_a_masked_edit_stops_routing_and_the_others_hold(two_steps):
-    em, text, deltas = two_steps
+def test_a_masked_edit_stops_routing_and_the_others_hold(token_history):
+    em, text, deltas = token_history
     before = _logits(em, text)
     with em.mode(Mode.OFF):
         base = _logits(em, text)
@@ -64,8 +49,8 @@ def test_a_masked_edit_stops_routing_and_the_others_hold(two_steps):
         other.close()
 
 
-def test_a_masked_history_round_trips_through_storage_and_export(two_steps):
-    em, text, deltas = two_steps
+def test_a_masked_history_round_trips_through_storage_and_export(token_history):
+    em, text, deltas = token_history
     mask = _mask(em, [(0, 0)])
     apply_delta(em, mask)
     served = _logits(em, text)
@@ -78,8 +63,8 @@ def test_a_masked_history_round_trips_through_storage_and_export(two_steps):
     torch.testing.assert_close(U @ V.T, em.hooks[1].D, rtol=0, atol=1e-5)
 
 
-def test_a_mask_of_an_edit_that_is_not_there_is_refused(two_steps):
-    em, text, deltas = two_steps
+def test_a_mask_of_an_edit_that_is_not_there_is_refused(token_history):
+    em, text, deltas = token_history
     with pytest.raises(DeltaMismatch, match="masks edit 5 of step 0"):
         apply_delta(em, _mask(em, [(0, 5)]))
     with pytest.raises(DeltaMismatch, match="not before it"):
