@@ -9,7 +9,10 @@ COUNTERFACT facts, cases 5000-5099, in 10 steps of 10). On a copy of it:
 - after each removal, the removed prompt's next token against the unedited model's; after all of them, the
   next token of every other edited prompt against before (≥ 99 % must keep it);
 - rollback to before the first removal and back: the next tokens are exactly the same;
-- a correction chain A -> B -> C -> B on one fact: the sync time of each step and which target wins.
+- a correction chain A -> B -> C -> B on one fact: the sync time of each step and which target wins;
+- compaction (`kbsync compact`): its time and rate against the editing rate, the next tokens of every
+  prompt against the masked history's, HEAD's chain (versions, bytes) before and after, and rollback across
+  it.
 """
 from __future__ import annotations
 
@@ -96,13 +99,43 @@ def main() -> None:
                             "top_is_target": top == first(target)})
         print(json.dumps(corrections[-1]), flush=True)
 
+    # Compaction: the live facts solved again from the base model; its answers against the masked history's
+    chain_bytes = lambda: sum(v.blob_bytes for v in svc.ledger.chain(svc.ledger.head().id))   # noqa: E731
+    em, masked_head = svc.model_at_head()
+    masked_answers = nxt()
+    masked_chain = {"versions": len(svc.ledger.chain(masked_head)), "bytes": chain_bytes()}
+    edit_s = [v.metrics.get("total_s") for v in svc.ledger.chain(head0) if v.metrics.get("total_s")]
+    edited = sum(v.n_facts for v in svc.ledger.chain(head0) if v.metrics.get("total_s"))
+    t = time.perf_counter()
+    compaction = svc.compact(actor="bench")
+    compact_s = time.perf_counter() - t
+    em, compact_head = svc.model_at_head()
+    compacted = nxt()
+    live_idx = [i for i in range(len(facts)) if i not in chosen]
+    svc.rollback(masked_head)
+    exact_before = bool(torch.equal(nxt(), masked_answers))
+    svc.rollback(compact_head)
+    exact_after = bool(torch.equal(nxt(), compacted))
+    compaction = {"seconds": round(compact_s, 2), "live_facts": compaction["live"],
+                  "versions": compaction["versions"], "facts_per_s": round(compaction["live"] / compact_s, 3),
+                  "editing_facts_per_s": round(edited / sum(edit_s), 3) if edit_s else None,
+                  "same_next_token_as_masked": sum(bool(compacted[i] == masked_answers[i]) for i in range(len(facts))),
+                  "of": len(facts),
+                  "removed_answer_as_base": sum(bool(compacted[i] == base[i]) for i in chosen),
+                  "live_same_as_masked": sum(bool(compacted[i] == masked_answers[i]) for i in live_idx),
+                  "live": len(live_idx),
+                  "head_chain_before": masked_chain,
+                  "head_chain_after": {"versions": len(svc.ledger.chain(compact_head)), "bytes": chain_bytes()},
+                  "rollback_exact": exact_before and exact_after}
+    print(json.dumps(compaction), flush=True)
+
     doc = {"facts": len(facts), "versions_before": n_versions, "blob_bytes_before": blob_bytes,
            "versions_after": len(svc.ledger.versions()), "blob_bytes_after": svc.ledger.blob_bytes_total(),
            "removals": removals,
            "removal_sync_seconds_max": max(r["sync_seconds"] for r in removals),
            "removed_answer_as_base": sum(r["answers_as_base"] for r in removals),
            "others_kept": kept, "others": len(others), "rollback_exact": exact_back and exact_forward,
-           "corrections": corrections}
+           "corrections": corrections, "compaction": compaction}
     svc.close()
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(doc, indent=2) + "\n")

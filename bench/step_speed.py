@@ -5,7 +5,7 @@
 The report names the CPU (torch's capability and whether it has native bf16) and what ``opt_dtype = "auto"``
 picks on it, so results from different machines can be told apart.
 
-Each variant starts from the base model and edits the same COUNTERFACT cases (5000 on) as ``--steps``
+Each variant starts from the base model and edits the same COUNTERFACT cases (``--first-case``, default 5000) as ``--steps``
 consecutive steps; variants alternate step by step so machine noise hits them alike. Prints the time
 split (target optimisation, keys, solve, routing) and the step's own success (P(new) > P(true) on its
 prompts right after the step). Also times the key statistics build when they are not cached yet.
@@ -23,11 +23,43 @@ import torch
 from common import DATA, ROOT, STATE, hparams, load
 
 
+BASELINE = "8be8a8b"     # a variant of this name runs that commit's target optimisation (issue 15's reference)
+
+
+def baseline_targets(commit: str = BASELINE):
+    """``compute_targets`` as it was at ``commit``, loaded from git into this process (same model, same cases).
+
+    Everything around it (keys, solve, routing) is today's; the target optimisation is what issue 15 asks to
+    make 4x cheaper, and its code is the part that changed."""
+    import subprocess
+    import types
+
+    import editor.targets as now
+    src = subprocess.run(["git", "show", f"{commit}:editor/targets.py"], cwd=ROOT, check=True,
+                         capture_output=True, text=True).stdout
+    mod = types.ModuleType(f"editor.targets_{commit}")
+    mod.__package__ = "editor"
+    exec(compile(src, f"{commit}:editor/targets.py", "exec"), mod.__dict__)
+
+    def run(em, batch, cfg):
+        old = mod.compute_targets(em, batch, cfg.replace(opt_dtype="float32"))
+        return now.Targets(Z=old.Z, h0=old.h0, nll=old.nll, top1=torch.zeros(len(old.nll), dtype=torch.bool),
+                           steps=old.steps, opt_dtype="float32")
+    return run
+
+
 def parse_variant(text: str) -> dict:
     out = {}
+    if text == BASELINE:
+        return {"opt_dtype": "float32", "early_stop": "nll", "v_lr": 0.5, "v_steps": 25,
+                "contexts": ("{}", "The following is a fact. {}", "Here is what I know. {}", "In short, {}",
+                             "According to the records, {}")}       # 8be8a8b's configuration
     for part in filter(None, text.split(";")):
         k, v = part.split("=")
         current = getattr(BASE, k)
+        if k == "contexts":                              # contexts=N: the first N of the shipped ones
+            out[k] = BASE.contexts[:int(v)]
+            continue
         out[k] = (v.lower() in ("1", "true", "yes")) if isinstance(current, bool) else type(current)(v)
     return out
 
@@ -45,6 +77,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=10)
     ap.add_argument("--variants", default="opt_dtype=float32,opt_dtype=bfloat16",
                     help="comma-separated variants; each is k=v;k=v over [editor] fields")
+    ap.add_argument("--first-case", type=int, default=5000, help="COUNTERFACT case to start at (0-4999: tuning)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/out/step_speed.json")
     args = ap.parse_args()
     BASE = hparams()
@@ -53,10 +86,13 @@ def main() -> None:
     t = time.perf_counter()
     stats = key_stats(em, BASE.stats, STATE / "stats", progress=False)
     stats_s = time.perf_counter() - t
-    cases = load_cases("counterfact", DATA / "counterfact-edit.json", (5000, 5000 + args.steps * args.batch))
+    first = args.first_case
+    cases = load_cases("counterfact", DATA / "counterfact-edit.json", (first, first + args.steps * args.batch))
     variants = {v: BASE.replace(**parse_variant(v)) for v in args.variants.split(",")}
+    import editor.step as step_mod
+    new_targets, old_targets = step_mod.compute_targets, (baseline_targets() if BASELINE in variants else None)
     states = {v: [] for v in variants}             # committed deltas per variant
-    res = {v: {"total_s": [], "targets_s": [], "keys_s": [], "solve_s": [], "routing_s": [], "efficacy": []}
+    res = {v: {"total_s": [], "targets_s": [], "keys_s": [], "solve_s": [], "routing_s": [], "opt_steps": [], "efficacy": []}
            for v in variants}
     for s in range(args.steps):
         chunk = cases[s * args.batch:(s + 1) * args.batch]
@@ -65,11 +101,16 @@ def main() -> None:
             for d in states[v]:
                 apply_delta(em, d)
             t = time.perf_counter()
-            d = compute_delta(em, [c.request for c in chunk], stats, cfg)
+            if v == BASELINE:
+                step_mod.compute_targets = old_targets
+            try:
+                d = compute_delta(em, [c.request for c in chunk], stats, cfg)
+            finally:
+                step_mod.compute_targets = new_targets
             wall = time.perf_counter() - t
             apply_delta(em, d)
             states[v].append(d)
-            for k in ("targets_s", "keys_s", "solve_s", "routing_s"):
+            for k in ("targets_s", "keys_s", "solve_s", "routing_s", "opt_steps"):
                 res[v][k].append(d.metrics.get(k, 0.0))
             res[v]["total_s"].append(wall)
             with em.mode(Mode.VALIDATED):

@@ -71,6 +71,8 @@ def main() -> None:
     for item in args.set:
         key, _, value = item.partition("=")
         changes[key] = tomllib.loads(f"v = {value}")["v"]
+        if isinstance(changes[key], list):
+            changes[key] = tuple(changes[key])
     variant_cfg = cfg.replace(**changes) if changes else cfg
     a, b = (int(x) for x in args.cases.split(":"))
     cases = load_cases("counterfact", DATA / "counterfact-edit.json", (a, b))

@@ -43,10 +43,11 @@ class KBConfig:
 class SyncConfig:
     batch_size: int = 10          # B: facts per step (one version per step)
     max_steps: int = 100          # steps one sync may apply before yielding
+    compact_batch_size: int = 100  # facts per version when a compaction solves the live facts again
 
     def __post_init__(self):
-        if self.batch_size < 1 or self.max_steps < 1:
-            raise ConfigError("[sync] batch_size and max_steps must be at least 1")
+        if self.batch_size < 1 or self.max_steps < 1 or self.compact_batch_size < 1:
+            raise ConfigError("[sync] batch_size, max_steps and compact_batch_size must be at least 1")
 
 
 @dataclass(frozen=True)

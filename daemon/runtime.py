@@ -75,6 +75,8 @@ class Runtime:
         self.listener = ChangeListener.for_store(self.service.store, on_change=self.scheduler.poke,
                                                  on_head=self._head_moved)
         self.started_at: float | None = None
+        self.compaction: dict = {"running": False}       # the background compaction's state (status shows it)
+        self._compaction_thread: threading.Thread | None = None
         self.abandoned = False
         self._beat = time.monotonic()
         self._stopping = threading.Event()
@@ -225,7 +227,7 @@ class Runtime:
         last, nxt = self.scheduler.last_tick, self.scheduler.next_run_time
         doc = self.service.status()
         doc["kb"]["listening"] = self.listener is not None and self.listener.listening.is_set()
-        return {**doc, "last_tick": _tick_json(last),
+        return {**doc, "last_tick": _tick_json(last), "compaction": dict(self.compaction),
                 "next_tick": nxt.isoformat() if nxt is not None else None,
                 "daemon": {"pid": os.getpid(), "url": self.url, "started_at": self.started_at,
                            "ready": self.is_ready, "tick_running": self.scheduler.busy}}
@@ -258,6 +260,44 @@ class Runtime:
         self.metrics.record_steps(reports)
         self.publish_status()
         return {"steps": [r.to_json() for r in reports], "head": self._head()}
+
+    def compact(self, actor: str = "api") -> dict:
+        """Start compacting HEAD's history in the background; its state (``status()["compaction"]``).
+
+        Each step (one branch version, or the final move of HEAD) holds the model lock alone, as a sync step
+        does, so requests and syncs go on between them. Starting while one runs returns its state."""
+        self.service.require_editor()
+        with self._stop_lock:
+            if self._stopping.is_set():
+                raise ShuttingDownError("the daemon is stopping; no compaction was started")
+            if self._compaction_thread is None or not self._compaction_thread.is_alive():
+                self.compaction = {"running": True, "started_at": time.time(), "actor": actor, "steps": 0,
+                                   "progress": None, "error": None}
+                self._compaction_thread = threading.Thread(target=self._compact_loop, args=(actor,),
+                                                           name="kbsync-compaction", daemon=True)
+                self._compaction_thread.start()
+            return dict(self.compaction)
+
+    def _compact_loop(self, actor: str) -> None:
+        t = time.perf_counter()
+        try:
+            while not self._stopping.is_set():
+                with self.lock:
+                    if self._stopping.is_set():
+                        break
+                    p = self.service.compact_step(actor)
+                self.compaction = {**self.compaction, "steps": self.compaction["steps"] + (p.version is not None),
+                                   "progress": p.to_json()}
+                if p.finished:
+                    break
+                time.sleep(0.05)                        # let waiting requests take the lock
+        except Exception as exc:                        # the branch so far is committed: a restart resumes it
+            self.compaction = {**self.compaction, "error": str(exc)}
+            log.error("compaction.failed", error=str(exc))
+        finally:
+            self.compaction = {**self.compaction, "running": False, "seconds": round(time.perf_counter() - t, 2)}
+            if not self._stopping.is_set():
+                self.publish_status()
 
     def query(self, prompts: list[str], max_tokens: int = 16) -> tuple[list[str], int | None]:
         with self.lock:

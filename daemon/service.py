@@ -51,6 +51,7 @@ class StepColumns:
     has_factors: bool
     columns: tuple
     masked: tuple
+    targets: torch.Tensor | None = None     # (n, d): each column's target residual z, where the version kept it
 
 
 class Service:
@@ -112,7 +113,7 @@ class Service:
                 raise ServiceError(f"version {v.id}: {exc}; roll back to an earlier version with "
                                    f"`kbsync rollback {v.parent if v.parent is not None else 'base'}`") from None
             d = out[-1]
-            self._columns[v.id] = StepColumns(bool(d.layers), d.columns, d.masked)
+            self._columns[v.id] = StepColumns(bool(d.layers), d.columns, d.masked, d.targets)
         return out
 
     def _live_columns(self, version_id: int | None) -> dict[tuple[str, str], list[tuple[int, int]]] | None:
@@ -306,6 +307,23 @@ class Service:
         return self._rebuild(v.parent, later, exclude=set(), extra_ids=[], actor=actor,
                              reason=f"revert {v.id}")
 
+    def compact_step(self, actor: str = "cli"):
+        """One unit of compaction (``daemon.compaction``): a branch version, or the final move of HEAD."""
+        from . import compaction
+        return compaction.step(self, actor)
+
+    def compact(self, actor: str = "cli", progress=None) -> dict:
+        """Compact HEAD's history to the end (in-process; the daemon runs it step by step between requests)."""
+        t, steps = time.perf_counter(), []
+        while True:
+            p = self.compact_step(actor)
+            if progress is not None:
+                progress(p)
+            if p.version is not None:
+                steps.append(p.version)
+            if p.finished:
+                return {**p.to_json(), "versions": steps, "seconds": round(time.perf_counter() - t, 2)}
+
     # ----- steps -----------------------------------------------------------------------------------
     def _edit(self, entries, actor: str) -> StepReport:
         t = time.perf_counter()
@@ -315,7 +333,7 @@ class Service:
             log.warning("fact.failed", change=e.change.id, subject=e.change.subject, reason=why)
         if not good:
             return StepReport(None, 0, "failed", time.perf_counter() - t, "; ".join(w for _, w in bad))
-        requests = [_request(e.change) for e in good]
+        requests = [request_for(e.change) for e in good]
         change_ids = [i for e in good for i in e.change_ids]
         # A correction: the facts' earlier edits are taken out first, so the new step is solved on a model
         # that no longer carries the old targets (and then only the new target routes).
@@ -415,9 +433,11 @@ class Service:
         chunks = [replay[i:i + B] for i in range(0, len(replay), B)]
         planned: list[PlannedVersion] = []
         try:
+            known = self._stored_targets(versions, {c.id for c in replay})
             self._restore(parent)
             for k, chunk in enumerate(chunks):
-                delta = compute_delta(self.worker.em, [_request(c) for c in chunk], self.worker.stats, self.cfg.editor)
+                delta = compute_delta(self.worker.em, [request_for(c) for c in chunk], self.worker.stats,
+                                      self.cfg.editor, known=[known.get(c.id) for c in chunk])
                 apply_delta(self.worker.em, delta)
                 ids = [c.id for c in chunk] + (extra_ids + dropped if k == len(chunks) - 1 else [])
                 planned.append(self._plan(delta, ids, f"{reason} (step {k + 1}/{len(chunks)})"))
@@ -437,6 +457,22 @@ class Service:
                  facts=len(replay), seconds=round(seconds, 2))
         return [StepReport(v.id, v.n_facts, "replay" if chunks else "record", seconds / len(committed))
                 for v in committed]
+
+    def _stored_targets(self, versions, change_ids: set[int]) -> dict[int, torch.Tensor]:
+        """change id -> the target residual z a version of ``versions`` solved that change's fact for (where it
+        kept one), so a replay skips optimising it again."""
+        out: dict[int, torch.Tensor] = {}
+        if versions:
+            self._live_columns(versions[-1].id)               # reads the chain's columns and targets once
+        for v in versions:
+            sc = self._columns.get(v.id)
+            if sc is None or sc.targets is None:
+                continue
+            by_key = {c.key: c.id for c in self.ledger.carried(v.id) if c.id in change_ids}
+            for i, key in enumerate(sc.columns):
+                if tuple(key) in by_key:
+                    out[by_key[tuple(key)]] = sc.targets[i]
+        return out
 
     def _verify(self, requests: list[EditRequest]) -> str | None:
         """None if the edited live model passes the verify gate, else the reason it does not."""
@@ -481,7 +517,7 @@ class Service:
         good, bad = [], []
         for e in entries:
             try:
-                StepBatch(self.worker.em.tokenizer, [_request(e.change)], self.cfg.editor.contexts,
+                StepBatch(self.worker.em.tokenizer, [request_for(e.change)], self.cfg.editor.contexts,
                           self.cfg.editor.kl_template)
                 good.append(e)
             except EditorError as exc:
@@ -495,5 +531,6 @@ class Service:
             raise ServiceError(str(exc)) from None
 
 
-def _request(change) -> EditRequest:
+def request_for(change) -> EditRequest:
+    """The edit request that writes a fact change (an upsert)."""
     return EditRequest(change.subject, change.template, change.target)

@@ -48,7 +48,9 @@ class EditConfig:
     v_weight_decay: float = 0.5            # weight of ‖δ_j‖² / ‖h_L‖² in the loss: keeps each target near its output
     kl_factor: float = 0.0625              # weight of the KL term that keeps "{subject} is a" predictions as they were
     clamp_norm_factor: float = 4.0         # ‖δ_j‖ is clamped to this many times ‖h_L‖ after each step
-    early_stop_nll: float = 0.05           # stop once every fact's target NLL is below this
+    early_stop_nll: float = 0.05           # a fact stops once its target NLL (mean over its contexts) is below this
+    early_stop: str = "nll"                # "nll": only that rule; "top1": a fact also stops once its target is the
+                                           # most probable continuation in every context (ENCORE's MPES)
     opt_dtype: str = "auto"                # autocast dtype of the target optimisation; "auto": bf16 only where the
                                            # hardware has it natively, else float32 (editor/precision.py)
     prefix_cache: bool = True              # target optimisation: keys/values before each lookup computed once
@@ -76,6 +78,8 @@ class EditConfig:
             raise EditorError(f"editor config: `gate` must be \"token\" (per token) or \"zscore\" (the paper's, per sequence), got {self.gate!r}")
         if not 0.0 < self.token_alpha_min <= self.token_alpha0:
             raise EditorError(f"editor config: need 0 < token_alpha_min <= token_alpha0, got {self.token_alpha_min}, {self.token_alpha0}")
+        if self.early_stop not in ("nll", "top1"):
+            raise EditorError(f"editor config: `early_stop` must be \"nll\" or \"top1\", got {self.early_stop!r}")
         if self.contexts[0] != "{}":
             raise EditorError("editor config: the first of `contexts` must be '{}' (the bare prompt)")
 

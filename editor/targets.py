@@ -28,6 +28,7 @@ class Targets:
     Z: torch.Tensor          # (n, d) target residuals after block L
     h0: torch.Tensor         # (n, d) residuals before optimisation
     nll: torch.Tensor        # (n,) final target NLL per fact
+    top1: torch.Tensor       # (n,) bool: at its last evaluation, every target token was the argmax in every context
     steps: int               # optimisation steps run
     opt_dtype: str           # the precision it ran in ("auto" resolved)
 
@@ -35,8 +36,9 @@ class Targets:
 def compute_targets(em: EditableModel, batch: StepBatch, cfg: EditConfig) -> Targets:
     """Optimise δ for every fact at once; the model and its hooks are left as they were.
 
-    A fact whose target NLL falls below ``cfg.early_stop_nll`` is frozen and its rows leave the batch,
-    so later iterations only pay for the facts still learning.
+    A fact whose target NLL falls below ``cfg.early_stop_nll`` (or, with ``early_stop = "top1"``, whose
+    target is the argmax at every target position of every context) is frozen and its rows leave the
+    batch, so later iterations only pay for the facts still learning.
     """
     dev = em.device
     opt_dtype = choose_opt_dtype(cfg.opt_dtype, dev).dtype                 # "auto" resolved for this device
@@ -91,15 +93,17 @@ def compute_targets(em: EditableModel, batch: StepBatch, cfg: EditConfig) -> Tar
 
     opt = torch.optim.Adam([delta], lr=cfg.v_lr)
     nll_fact = torch.full((n,), float("inf"))
+    top1 = torch.zeros(n, dtype=torch.bool)                                 # (n,) target the argmax everywhere
     steps = 0
     with _attention_for(em.model, dev, opt_dtype), em.resumed_after(cfg.last_layer, provide):
         for steps in range(1, cfg.v_steps + 1):
             if "a" not in cur or not torch.equal(cur["a"].active, active):
                 cur["a"] = a = _Active(batch, active.clone(), ids, mask, hL, dev)
-                cur.pop("prefix", None)
                 if cfg.prefix_cache:
-                    with torch.no_grad(), _autocast(dev, opt_dtype):
-                        cur["prefix"] = _Prefix(em, a, cur)
+                    if "all" not in cur:                                  # every row's prefix, computed once
+                        with torch.no_grad(), _autocast(dev, opt_dtype):
+                            cur["all"] = _Prefix(em, a, cur)
+                    cur["prefix"] = cur["all"].select(a.index, a.mask)   # the active rows' share of it
             a = cur["a"]
             opt.zero_grad()
             with _autocast(dev, opt_dtype):
@@ -112,7 +116,13 @@ def compute_targets(em: EditableModel, batch: StepBatch, cfg: EditConfig) -> Tar
                 0, a.kl_fact, F.kl_div(kl_init[a.kl_fact], logp[a.N:], log_target=True, reduction="none").sum(-1))
             wd = cfg.v_weight_decay * delta.norm(dim=-1) ** 2 / h0_norm ** 2     # (n,)
             nll_fact[active] = nll.detach().cpu()[active]
+            miss = (logits[:a.N].detach().argmax(-1) != a.t_tok).float()          # (N_a,) target not the argmax
+            row_miss = torch.zeros(a.n_rw, device=dev).index_add(0, a.t_row, miss)                # (n_rw_a,)
+            fact_miss = torch.zeros(n, device=dev).index_add(0, a.fact[:a.n_rw], row_miss).cpu()  # (n,)
+            top1[active] = fact_miss[active] == 0
             done = active & (nll_fact < cfg.early_stop_nll)                       # (n,)
+            if cfg.early_stop == "top1":                                          # ENCORE's MPES
+                done |= active & top1
             if done.any():
                 frozen[done.to(dev)] = delta.detach()[done.to(dev)]
                 active &= ~done
@@ -125,7 +135,7 @@ def compute_targets(em: EditableModel, batch: StepBatch, cfg: EditConfig) -> Tar
                 limit = cfg.clamp_norm_factor * h0_norm                            # (n,) norm clamp
                 delta.mul_((limit / delta.norm(dim=-1).clamp(min=1e-12)).clamp(max=1.0)[:, None])
                 delta[~active.to(dev)] = frozen[~active.to(dev)]                   # Adam momentum must not move them
-    return Targets(Z=h0 + delta.detach(), h0=h0, nll=nll_fact, steps=steps, opt_dtype=opt_dtype)
+    return Targets(Z=h0 + delta.detach(), h0=h0, nll=nll_fact, top1=top1, steps=steps, opt_dtype=opt_dtype)
 
 
 def _autocast(dev: torch.device, dtype: str):
@@ -193,6 +203,19 @@ class _Prefix:
         self.kv = [(l, layer.keys, layer.values) for l, layer in enumerate(cache.layers)
                    if getattr(layer, "keys", None) is not None and layer.keys.numel()]
 
+    def select(self, index: torch.Tensor, mask: torch.Tensor) -> "_Prefix":
+        """The same cache for the rows ``index`` only (their attention ``mask``), suffix trimmed to them."""
+        out = object.__new__(_Prefix)
+        P = self.mask_s.shape[-1] - self.src_s.shape[1]
+        out.lookup = self.lookup[index]                                     # (R_a,)
+        S = int((mask.sum(1) - out.lookup).max())
+        out.src_s, out.pos_s = self.src_s[index, :S], self.pos_s[index, :S]  # (R_a, S)
+        out.mask_s = self.mask_s[index][:, :, :S, :P + S]                   # (R_a, 1, S, P + S)
+        out.ar = torch.arange(len(index), device=index.device)[:, None]     # (R_a, 1)
+        out.cache_kw = self.cache_kw
+        out.kv = [(l, K[index], V[index]) for l, K, V in self.kv]
+        return out
+
     def suffix(self, hL: torch.Tensor) -> torch.Tensor:
         """The residual stream after block L from each row's lookup on, (R, S, d)."""
         return hL[self.ar, self.src_s]
@@ -219,6 +242,7 @@ class _Active:
         keep_kl = [j for j in range(len(batch)) if active[j]]
         rows = [batch.rewrite[i] for i in keep_rw] + [batch.kl[j] for j in keep_kl]
         index = torch.tensor(keep_rw + [len(batch.rewrite) + j for j in keep_kl], device=dev)
+        self.index = index                                                  # (R_a,) rows of the whole batch
         self.ids, self.mask, self.hL = ids[index], mask[index], hL[index]  # (R_a, T), (R_a, T), (R_a, T, d)
         self.n_rw = len(keep_rw)
         self.ar = torch.arange(len(rows), device=dev)                       # (R_a,)

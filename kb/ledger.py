@@ -86,8 +86,11 @@ class Ledger:
 
     def commit(self, arrays: Mapping[str, np.ndarray], meta: Mapping[str, str], change_ids: Iterable[int], *,
                parent: int | None | _Head = _HEAD, config_digest: str, model_fingerprint: str,
-               metrics: Mapping, actor: str, reason: str) -> Version:
+               metrics: Mapping, actor: str, reason: str, move_head: bool = True) -> Version:
         """Store a step as a new version carrying ``change_ids`` and move HEAD to it; returns the version.
+
+        ``move_head=False`` stores it off HEAD (a branch being built, e.g. a compaction): HEAD stays, and the
+        changes it carries stay as HEAD's chain has them (applied there, else held).
 
         ``parent`` defaults to the current HEAD (None: the base model). ``arrays`` may be empty (a step that
         carries changes but leaves nothing to edit). Raises ``VersionNotFoundError`` for an unknown parent and
@@ -115,7 +118,10 @@ class Ledger:
             conn.executemany("INSERT INTO version_changes (version_id, change_id) VALUES (?, ?)",
                              [(version_id, i) for i in ids])
             self.store.changes.carry(conn, ids, version_id)
-            self._move(conn, version_id, actor, reason)
+            if move_head:
+                self._move(conn, version_id, actor, reason)
+            else:
+                self._restatus(conn, head)
             version = self._get(conn, version_id)
         log.info("kb.version_committed", version=version.id, parent=version.parent, changes=len(ids),
                  n_facts=n_facts, blob_sha256=sha, blob_bytes=len(data), actor=actor)

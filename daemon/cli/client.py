@@ -39,6 +39,9 @@ class DaemonClient:
     def revert(self, version: int) -> dict:
         return self._call("POST", "/v1/admin/revert", {"version": version})
 
+    def compact(self) -> dict:
+        return self._call("POST", "/v1/admin/compact", {})
+
     def query(self, prompt: str, max_tokens: int = 16) -> dict:
         return self._call("POST", "/v1/admin/query", {"prompt": prompt, "max_tokens": max_tokens})
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -229,6 +230,45 @@ def revert(obj: Ctx, version, as_json):
     doc = _dispatch(obj, lambda c: c.revert(version), lambda svc: _steps_doc(svc, svc.revert(version, actor="cli")),
                     progress=not as_json)
     _emit(as_json, doc, f"reverted {version}; head: {doc['head'] or 'base'} ({len(doc['steps'])} new versions)")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@click.option("--no-wait", is_flag=True, help="With a running daemon: start it and return.")
+@click.pass_obj
+def compact(obj: Ctx, as_json, no_wait):
+    """Solve the facts HEAD answers with again, into fewer versions, and move HEAD there.
+
+    Removed and corrected facts leave the new history; versions before it stay, so any rollback is exact.
+    A running daemon compacts in the background, between requests; an interrupted compaction resumes
+    where it stopped.
+
+    \b
+    Example:
+      kbsync facts rm "Danielle Darrieux" "The mother tongue of {} is" && kbsync sync && kbsync compact
+    """
+    def say(p):
+        if not as_json:
+            click.echo(f"{p.done} of {p.live} facts on the branch" + (f" (version {p.version})" if p.version else ""),
+                       err=True)
+
+    client = obj.daemon()
+    if client is not None:
+        state = client.compact()
+        while state.get("running") and not no_wait:
+            time.sleep(0.5)
+            state = client.status()["compaction"]
+        doc = state
+        if state.get("error"):
+            raise click.ClickException(f"compaction stopped: {state['error']} (its versions so far are kept; "
+                                       "`kbsync compact` again resumes it)")
+    else:
+        with obj.service(progress=not as_json) as svc:
+            doc = svc.compact(actor="cli", progress=say)
+    p = doc.get("progress", doc) or {}
+    human = ("compaction running in the daemon; `kbsync status` shows it" if doc.get("running") else
+             f"compacted: {p.get('live', 0)} facts, head {p.get('head') if p.get('head') is not None else 'base'}")
+    _emit(as_json, doc, human)
 
 
 @cli.command("export")

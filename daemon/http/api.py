@@ -10,6 +10,8 @@ Routes:
   ``{"steps": [...], "head": id}``.
 - ``POST /v1/admin/rollback`` ``{"version": int|null, "reason": str}``: ``{"from": id, "head": id}``.
 - ``POST /v1/admin/revert`` ``{"version": int}``: ``{"steps": [...], "head": id}``.
+- ``POST /v1/admin/compact``: starts compacting HEAD's history in the background (``daemon.compaction``);
+  returns its state, which ``status`` shows as ``compaction`` until it ends.
 - ``GET /metrics``: Prometheus text format; open on a loopback bind, else it needs the admin token.
 
 Admin routes need ``Authorization: Bearer TOKEN`` whenever a token is configured (``[daemon] token`` or
@@ -122,6 +124,10 @@ def create_app(runtime: Runtime) -> FastAPI:
     @app.post("/v1/admin/revert", dependencies=admin)
     async def revert(body: RevertBody) -> dict:
         return await _in_thread(partial(runtime.revert, body.version, actor="api"))
+
+    @app.post("/v1/admin/compact", dependencies=admin)
+    async def compact() -> dict:
+        return await _in_thread(partial(runtime.compact, actor="api"))
 
     @app.post("/v1/admin/query", dependencies=admin)
     async def query(body: QueryBody) -> dict:

@@ -52,6 +52,7 @@ def test_rollback_revert_delete(default_model, counterfact, tmp_path):
         assert h[:2] == [True, True] and h[4:] == [True, True] and h[2:4] == [False, False]
         assert torch.equal(top()[2:4], tops[0][2:4])
         assert svc.ledger.head().id not in (v1, v2, v3)
+        assert svc.ledger.head().metrics["targets_reused"] == 2        # step 3's facts replayed from stored z
 
         before_removal = svc.ledger.head().id
         n_versions = len(svc.ledger.versions())
@@ -69,9 +70,22 @@ def test_rollback_revert_delete(default_model, counterfact, tmp_path):
         assert [r.kind for r in svc.sync()] == ["edit"]
         assert int(top()[5]) == int(old[5]) and not holds()[5] and holds()[:2] == [True, True]
 
+        corrected = svc.ledger.head().id
+        at_corrected = top()
+
         svc.rollback(before_removal)                     # rollback across the removal is exact
         assert holds()[4] and holds()[5]
         svc.rollback(removed)
         assert int(top()[4]) == int(base_top[4]) and holds()[5]
+
+        # compaction: the three live facts solved again from the base model, the same answers
+        svc.rollback(corrected)
+        doc = svc.compact()
+        assert doc["finished"] and doc["live"] == 3 and svc.ledger.head().id != corrected
+        h = holds()
+        assert h[:2] == [True, True] and int(top()[4]) == int(base_top[4]) and int(top()[5]) == int(old[5])
+        assert torch.equal(top(), at_corrected)
+        svc.rollback(corrected)                          # rollback across the compaction is exact
+        assert torch.equal(top(), at_corrected)
     finally:
         svc.close()

@@ -64,3 +64,58 @@ def test_prefix_cache_gives_the_same_targets_as_full_rows(make_tiny, tiny_tokeni
     assert len(runs) == cached.steps and runs[0][1] < batch.tensors(batch.rewrite + batch.kl, "cpu")[0].shape[1]
     assert torch.allclose(cached.nll, full.nll, rtol=1e-4, atol=1e-5)
     assert torch.allclose(cached.Z, full.Z, rtol=1e-4, atol=1e-4) and not torch.equal(full.Z, full.h0)
+
+
+def test_top1_stops_each_fact_once_its_target_is_the_argmax(default_model):
+    """ENCORE's MPES on the real model: a fact stops at the first step where its target is the argmax in
+    every context. Each fact's δ moves only its own rows, so it stops on the same path the NLL rule follows
+    further: its NLL stays higher, and it needs fewer steps."""
+    model, tok = default_model
+    reqs = [EditRequest("Danielle Darrieux", "The mother tongue of {} is", "English"),
+            EditRequest("Toko Yasuda", "{} plays the", "piano")]
+    cfg = EditConfig(layers=(3, 4), v_steps=25, early_stop_nll=0.0, contexts=("{}", "In short, {}"),
+                     opt_dtype="float32")
+    em = EditableModel(model, tok, cfg.layers)
+    batch = StepBatch(tok, reqs, cfg.contexts, cfg.kl_template)
+    try:
+        with em.mode(Mode.VALIDATED):
+            by_nll = compute_targets(em, batch, cfg)
+            by_top1 = compute_targets(em, batch, cfg.replace(early_stop="top1"))
+    finally:
+        em.close()
+    assert by_nll.steps == 25 and by_nll.top1.all()           # the argmax is reached on the way
+    assert by_top1.top1.all() and by_top1.steps < 25
+    assert (by_top1.nll > by_nll.nll).all()
+
+
+def test_early_stop_must_be_a_known_rule():
+    from editor.errors import EditorError
+    with pytest.raises(EditorError, match="early_stop"):
+        EditConfig(early_stop="top-1")
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_prefix_cache_follows_facts_that_stop_early(make_tiny, tiny_tokenizer, kind, monkeypatch):
+    """Facts leave the batch at different steps: the cached prefix is cut to the active rows, not rebuilt."""
+    import editor.targets as targets
+    built, shapes = [], []
+    real_init, real_run = targets._Prefix.__init__, targets._Prefix.run
+    monkeypatch.setattr(targets._Prefix, "__init__", lambda self, *a: built.append(1) or real_init(self, *a))
+    monkeypatch.setattr(targets._Prefix, "run", lambda self, em, feed: shapes.append(feed.shape[0]) or real_run(self, em, feed))
+    model = make_tiny(kind)
+    reqs = REQS + [EditRequest("Toko Yasuda", "Toko Yasuda plays the", "piano")]
+    cfg = EditConfig(layers=(1,), v_steps=6, contexts=("{}", "The following is a fact. {}", "In short, {}"))
+    em = EditableModel(model, tiny_tokenizer, cfg.layers)
+    batch = StepBatch(tiny_tokenizer, reqs, cfg.contexts, cfg.kl_template)
+    try:
+        with em.mode(Mode.VALIDATED):
+            first = compute_targets(em, batch, cfg.replace(v_steps=1, prefix_cache=False)).nll.sort().values
+            cfg = cfg.replace(early_stop_nll=float(first[0] + first[1]) / 2)   # the easiest fact stops at once
+            full = compute_targets(em, batch, cfg.replace(prefix_cache=False))
+            built.clear()
+            cached = compute_targets(em, batch, cfg.replace(prefix_cache=True))
+    finally:
+        em.close()
+    assert len(built) == 1 and len(set(shapes)) > 1                       # built once, cut as facts stopped
+    assert cached.steps == full.steps == 6
+    assert torch.allclose(cached.Z, full.Z, rtol=1e-4, atol=1e-4)

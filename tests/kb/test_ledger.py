@@ -180,6 +180,18 @@ def test_commit_with_an_older_parent_holds_what_left_the_chain(store, ledger):
     assert statuses(store) == {"A": ("held", 1), "B": ("applied", 3), "C": ("applied", 3)}
 
 
+def test_a_version_committed_off_head_leaves_head_and_statuses_as_they_were(store, ledger):
+    a = add(store, "A")
+    commit(ledger, a, 1)
+    commit(ledger, add(store, "B"), 2)
+    log_before = len(ledger.head_log())
+    branch = commit(ledger, a, 3, parent=None, move_head=False)          # a compaction's branch version
+    assert branch.parent is None and ledger.head().id == 2 and len(ledger.head_log()) == log_before
+    assert statuses(store) == {"A": ("applied", 1), "B": ("applied", 2)}
+    ledger.move_head(branch.id, actor="t", reason="r")
+    assert statuses(store) == {"A": ("applied", 3), "B": ("held", 2)}
+
+
 def test_moves_leave_pending_and_failed_changes_alone(store, ledger):
     commit(ledger, add(store, "A"), 1)
     store.mark_failed(add(store, "F"), "nan loss")
