@@ -103,3 +103,35 @@ def test_reload_config_reschedules_and_survives_a_bad_file(project, monkeypatch)
         assert rt.cfg.daemon.interval_s == 5
     finally:
         rt.stop()
+
+
+def test_compaction_runs_in_the_background_and_moves_head_when_done(runtime, project):
+    from dataclasses import replace
+
+    from tests.conftest import wait_for
+    runtime.service.cfg = replace(runtime.service.cfg, sync=replace(runtime.service.cfg.sync, compact_batch_size=1))
+    http = TestClient(create_app(runtime))
+    runtime.start()
+    for subject, target in (("Paris", "Italy"), ("Rome", "France"), ("Berlin", "Spain")):
+        runtime.service.store.add(subject, "{} is the capital of", target)
+        http.post("/v1/admin/sync", headers=AUTH)
+    runtime.service.store.remove("Rome", "{} is the capital of")
+    http.post("/v1/admin/sync", headers=AUTH)
+    before = http.get("/v1/admin/status", headers=AUTH).json()["head"]
+
+    started = http.post("/v1/admin/compact", headers=AUTH).json()
+    assert started["running"] is True
+    answer = http.post("/v1/admin/query", headers=AUTH, json={"prompt": "Paris is the capital of", "max_tokens": 2})
+    assert answer.status_code == 200                                   # served while it compacts
+    done = wait_for(lambda: (s := http.get("/v1/admin/status", headers=AUTH).json())["compaction"]["running"]
+                    is False and s, what="the compaction to end")
+    c = done["compaction"]
+    assert c["error"] is None and c["steps"] == 3 and c["progress"]["finished"]   # Paris, Berlin, then HEAD
+    assert c["progress"]["live"] == 2 and done["head"] == c["progress"]["head"] != before
+    chain = runtime.service.ledger.chain(done["head"])
+    assert len(chain) == 3 and chain[0].parent is None                  # base -> Paris -> Berlin -> HEAD
+    http.post("/v1/admin/compact", headers=AUTH)                        # nothing new since: no version
+    again = wait_for(lambda: (s := http.get("/v1/admin/status", headers=AUTH).json())["compaction"]["running"]
+                     is False and s)
+    assert again["compaction"]["steps"] == 0 and again["compaction"]["progress"]["finished"]
+    assert again["head"] == done["head"]

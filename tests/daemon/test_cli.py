@@ -74,6 +74,12 @@ def test_facts_sync_log_rollback_query(project):
     assert json.loads(kbsync(project, "sync", "--json").stdout)["steps"] == []
     kbsync(project, "rollback", str(v2))                               # and forward again
     assert json.loads(kbsync(project, "status", "--json").stdout)["head"] == v2
+    kbsync(project, "facts", "rm", "--subject", "Paris", "--prompt", "{} is the capital of")
+    kbsync(project, "sync")
+    compacted = json.loads(kbsync(project, "compact", "--json").stdout)
+    assert compacted["finished"] and compacted["live"] == 2 and len(compacted["versions"]) == 2
+    log = json.loads(kbsync(project, "log", "--json").stdout)
+    assert [r["id"] for r in log if r["head"]] == [compacted["head"]]
     kbsync(project, "rollback", "base")
     assert json.loads(kbsync(project, "status", "--json").stdout)["head"] is None
 
@@ -110,7 +116,7 @@ def test_errors_are_clear_with_exit_codes(project, tmp_path):
 
 @pytest.mark.parametrize("args", [[], ["stats"], ["stats", "build"], ["query"], ["status"], ["sync"], ["log"],
                                   ["show"], ["rollback"], ["revert"], ["facts"], ["facts", "add"],
-                                  ["facts", "import"], ["facts", "list"], ["facts", "rm"]])
+                                  ["facts", "import"], ["facts", "list"], ["facts", "rm"], ["compact"]])
 def test_every_command_has_help_with_an_example(args):
     proc = subprocess.run([sys.executable, "-m", "daemon", *args, "--help"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0 and "Usage:" in proc.stdout
