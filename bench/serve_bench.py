@@ -5,7 +5,7 @@ and how KV-cached decoding routes tokens that mention an edited subject again.
     .venv/bin/python bench/serve_bench.py --parts throughput,latency
 
 Parts:
-- ``throughput``: the serving decoder (``daemon.decoding.decode``), 8 prompts x 100 new tokens, the hooked
+- ``throughput``: the serving decoder (``editor.decoding.decode``), 8 prompts x 100 new tokens, the hooked
   model (dense Δ in each of ``--delta-dtypes``) against the base model in rounds of rotating order in one
   process, after 0, 100 and 1000 edits. The
   hooks hold 10, then 100 steps of rank-10 factors of the real shapes (random values: the cost of a hooked
@@ -44,14 +44,14 @@ PROMPTS = ["The capital of France is", "Once upon a time, in a small village,", 
 # ----- throughput ---------------------------------------------------------------------------------------
 def part_throughput(model, tok, rounds: int, new_tokens: int, levels=(0, 100, 1000),
                     dtypes=("float32",), batch: int = len(PROMPTS)) -> dict:
-    from daemon.decoding import Row, Sampling, decode
+    from editor.decoding import Continuation, Sampling, decode
     from editor.hook import Mode
     from editor.model import EditableModel
 
     cfg = hparams()
     em = EditableModel.for_config(model, tok, cfg)
     g = torch.Generator().manual_seed(0)
-    rows = lambda: [Row(tok(p)["input_ids"], Sampling(max_tokens=new_tokens, temperature=0), lambda e: None,  # noqa: E731
+    rows = lambda: [Continuation(tok(p)["input_ids"], Sampling(max_tokens=new_tokens, temperature=0), lambda e: None,  # noqa: E731
                         index=i) for i, p in enumerate(PROMPTS[:batch])]
     # min_tokens: EOS must not end a row early, or the two sides would decode different amounts
     eos = tok.eos_token_id
@@ -245,7 +245,7 @@ def _compare_decoding(em, model, tok, cases, n_facts: int) -> dict:
 
     import inspect
 
-    from daemon.decoding import _cache
+    from editor.decoding import _cache
 
     kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     lead = "Here is a short note about a well-known topic."

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from .decoding import Continuation
+from editor.decoding import Continuation
 
 log = structlog.get_logger("kbsync.batcher")
 

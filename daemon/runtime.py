@@ -29,7 +29,7 @@ from kb.listen import ChangeListener
 
 from .batcher import Batcher, Job
 from .config import AppConfig, ConfigError
-from .decoding import decode
+from editor.decoding import decode
 from .metrics import Metrics
 from .notify import Notifier, WatchdogPinger
 from .scheduler import SyncScheduler, TickRecord

@@ -200,16 +200,18 @@ def heldout_texts(path: str | Path, n: int = 24, min_chars: int = 1200) -> list[
 def generation_speed(em: EditableModel, mode: Mode, prompts: list[str], new_tokens: int, rounds: int) -> dict:
     """Tokens per second of greedy KV-cached generation, hooked (``mode``) against the base model (OFF),
     measured in alternating rounds in one run; ``ratio`` = hooked / base (1.0 = no slowdown)."""
-    tok = em.tokenizer
-    tok.padding_side = "left"
-    enc = {k: v.to(em.device) for k, v in tok(prompts, return_tensors="pt", padding=True).items()}
-    times = {"hooked": [], "base": []}
+    from .decoding import DONE, Continuation, Sampling, decode
+    ids = [em.tokenizer(p)["input_ids"] for p in prompts]
+    times: dict[str, list[float]] = {"hooked": [], "base": []}         # tokens/s per round
+    made: list[int] = []
 
-    def run():
+    def run():                      # the one decoder, greedy; an early end-of-sequence is counted as it is
+        made.clear()
+        rows = [Continuation(r, Sampling(max_tokens=new_tokens, temperature=0.0),
+                             lambda e: made.append(e[3]) if e[0] == DONE else None) for r in ids]
         t = time.perf_counter()
-        em.model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                          pad_token_id=tok.pad_token_id)
-        return time.perf_counter() - t
+        decode(em, rows)
+        return sum(made) / (time.perf_counter() - t)
 
     with em.mode(mode):
         run()                                                                   # warm-up
@@ -217,10 +219,9 @@ def generation_speed(em: EditableModel, mode: Mode, prompts: list[str], new_toke
         for name, m in (("hooked", mode), ("base", Mode.OFF)):
             with em.mode(m):
                 times[name].append(run())
-    tokens = len(prompts) * new_tokens
-    best = {k: min(v) for k, v in times.items()}
-    return {"tokens_per_s": round(tokens / best["hooked"], 1), "base_tokens_per_s": round(tokens / best["base"], 1),
-            "ratio": round(best["base"] / best["hooked"], 4), "rounds": rounds, "tokens": tokens}
+    best = {k: max(v) for k, v in times.items()}                                # tokens/s of the best round
+    return {"tokens_per_s": round(best["hooked"], 1), "base_tokens_per_s": round(best["base"], 1),
+            "ratio": round(best["hooked"] / best["base"], 4), "rounds": rounds, "tokens": len(prompts) * new_tokens}
 
 
 # ----- the run -----------------------------------------------------------------------------------

@@ -55,6 +55,10 @@ class RoutingContext:
     gate: str = "zscore"                         # "zscore" (per sequence, the paper's) or "token" (per token)
     token_route: torch.Tensor | None = None      # token gate: this forward's decision, made by its first routing layer
 
+    def keep_rows(self, rows: torch.Tensor, batch: int) -> None:
+        """A KV-cached decode dropped finished rows: keep the carried statistics of ``rows`` (of ``batch``)."""
+        self.carry = {l: tuple(t[rows] for t in v) for l, v in self.carry.items() if v[0].shape[0] == batch}
+
     def real_tokens(self, batch: int, length: int, device) -> torch.Tensor:
         """(B, T) bool mask of real tokens for the hidden states in flight."""
         if self.attention_mask is None:

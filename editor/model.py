@@ -202,11 +202,17 @@ class EditableModel:
 
     # ----- inference helpers ---------------------------------------------------------------------
     def encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        """Right-padded batch on the model's device."""
-        tok = self.tokenizer
-        tok.padding_side = "right"
-        enc = tok(texts, return_tensors="pt", padding=True)
-        return {k: v.to(self.device) for k, v in enc.items()}
+        """Right-padded batch on the model's device (padded here: the tokenizer's settings are never changed,
+        so request threads can share it)."""
+        rows = [self.tokenizer(t)["input_ids"] for t in texts]
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)           # (B, T)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)                # (B, T)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[i, :len(r)] = 1
+        return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
 
     @torch.no_grad()
     def next_token_logits(self, prompts: list[str]) -> torch.Tensor:
@@ -216,12 +222,7 @@ class EditableModel:
         last = enc["attention_mask"].sum(1) - 1                           # (B,)
         return logits[torch.arange(len(prompts), device=logits.device), last].float()
 
-    @torch.no_grad()
     def generate(self, prompts: list[str], max_new_tokens: int = 16) -> list[str]:
-        """Greedy continuations (KV-cached; routing statistics carried from each prompt)."""
-        tok = self.tokenizer
-        tok.padding_side = "left"
-        enc = {k: v.to(self.device) for k, v in tok(prompts, return_tensors="pt", padding=True).items()}
-        out = self.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                  pad_token_id=tok.pad_token_id)
-        return tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        """Greedy continuations through the one decoder (``editor.decoding``; KV-cached, routing carried)."""
+        from .decoding import greedy
+        return greedy(self, [self.tokenizer(p)["input_ids"] for p in prompts], max_new_tokens)

@@ -20,10 +20,8 @@ UTF-8, wrong types and values over the ``[serve]`` limits, 404 ``model_not_found
 from __future__ import annotations
 
 import asyncio
-import copy
 import json
 import secrets
-import threading
 import time
 import uuid
 from dataclasses import replace
@@ -39,7 +37,7 @@ from starlette.background import BackgroundTask
 from kb.records import version_label
 
 from ..batcher import Job
-from ..decoding import DONE, TEXT, Continuation, Sampling
+from editor.decoding import DONE, TEXT, Continuation, Sampling
 from .limits import ClientSlots
 from ..runtime import Runtime
 
@@ -114,7 +112,7 @@ def openai_router(runtime: Runtime, slots: ClientSlots) -> APIRouter:
     router = APIRouter()
     serve = runtime.cfg.serve
     name = model_name(runtime.cfg)
-    tokenizer = _PrivateTokenizer(runtime)
+    tokenizer = _PromptEncoder(runtime)
 
     def model_card() -> dict:
         head = runtime.service.ledger.head()
@@ -209,19 +207,18 @@ def _sampling(body: _Sampled, max_tokens: int) -> Sampling:
                     seed=secrets.randbits(63) if body.seed is None else body.seed)
 
 
-class _PrivateTokenizer:
-    """A copy of the served model's tokenizer for the request threads (the editor's own instance changes
-    its padding settings under the model lock), with the prompt checks."""
+class _PromptEncoder:
+    """The request threads' prompt checks and tokenisation, with the served model's tokenizer (shared: no
+    kbsync code changes its settings, so no copy is needed)."""
 
     def __init__(self, runtime: Runtime):
         self.runtime = runtime
-        self._tok = None
-        self._lock = threading.Lock()
+
+    @property
+    def _tok(self):
+        return self.runtime.service.worker.em.tokenizer
 
     def encode(self, prompts: list, chat: bool, max_tokens: int) -> list[list[int]]:
-        with self._lock:
-            if self._tok is None:
-                self._tok = copy.deepcopy(self.runtime.service.worker.em.tokenizer)
         serve, out = self.runtime.cfg.serve, []
         for prompt in prompts:
             text = self._chat_text(prompt) if chat else prompt

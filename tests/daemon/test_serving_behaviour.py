@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from daemon.config import load_config
-from daemon.decoding import DONE, TEXT, Continuation, Sampling, decode
+from editor.decoding import DONE, TEXT, Continuation, Sampling, decode
 from daemon.notify import Notifier
 from daemon.runtime import Runtime
 from editor.hook import Mode
@@ -61,8 +61,12 @@ def test_alone_and_in_a_padded_batch_give_the_same_greedy_tokens(tiny_model):
     assert [p[0][0] for p in passes[1:]] == live                    # finished rows left the batch...
     assert all(inc and carried == {rows} for (_, inc, carried), rows in zip(passes[1:], live))  # ...and the carry
     assert batched == alone and [r[1:] for r in alone] == [("length", m.max_tokens) for m in limits]
-    assert [r[0] for r in alone] == [em.generate([p], max_new_tokens=s.max_tokens)[0]      # as HF generate
-                                     for p, s in zip(PROMPTS, limits)]
+    def hf_generate(prompt, n):                     # transformers' own greedy loop, one row, no padding
+        enc = tok(prompt, return_tensors="pt")
+        out = model.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
+        return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert [r[0] for r in alone] == [hf_generate(p, s.max_tokens) for p, s in zip(PROMPTS, limits)]
+    assert em.generate(PROMPTS, max_new_tokens=12) == [r[0] for r in run_rows(em, PROMPTS, [limits[0]] * 5)]
     with em.mode(Mode.OFF):                         # the edit matters for these prompts
         assert [r[0] for r in run_rows(em, PROMPTS, limits)] != [r[0] for r in alone]
 

@@ -1,4 +1,7 @@
-"""Batched decoding for the serving API: left-padded rows, KV cache, per-row sampling, stop and length.
+"""The one decoder: batched, left-padded rows, KV cache, per-row sampling, stop and length.
+
+Every answer kbsync gives goes through it: the OpenAI routes, ``kbsync query`` and the admin query
+(``EditableModel.generate``: greedy rows), and the evaluation's generation metrics.
 
 :func:`decode` runs several independent rows (one per completion choice) through the model together and
 reports each row's text as it grows. Every row keeps its own sampling parameters and random generator, so
@@ -16,7 +19,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from editor.model import EditableModel
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .model import EditableModel
 
 TEXT, DONE = "text", "done"      # the events a row reports: (TEXT, index, delta) and (DONE, index, reason, n)
 
@@ -44,7 +50,7 @@ class Continuation:
 
 
 @torch.no_grad()
-def decode(em: EditableModel, rows: list[Continuation]) -> None:
+def decode(em: "EditableModel", rows: list[Continuation]) -> None:
     """Continue every row until its stop text, an end-of-sequence token or ``max_tokens``."""
     if not rows:
         return
@@ -74,8 +80,7 @@ def decode(em: EditableModel, rows: list[Continuation]) -> None:
             sel = torch.tensor(keep, device=device)
             past.batch_select_indices(sel)
             mask, pos = mask[sel], pos[sel]
-            em.context.carry = {l: tuple(t[sel] for t in v) for l, v in em.context.carry.items()
-                                if v[0].shape[0] == len(live)}               # per row (b,) mean, std, median ‖x‖
+            em.context.keep_rows(sel, len(live))                         # the routing statistics carried per row
             live = [live[j] for j in keep]
         nxt = torch.tensor([[states[i].tokens[-1]] for i in live], device=device)   # (b, 1)
         mask = torch.cat([mask, mask.new_ones(len(live), 1)], 1)         # (b, T + 1)
@@ -159,9 +164,21 @@ def _cache(out):
     return out["cache"] if "cache" in out.keys() else out["past_key_values"]
 
 
-def _eos_ids(em: EditableModel) -> set[int]:
+def _eos_ids(em: "EditableModel") -> set[int]:
     ids = set()
     for source in (getattr(em.model, "generation_config", None), em.model.config, em.tokenizer):
         value = getattr(source, "eos_token_id", None)
         ids.update([value] if isinstance(value, int) else (value or []))
     return ids
+
+
+def greedy(em: "EditableModel", prompts: list[list[int]], max_tokens: int) -> list[str]:
+    """Greedy continuations of tokenised prompts, at most ``max_tokens`` tokens each, in the current modes."""
+    texts = [[] for _ in prompts]
+
+    def collect(i):
+        return lambda event: texts[i].append(event[2]) if event[0] == TEXT else None
+
+    decode(em, [Continuation(p, Sampling(max_tokens=max_tokens, temperature=0.0), collect(i), index=i)
+                for i, p in enumerate(prompts)])
+    return ["".join(t) for t in texts]
