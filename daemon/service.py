@@ -15,7 +15,6 @@ import structlog
 import torch
 
 from editor.errors import EditorError
-from editor.hook import Mode
 from editor.requests import EditRequest, StepBatch
 from editor.step import StepDelta, apply_delta, compute_delta, restore_state
 from kb import FactStore, KBError
@@ -24,6 +23,7 @@ from kb.ledger import Ledger, PlannedVersion
 
 from .config import AppConfig
 from .errors import ServiceError
+from .verify import VerifyGate
 
 log = structlog.get_logger("kbsync.service")
 
@@ -65,7 +65,7 @@ class Service:
         self.ledger = Ledger(self.store, cfg.blob_dir)
         self._worker = None
         self._served: int | None | str = "unloaded"   # the version the live hooks are at
-        self._canary_base = None                      # canaries' next tokens on the unedited model
+        self.verify = VerifyGate(cfg.verify)           # checks each step before it is committed
         self.degraded: str | None = None              # why HEAD could not be restored, if it could not
         self._editor: bool | None = None              # holds the editor lock (see is_editor); None: never asked
         self._columns: dict[int, StepColumns] = {}     # per version: the facts its columns write, what it masks
@@ -354,7 +354,7 @@ class Service:
             raise
         try:
             apply_delta(self.worker.em, delta)      # the gate looks at the edited model; not yet committed
-            refused = self._verify(requests)
+            refused = self.verify.refuses(self.worker.em, requests)
             if not refused:
                 version = self._commit_one(delta, change_ids, actor, f"sync: {len(requests)} facts")
         except BaseException:
@@ -473,28 +473,6 @@ class Service:
                 if tuple(key) in by_key:
                     out[by_key[tuple(key)]] = sc.targets[i]
         return out
-
-    def _verify(self, requests: list[EditRequest]) -> str | None:
-        """None if the edited live model passes the verify gate, else the reason it does not."""
-        gate = self.cfg.verify
-        if not gate.enabled:
-            return None
-        em, tok = self.worker.em, self.worker.em.tokenizer
-        top = em.next_token_logits([r.text for r in requests]).argmax(-1).tolist()
-        wanted = [tok(r.target_text, add_special_tokens=False)["input_ids"][0] for r in requests]
-        hits = sum(a == b for a, b in zip(top, wanted))
-        if hits < gate.min_success * len(requests):
-            return (f"verify gate: {hits} of {len(requests)} prompts give their new target, "
-                    f"[verify] min_success is {gate.min_success:.0%}")
-        if gate.canaries:
-            if self._canary_base is None:
-                with em.mode(Mode.OFF):
-                    self._canary_base = em.next_token_logits(list(gate.canaries)).argmax(-1)
-            kept = int((em.next_token_logits(list(gate.canaries)).argmax(-1) == self._canary_base).sum())
-            if kept < gate.min_canary * len(gate.canaries):
-                return (f"verify gate: {kept} of {len(gate.canaries)} canary prompts kept the unedited model's "
-                        f"answer, [verify] min_canary is {gate.min_canary:.0%}")
-        return None
 
     def _plan(self, delta: StepDelta | None, change_ids: list[int], note: str) -> PlannedVersion:
         em = self.worker.em
