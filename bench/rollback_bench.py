@@ -37,7 +37,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         cfg = AppConfig(state_dir=Path(tmp), model=ModelConfig(), editor=editor, sync=SyncConfig())
         svc = Service(cfg, progress=False, preloaded=(model, tok))
-        em = svc.worker.em
+        em = svc.live.em
         g = torch.Generator().manual_seed(0)
         ids = []
         for i in range(args.versions):

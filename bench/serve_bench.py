@@ -192,7 +192,7 @@ def part_inbox(model, tok, trials: int) -> dict:
         state = Path(tmp)
         extra = "[daemon]\ninterval_s = 10\ninbox_settle_s = 2.0\n"
         with daemon(model, tok, state, extra) as (runtime, url):
-            runtime.service.worker.stats                                          # built or read before timing
+            runtime.service.live.stats                                          # built or read before timing
             for fact in facts[:trials]:
                 def answer() -> tuple[str, str]:
                     r = httpx.post(f"{url}/v1/completions", json={"model": "smollm2-135m-instruct", "prompt": fact["prompt"],

@@ -61,12 +61,12 @@ def live_facts(svc, version_id: int | None) -> dict[tuple[str, str], LiveFact]:
     """key -> the fact the model at ``version_id`` answers with (edits not masked), with its stored target."""
     if version_id is None:
         return {}
-    columns = svc._live_columns(version_id)               # also fills svc._columns for the whole chain
+    columns = svc.live.live_columns(version_id)          # also reads every column of the chain
     if columns is None:
         raise ServiceError(f"version {version_id}'s history predates recorded columns, so it cannot be compacted; "
                            "`kbsync revert` its first version to rebuild it with them, then compact")
     chain = svc.ledger.chain(version_id)
-    targets = [svc._columns[v.id].targets for v in chain if svc._columns[v.id].has_factors]
+    targets = [svc.live.columns[v.id].targets for v in chain if svc.live.columns[v.id].has_factors]
     latest: dict[tuple[str, str], Change] = {}
     for v in chain:
         for c in svc.ledger.carried(v.id):
@@ -116,16 +116,16 @@ def step(svc, actor: str) -> Progress:
             return Progress(head_id, None, len(live), len(same), True, seconds=time.perf_counter() - t)
         return _finish(svc, head_id, tip, len(live), actor, t)
     chunk = todo[:svc.cfg.sync.compact_batch_size]
-    em = svc.worker.em
+    em = svc.live.em
     try:
-        if svc._served != tip:
-            svc._restore(tip)
-        masks = svc._masks_for(stale, tip) or ()
+        if svc.live.served != tip:
+            svc.live.restore(tip)
+        masks = svc.live.masks_for(stale, tip) or ()
         if chunk:
             if masks:
                 apply_delta(em, svc._mask_step(masks))
             requests = [request_for(f.change) for f in chunk]
-            delta = replace(compute_delta(em, requests, svc.worker.stats, svc.cfg.editor,
+            delta = replace(compute_delta(em, requests, svc.live.stats, svc.cfg.editor,
                                           known=[f.target for f in chunk]), masked=masks)
         else:
             delta = svc._mask_step(masks)
@@ -136,7 +136,7 @@ def step(svc, actor: str) -> Progress:
                                     metrics={**plan.metrics, MARK: {"of": head_id}}, actor=actor, reason=plan.note,
                                     move_head=False)
     finally:
-        svc._back_to_head()
+        svc.live.back_to_head()
     log.info("compaction.step", head=head_id, version=version.id, added=len(chunk), masked=len(masks),
              done=len(same) + len(chunk), live=len(live), seconds=round(time.perf_counter() - t, 2))
     return Progress(head_id, version.id, len(live), len(same) + len(chunk), False, version.id,
@@ -154,6 +154,6 @@ def _finish(svc, head_id, tip: int, n_live: int, actor: str, t: float) -> Progre
     version = svc.ledger.commit(plan.arrays, plan.meta, plan.change_ids, parent=tip,
                                 config_digest=plan.config_digest, model_fingerprint=plan.model_fingerprint,
                                 metrics={MARK: {"of": head_id, "finished": True}}, actor=actor, reason=note)
-    svc._at_head()
+    svc.live.at_head()
     log.info("compaction.finished", was=head_id, head=version.id, facts=n_live, versions=after, were=before)
     return Progress(version.id, version.id, n_live, n_live, True, version.id, time.perf_counter() - t)

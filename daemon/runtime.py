@@ -1,7 +1,7 @@
 """The daemon's runtime: the service, the drop folder, the sync schedule and systemd notifications, together.
 
 One lock serialises all model work (queries, sync ticks, rollback, revert, and every batch the serving
-API decodes): the model worker is single threaded, and a query waits while a step computes, so it never
+API decodes): the live model is single threaded, and a query waits while a step computes, so it never
 sees a half-applied step; a served batch holds the lock from reading HEAD to its last token, so an answer
 never mixes two versions. Reads that need no model (status, log) do not take it, so they answer during a
 step.
@@ -128,8 +128,8 @@ class Runtime:
         t = time.perf_counter()
         self.notifier.status("loading the model")
         with self.lock:
-            worker = self.service.worker          # loads the model and restores HEAD
-            _ = worker.stats                      # key statistics: built or read from the cache
+            live = self.service.live            # loads the model and restores HEAD
+            _ = live.stats                        # key statistics: built or read from the cache
             editor = self.service.is_editor       # edits, or follows the process that holds the editor lock
         self.drops.start()
         self.scheduler.start()

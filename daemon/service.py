@@ -16,18 +16,18 @@ import torch
 
 from editor.errors import EditorError
 from editor.requests import EditRequest, StepBatch
-from editor.step import StepDelta, apply_delta, compute_delta, restore_state
+from editor.step import StepDelta, apply_delta, compute_delta
 from kb import FactStore, KBError
 from kb.db import redact
 from kb.ledger import Ledger, PlannedVersion
 
 from .config import AppConfig
 from .errors import ServiceError
+from .live_model import BASE, LiveModel
 from .verify import VerifyGate
 
 log = structlog.get_logger("kbsync.service")
 
-BASE = None  # the version id of the unedited model
 
 
 @dataclass(frozen=True)
@@ -43,17 +43,6 @@ class StepReport:
                 "seconds": round(self.seconds, 2), "error": self.error}
 
 
-@dataclass(frozen=True)
-class StepColumns:
-    """What one version does to the hooks' columns: whether it adds factors, the fact (subject, template)
-    of each column it adds, and the (step, column) edits of earlier steps it takes out."""
-
-    has_factors: bool
-    columns: tuple
-    masked: tuple
-    targets: torch.Tensor | None = None     # (n, d): each column's target residual z, where the version kept it
-
-
 class Service:
     """Facts, versions and the model of one state directory. The model loads on first need."""
 
@@ -63,12 +52,9 @@ class Service:
         self._preloaded = preloaded
         self.store = FactStore(cfg.kb_url)
         self.ledger = Ledger(self.store, cfg.blob_dir)
-        self._worker = None
-        self._served: int | None | str = "unloaded"   # the version the live hooks are at
+        self._live: LiveModel | None = None            # loads on first need
         self.verify = VerifyGate(cfg.verify)           # checks each step before it is committed
-        self.degraded: str | None = None              # why HEAD could not be restored, if it could not
         self._editor: bool | None = None              # holds the editor lock (see is_editor); None: never asked
-        self._columns: dict[int, StepColumns] = {}     # per version: the facts its columns write, what it masks
 
     def __enter__(self) -> "Service":
         return self
@@ -77,97 +63,35 @@ class Service:
         self.close()
 
     def close(self) -> None:
-        if self._worker is not None:
-            self._worker.close()
-            self._worker = None
+        if self._live is not None:
+            self._live.close()
+            self._live = None
         self.store.close()
 
     # ----- the model ---------------------------------------------------------------------------
     @property
-    def worker(self):
-        if self._worker is None:
-            from .worker import ModelWorker
-            self._worker = ModelWorker(self.cfg, progress=self.progress, preloaded=self._preloaded)
+    def live(self) -> LiveModel:
+        """The live model (loaded on first use, then restored to HEAD)."""
+        if self._live is None:
+            self._live = LiveModel(self.cfg, self.ledger, progress=self.progress, preloaded=self._preloaded)
             head = self.ledger.head()
             try:
-                self._restore(head.id if head else BASE)
+                self._live.restore(head.id if head else BASE)
             except (ServiceError, KBError) as exc:
                 # Stay up (no crash loop under systemd): queries and syncs report this error until an
                 # operator rolls back to a version that restores.
-                self.degraded = str(exc)
-                log.error("model.restore_failed", head=head.id if head else None, error=self.degraded)
-        return self._worker
+                self._live.degraded = str(exc)
+                log.error("model.restore_failed", head=head.id if head else None, error=self._live.degraded)
+        return self._live
 
     @property
     def model_loaded(self) -> bool:
-        return self._worker is not None
+        return self._live is not None
 
-    def _deltas(self, version_id: int | None) -> list[StepDelta]:
-        fp = self.worker.em.fingerprint()
-        out = []
-        for v in self.ledger.chain(version_id):
-            arrays, meta = self.ledger.load(v.id, expect_fingerprint=fp)
-            try:
-                out.append(StepDelta.from_arrays(arrays, meta))
-            except EditorError as exc:
-                raise ServiceError(f"version {v.id}: {exc}; roll back to an earlier version with "
-                                   f"`kbsync rollback {v.parent if v.parent is not None else 'base'}`") from None
-            d = out[-1]
-            self._columns[v.id] = StepColumns(bool(d.layers), d.columns, d.masked, d.targets)
-        return out
-
-    def _live_columns(self, version_id: int | None) -> dict[tuple[str, str], list[tuple[int, int]]] | None:
-        """Where each fact the model at ``version_id`` answers with sits in the hooks: key -> [(step, column)]
-        of its edits not taken out yet. None when a step of the chain predates recorded columns (then only a
-        rebuild can take a fact out)."""
-        chain = self.ledger.chain(version_id)
-        if any(v.id not in self._columns for v in chain):
-            self._deltas(version_id)                     # reads the blobs once; the columns are kept
-        where: dict[tuple[str, str], list[tuple[int, int]]] = {}
-        masked: set[tuple[int, int]] = set()
-        step = 0
-        for v in chain:
-            sc = self._columns[v.id]
-            masked.update(sc.masked)
-            if sc.has_factors:
-                if not sc.columns:
-                    return None
-                for c, key in enumerate(sc.columns):
-                    where.setdefault(tuple(key), []).append((step, c))
-                step += 1
-        return {k: [m for m in ms if m not in masked] for k, ms in where.items()}
-
-    def _masks_for(self, keys, version_id: int | None) -> tuple[tuple[int, int], ...] | None:
-        live = self._live_columns(version_id)
-        if live is None:
-            return None
-        return tuple(sorted(m for k in keys for m in live.get(tuple(k), [])))
-
-    def _restore(self, version_id: int | None) -> None:
-        t = time.perf_counter()
-        deltas = self._deltas(version_id)
-        try:
-            restore_state(self.worker.em, deltas)
-        except EditorError as exc:
-            raise ServiceError(f"cannot restore version {version_id}: {exc}. The configured model or its "
-                               "editable layers differ from the ones the versions were made with; restore the "
-                               "config, or `kbsync rollback base` to start again from the base model") from None
-        self._served = version_id
-        self.degraded = None
-        log.info("model.restored", version=version_id, steps=len(deltas),
-                 seconds=round(time.perf_counter() - t, 3))
-
-    def _back_to_head(self) -> None:
-        """The live hooks may hold uncommitted work (a step, a mask, a half-built chain): restore HEAD exactly."""
-        self._served = "unloaded"
-        self._at_head()
-
-    def _at_head(self) -> int | None:
-        head = self.ledger.head()
-        head_id = head.id if head else BASE
-        if self._served != head_id:
-            self._restore(head_id)
-        return head_id
+    @property
+    def degraded(self) -> str | None:
+        """Why HEAD could not be restored, if it could not (None before the model loads)."""
+        return self._live.degraded if self._live is not None else None
 
     # ----- reads ---------------------------------------------------------------------------------
     def status(self) -> dict:
@@ -179,12 +103,12 @@ class Service:
                "model": self.cfg.model.source, "device": None, "model_loaded": self.model_loaded,
                "degraded": self.degraded, "kb": {"backend": self.store.db.dialect, "url": redact(self.store.url)},
                "role": {True: "editor", False: "follower", None: None}[self._editor],   # None: not a daemon
-               "served": self._served if self.model_loaded else None}   # the version the live model is at
+               "served": self.served if self.model_loaded else None}   # the version the live model is at
         if self.model_loaded:
-            doc["device"] = str(self.worker.em.device)
-            doc["fingerprint"] = self.worker.em.fingerprint()
-            doc["precision"] = self.worker.precision.to_json()
-            doc["gate"] = self.worker.em.gate                 # the routing gate HEAD's history is served with
+            doc["device"] = str(self.live.em.device)
+            doc["fingerprint"] = self.live.em.fingerprint()
+            doc["precision"] = self.live.precision.to_json()
+            doc["gate"] = self.live.em.gate                 # the routing gate HEAD's history is served with
         else:
             doc["precision"] = self._precision_here().to_json()
         return doc
@@ -209,13 +133,13 @@ class Service:
         return {**v.to_json(), "changes": [c.to_json() for c in self.ledger.carried(v.id)]}
 
     def query(self, prompts: list[str], max_tokens: int = 16) -> tuple[list[str], int | None]:
-        version = self._at_head()
-        return self.worker.query(prompts, max_tokens), version
+        version = self.live.at_head()
+        return self.live.query(prompts, max_tokens), version
 
     def model_at_head(self):
         """The live model with HEAD's hook state, and HEAD's id. Hold the model lock while using it."""
-        version = self._at_head()
-        return self.worker.em, version
+        version = self.live.at_head()
+        return self.live.em, version
 
     def export(self, version_id: int | None, fmt: str, out, max_rank: int | None = None) -> dict:
         """Write ``version_id``'s edit as a PEFT adapter or a merged model directory (editor/export.py);
@@ -224,13 +148,13 @@ class Service:
 
         if version_id is not None:
             self._version(version_id)
-        deltas = self._deltas(version_id)
+        deltas = self.live.deltas(version_id)
         meta = {"kbsync_version": version_id, "ledger_digest": self.ledger.chain_digest(version_id),
-                "model_fingerprint": self.worker.em.fingerprint(), "model_source": str(self.cfg.model.source)}
+                "model_fingerprint": self.live.em.fingerprint(), "model_source": str(self.cfg.model.source)}
         if fmt == "peft":
-            doc = export.write_peft(self.worker.em, deltas, out, meta, max_rank or export.MAX_LORA_RANK)
+            doc = export.write_peft(self.live.em, deltas, out, meta, max_rank or export.MAX_LORA_RANK)
         elif fmt == "merged":
-            doc = export.write_merged(self.worker.em, deltas, out, meta)
+            doc = export.write_merged(self.live.em, deltas, out, meta)
         else:
             raise ServiceError(f"export format {fmt!r} is not one of peft, merged")
         log.info("version.exported", version=version_id, format=fmt, out=str(out))
@@ -252,11 +176,11 @@ class Service:
     @property
     def served(self) -> int | None | str:
         """The version the live model is at (None: the base model; "unloaded" before the model loads)."""
-        return self._served
+        return self._live.served if self._live is not None else "unloaded"
 
     def follow(self) -> int | None:
         """A follower's tick: serve HEAD as the editor (or an operator's rollback) moved it; returns HEAD."""
-        return self._at_head()
+        return self.live.at_head()
 
     def require_editor(self) -> None:
         if not self.is_editor:
@@ -268,7 +192,7 @@ class Service:
     def sync(self, actor: str = "cli") -> list[StepReport]:
         """Apply pending changes as consecutive steps of at most B facts (at most ``max_steps`` steps)."""
         self.require_editor()
-        self._at_head()
+        self.live.at_head()
         reports: list[StepReport] = []
         for _ in range(self.cfg.sync.max_steps):
             batch = self.store.next_batch(self.cfg.sync.batch_size)
@@ -289,7 +213,7 @@ class Service:
         before = self.ledger.head()
         self.ledger.move_head(version_id, actor=actor, reason=reason or f"rollback to {version_id or 'base'}")
         if self.model_loaded:
-            self._restore(version_id)
+            self.live.restore(version_id)
         log.info("head.rollback", frm=before.id if before else None, to=version_id, actor=actor)
         return {"from": before.id if before else None, "head": version_id}
 
@@ -337,35 +261,35 @@ class Service:
         change_ids = [i for e in good for i in e.change_ids]
         # A correction: the facts' earlier edits are taken out first, so the new step is solved on a model
         # that no longer carries the old targets (and then only the new target routes).
-        masks = self._masks_for({e.change.key for e in good}, self._at_head()) or ()
+        masks = self.live.masks_for({e.change.key for e in good}, self.live.at_head()) or ()
         try:
             if masks:
-                apply_delta(self.worker.em, self._mask_step(masks))
-            delta = replace(compute_delta(self.worker.em, requests, self.worker.stats, self.cfg.editor),
+                apply_delta(self.live.em, self._mask_step(masks))
+            delta = replace(compute_delta(self.live.em, requests, self.live.stats, self.cfg.editor),
                             masked=masks)
         except (EditorError, torch.linalg.LinAlgError) as exc:   # this batch cannot be edited: do not retry it forever
             if masks:
-                self._back_to_head()
+                self.live.back_to_head()
             self.store.mark_failed(change_ids, f"edit step failed: {exc}")
             log.warning("step.failed", facts=len(requests), reason=str(exc))
             return StepReport(None, len(requests), "failed", time.perf_counter() - t, str(exc))
         except BaseException:
-            self._back_to_head()
+            self.live.back_to_head()
             raise
         try:
-            apply_delta(self.worker.em, delta)      # the gate looks at the edited model; not yet committed
-            refused = self.verify.refuses(self.worker.em, requests)
+            apply_delta(self.live.em, delta)      # the gate looks at the edited model; not yet committed
+            refused = self.verify.refuses(self.live.em, requests)
             if not refused:
                 version = self._commit_one(delta, change_ids, actor, f"sync: {len(requests)} facts")
         except BaseException:
-            self._back_to_head()
+            self.live.back_to_head()
             raise
         if refused:
-            self._back_to_head()
+            self.live.back_to_head()
             self.store.mark_failed(change_ids, refused)
             log.warning("step.rejected", facts=len(requests), reason=refused)
             return StepReport(None, len(requests), "failed", time.perf_counter() - t, refused)
-        self._served = version.id
+        self.live.served = version.id
         log.info("step.committed", version=version.id, facts=len(requests),
                  seconds=round(time.perf_counter() - t, 2))
         return StepReport(version.id, len(requests), "edit", time.perf_counter() - t)
@@ -377,17 +301,17 @@ class Service:
         t = time.perf_counter()
         keys = {e.change.key for e in entries}
         del_ids = [i for e in entries for i in e.change_ids]
-        masks = self._masks_for(keys, self._at_head())
+        masks = self.live.masks_for(keys, self.live.at_head())
         if masks is not None:
             delta = self._mask_step(masks)
             try:
-                apply_delta(self.worker.em, delta)
+                apply_delta(self.live.em, delta)
                 version = self._commit_one(delta, del_ids, actor, f"remove {len(keys)} facts "
                                                                  f"({len(masks)} edits masked)")
             except BaseException:
-                self._back_to_head()
+                self.live.back_to_head()
                 raise
-            self._served = version.id
+            self.live.served = version.id
             log.info("facts.removed", version=version.id, facts=len(keys), masked=len(masks),
                      seconds=round(time.perf_counter() - t, 3))
             return StepReport(version.id, len(keys), "remove", time.perf_counter() - t)
@@ -395,8 +319,8 @@ class Service:
 
     def _mask_step(self, masks) -> StepDelta:
         """A version with no factors of its own that takes the edits ``masks`` out."""
-        em = self.worker.em
-        return StepDelta((), (), em.fingerprint(), self.cfg.editor.replace(opt_dtype=self.worker.precision.dtype).digest(),
+        em = self.live.em
+        return StepDelta((), (), em.fingerprint(), self.cfg.editor.replace(opt_dtype=self.live.precision.dtype).digest(),
                          gate=em.gate, masked=tuple(masks))
 
     def _delete_by_rebuild(self, entries, actor: str) -> StepReport:
@@ -434,11 +358,11 @@ class Service:
         planned: list[PlannedVersion] = []
         try:
             known = self._stored_targets(versions, {c.id for c in replay})
-            self._restore(parent)
+            self.live.restore(parent)
             for k, chunk in enumerate(chunks):
-                delta = compute_delta(self.worker.em, [request_for(c) for c in chunk], self.worker.stats,
+                delta = compute_delta(self.live.em, [request_for(c) for c in chunk], self.live.stats,
                                       self.cfg.editor, known=[known.get(c.id) for c in chunk])
-                apply_delta(self.worker.em, delta)
+                apply_delta(self.live.em, delta)
                 ids = [c.id for c in chunk] + (extra_ids + dropped if k == len(chunks) - 1 else [])
                 planned.append(self._plan(delta, ids, f"{reason} (step {k + 1}/{len(chunks)})"))
             if not chunks and (extra_ids or dropped):
@@ -449,9 +373,9 @@ class Service:
                 self.ledger.move_head(parent, actor=actor, reason=reason)
                 committed = []
         except BaseException:
-            self._back_to_head()
+            self.live.back_to_head()
             raise
-        self._served = committed[-1].id if committed else parent
+        self.live.served = committed[-1].id if committed else parent
         seconds = time.perf_counter() - t
         log.info("head.rebuilt", reason=reason, parent=parent, versions=[v.id for v in committed],
                  facts=len(replay), seconds=round(seconds, 2))
@@ -463,9 +387,9 @@ class Service:
         kept one), so a replay skips optimising it again."""
         out: dict[int, torch.Tensor] = {}
         if versions:
-            self._live_columns(versions[-1].id)               # reads the chain's columns and targets once
+            self.live.live_columns(versions[-1].id)               # reads the chain's columns and targets once
         for v in versions:
-            sc = self._columns.get(v.id)
+            sc = self.live.columns.get(v.id)
             if sc is None or sc.targets is None:
                 continue
             by_key = {c.key: c.id for c in self.ledger.carried(v.id) if c.id in change_ids}
@@ -475,12 +399,12 @@ class Service:
         return out
 
     def _plan(self, delta: StepDelta | None, change_ids: list[int], note: str) -> PlannedVersion:
-        em = self.worker.em
+        em = self.live.em
         arrays, meta = delta.to_arrays() if delta is not None else ({}, {"layers": ""})
         metrics = {k: v for k, v in (delta.metrics if delta else {}).items()}
         return PlannedVersion(arrays=arrays, meta=meta, change_ids=list(change_ids),
                               config_digest=delta.config_digest if delta is not None else
-                              self.cfg.editor.replace(opt_dtype=self.worker.precision.dtype).digest(),
+                              self.cfg.editor.replace(opt_dtype=self.live.precision.dtype).digest(),
                               model_fingerprint=em.fingerprint(),
                               metrics=metrics, note=note)
 
@@ -495,7 +419,7 @@ class Service:
         good, bad = [], []
         for e in entries:
             try:
-                StepBatch(self.worker.em.tokenizer, [request_for(e.change)], self.cfg.editor.contexts,
+                StepBatch(self.live.em.tokenizer, [request_for(e.change)], self.cfg.editor.contexts,
                           self.cfg.editor.kl_template)
                 good.append(e)
             except EditorError as exc:

@@ -76,12 +76,12 @@ def eval_cmd(obj, dataset, data_path, span, steps, batch, eval_every, methods, h
 
     from dataclasses import replace
 
-    from ..worker import ModelWorker
+    from ..live_model import LoadedModel
 
     cfg = obj.config()
     cfg = replace(cfg, model=replace(cfg.model, source=model_source or cfg.model.source,
                                      device=device or cfg.model.device))
-    worker = ModelWorker(cfg, progress=progress)
+    worker = LoadedModel(cfg, progress=progress)
     t = time.perf_counter()
     stats = worker.stats
     stats_s = round(time.perf_counter() - t, 2)

@@ -26,9 +26,9 @@ class Ctx:
     def config(self):
         return load_config(self.config_path, self.state_dir)
 
-    def worker(self, progress: bool = True):
-        from ..worker import ModelWorker
-        return ModelWorker(self.config(), progress=progress)
+    def model(self, progress: bool = True):
+        from ..live_model import LoadedModel
+        return LoadedModel(self.config(), progress=progress)
 
     def service(self, progress: bool = True):
         from ..service import Service
@@ -102,7 +102,7 @@ def stats_build(obj: Ctx, as_json):
     Example:
       kbsync stats build --json
     """
-    worker = obj.worker(progress=not as_json)
+    worker = obj.model(progress=not as_json)
     s = worker.stats
     doc = {"key": s.key, "tokens": s.n_tokens, "layers": list(s.mom2), "model": worker.em.fingerprint(),
            "corpus": worker.cfg.editor.stats.corpus}

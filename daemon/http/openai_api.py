@@ -216,7 +216,7 @@ class _PromptEncoder:
 
     @property
     def _tok(self):
-        return self.runtime.service.worker.em.tokenizer
+        return self.runtime.service.live.em.tokenizer
 
     def encode(self, prompts: list, chat: bool, max_tokens: int) -> list[list[int]]:
         serve, out = self.runtime.cfg.serve, []
@@ -234,7 +234,7 @@ class _PromptEncoder:
                 raise OpenAIError(400, f"the prompt has {len(ids)} tokens, more than this server's limit of "
                                        f"{serve.max_prompt_tokens} ([serve] max_prompt_tokens)",
                                   param="messages" if chat else "prompt", code="context_length_exceeded")
-            context = _context_length(self.runtime.service.worker.em.model.config)
+            context = _context_length(self.runtime.service.live.em.model.config)
             if context is not None and len(ids) + max_tokens > context:
                 raise OpenAIError(400, f"{len(ids)} prompt tokens plus max_tokens {max_tokens} exceed the model's "
                                        f"context of {context} tokens", param="max_tokens",

@@ -141,7 +141,7 @@ def test_a_corrupted_head_blob_is_a_clear_error_not_a_crash_loop(project):
 
     svc = Service(cfg, progress=False)
     try:
-        svc.worker                                                 # loading does not raise: no crash loop
+        svc.live                                                   # loading does not raise: no crash loop
         assert f"version {head}" in svc.status()["degraded"]
         with pytest.raises(BlobError, match=f"version {head}.*kbsync rollback"):
             svc.query(["Paris is"], 2)

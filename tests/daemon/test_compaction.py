@@ -37,8 +37,8 @@ def _history(svc: Service) -> None:
 def _columns(svc: Service) -> list[tuple[str, str]]:
     """The facts the model at HEAD holds factors for, in column order, and whether any edit is masked."""
     head = svc.ledger.head()
-    svc._live_columns(head.id)
-    return [tuple(c) for v in svc.ledger.chain(head.id) for c in svc._columns[v.id].columns]
+    svc.live.live_columns(head.id)
+    return [tuple(c) for v in svc.ledger.chain(head.id) for c in svc.live.columns[v.id].columns]
 
 
 def test_compaction_keeps_the_live_facts_only_and_rollback_stays_exact(project):
@@ -102,7 +102,7 @@ def test_an_interrupted_compaction_resumes_and_takes_in_what_changed_meanwhile(p
         chain = svc.ledger.chain(head.id)
         assert chain[0].id == first.version                            # resumed on the branch it had begun
         assert doc["finished"] and doc["live"] == 5 and svc.store.counts().pending == 0
-        live = svc._live_columns(head.id)
+        live = svc.live.live_columns(head.id)
         for s in ("Rome", "Berlin", "Madrid", "Lisbon", "Oslo"):       # every live fact exactly once
             assert len(live[(s, "{} is the capital of")]) == 1
         assert live[("Vienna", "{} is the capital of")] == []          # on the branch before its removal: masked

@@ -74,7 +74,7 @@ def test_openai_client_completions_chat_streaming_models(server):
     done = oa.completions.create(model="model", prompt=prompt, max_tokens=8, temperature=0)
     text = done.choices[0].text
     assert done.object == "text_completion" and done.system_fingerprint == "base"
-    assert done.usage.prompt_tokens == len(runtime.service.worker.em.tokenizer(prompt)["input_ids"])
+    assert done.usage.prompt_tokens == len(runtime.service.live.em.tokenizer(prompt)["input_ids"])
     assert done.usage.total_tokens == done.usage.prompt_tokens + done.usage.completion_tokens
     assert text == runtime.query([prompt], 8)[0][0]          # the same greedy tokens as the admin query
 

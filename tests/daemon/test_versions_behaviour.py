@@ -24,12 +24,12 @@ def test_rollback_revert_delete(default_model, counterfact, tmp_path):
         new = torch.tensor([first(c["target_new"]) for c in cases])
         old = torch.tensor([first(c["ground_truth"]) for c in cases])
         def top() -> torch.Tensor:                       # greedy next token at HEAD
-            svc._at_head()
-            return svc.worker.em.next_token_logits(prompts).argmax(-1)
+            svc.live.at_head()
+            return svc.live.em.next_token_logits(prompts).argmax(-1)
 
         def holds() -> list[bool]:                       # prefers the new target over the true one
-            svc._at_head()
-            lp = svc.worker.em.next_token_logits(prompts).log_softmax(-1)
+            svc.live.at_head()
+            lp = svc.live.em.next_token_logits(prompts).log_softmax(-1)
             return (lp.gather(1, new[:, None]) > lp.gather(1, old[:, None])).squeeze(1).tolist()
 
         base_top = top()
