@@ -16,3 +16,10 @@ def configure_logging(level: str = "info", json: bool | None = None) -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
+
+
+def configure_logging_on_first_use(level: str = "info") -> None:
+    """For commands whose every log line comes from ``kb`` (``log``, ``show``, ``facts``): configure logging
+    just before kb's first line, so a command that logs nothing never imports structlog."""
+    import kb.logger
+    kb.logger.before_first_use = lambda: configure_logging(level)

@@ -120,18 +120,6 @@ class Service:
 
         return choose_opt_dtype(self.cfg.editor.opt_dtype, resolve_placement(self.cfg.model.device, self.cfg.model.dtype).device)
 
-    def log(self) -> list[dict]:
-        head = self.ledger.head()
-        on_chain = {v.id for v in self.ledger.chain(head.id if head else BASE)}
-        return [{"id": v.id, "parent": v.parent, "facts": v.n_facts, "created_at": v.created_at,
-                 "head": head is not None and v.id == head.id, "on_head_chain": v.id in on_chain,
-                 "note": v.note, "bytes": v.blob_bytes, "metrics": v.metrics}
-                for v in self.ledger.versions()]
-
-    def show(self, version_id: int) -> dict:
-        v = self._version(version_id)
-        return {**v.to_json(), "changes": [c.to_json() for c in self.ledger.carried(v.id)]}
-
     def query(self, prompts: list[str], max_tokens: int = 16) -> tuple[list[str], int | None]:
         version = self.live.at_head()
         return self.live.query(prompts, max_tokens), version

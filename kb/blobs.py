@@ -16,8 +16,10 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-import numpy as np
-import safetensors.numpy
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
 
 _BLOB_NAME = re.compile(r"([0-9a-f]{64})\.safetensors")
 _TEMP_NAME = re.compile(r"\.[0-9a-f]{64}\..*\.tmp")
@@ -74,6 +76,8 @@ def serialize(arrays: Mapping[str, np.ndarray], metadata: dict[str, str]) -> byt
     with sorted metadata and the tensors in data order, padded with spaces to 8 bytes as the format allows.
     An empty ``arrays`` gives a valid file holding only the metadata.
     """
+    import numpy as np
+    import safetensors.numpy
     for name, a in arrays.items():
         if not isinstance(name, str) or not isinstance(a, np.ndarray):
             raise TypeError(f"blob arrays map names to numpy arrays; got {name!r}: {type(a).__name__}")
@@ -90,6 +94,7 @@ def serialize(arrays: Mapping[str, np.ndarray], metadata: dict[str, str]) -> byt
 
 def deserialize(data: bytes) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Arrays and metadata of safetensors bytes (raises ``safetensors.SafetensorError`` / ``ValueError``)."""
+    import safetensors.numpy
     arrays = safetensors.numpy.load(data)
     n = int.from_bytes(data[:8], "little")
     return arrays, dict(json.loads(data[8:8 + n]).get("__metadata__") or {})

@@ -17,14 +17,14 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 
-import structlog
 
+from .logger import get_logger
 from .db import Database
 from .errors import ChangeStateError
 from .records import Batch, BatchEntry, Change, Counts, Provenance, probes_from_json
 
 
-log = structlog.get_logger("kbsync.kb")
+log = get_logger("kbsync.kb")
 
 _CHUNK = 500   # ids per IN (...) list, well under SQLite's variable limit
 

@@ -26,11 +26,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-import structlog
 
+from .logger import get_logger
 from .errors import KBError
 
-log = structlog.get_logger("kbsync.kb")
+log = get_logger("kbsync.kb")
 
 #: The advisory lock every kbsync write transaction holds on PostgreSQL (``pg_advisory_xact_lock``).
 WRITE_LOCK_KEY = 0x6B6273796E63          # "kbsync"

@@ -22,16 +22,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import structlog
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
+from .logger import get_logger
 from .errors import InvalidFactsError
 from .facts import FactStore
 from .records import BadRecord, ImportResult
 from .validation import now_iso, parse_fact_file
 
-log = structlog.get_logger("kbsync.kb")
+log = get_logger("kbsync.kb")
 
 IGNORED = (".*", "*~", "*.swp", "*.swo", "*.swx", "*.tmp", "*.temp", "*.part", "*.partial", "*.crdownload",
            "*.download", "#*#", "*.error.json")

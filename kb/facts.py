@@ -10,8 +10,8 @@ import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-import structlog
 
+from .logger import get_logger
 from .changes import ChangeLog, change_from_cursor
 from .db import Database, open_database
 from .errors import FactNotFoundError
@@ -19,7 +19,7 @@ from .records import (SLOT, Batch, Change, Counts, Fact, ImportResult, LocalityP
                       probes_from_json, probes_to_json)
 from .validation import ParsedFile, now_iso, parse_fact_file, validate_fact
 
-log = structlog.get_logger("kbsync.kb")
+log = get_logger("kbsync.kb")
 
 _FACT_COLS = ("subject", "template", "target", "paraphrases", "locality", "source", "source_sha256", "source_record",
               "added_at", "updated_at")

@@ -27,10 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-import safetensors
-import structlog
-
+from .logger import get_logger
 from .blobs import BlobStore, deserialize, serialize
 from .changes import change_from_cursor
 from .errors import BlobError, ChangeStateError, ModelMismatchError, VersionNotFoundError
@@ -38,9 +35,10 @@ from .records import Change, HeadMove, Version
 from .validation import now_iso
 
 if TYPE_CHECKING:
+    import numpy as np
     from .facts import FactStore
 
-log = structlog.get_logger("kbsync.kb")
+log = get_logger("kbsync.kb")
 
 #: The ``format`` metadata of every blob this ledger writes.
 BLOB_FORMAT = "kbsync-delta/1"
@@ -204,6 +202,15 @@ class Ledger:
             h.update(f"\n{v.id}:{v.blob_sha256}".encode())
         return h.hexdigest()
 
+    def history(self) -> list[dict]:
+        """Every version as ``kbsync log`` shows it: whether it is HEAD or on HEAD's chain, and its metrics."""
+        head = self.head()
+        on_chain = {v.id for v in self.chain(head.id if head else None)}
+        return [{"id": v.id, "parent": v.parent, "facts": v.n_facts, "created_at": v.created_at,
+                 "head": head is not None and v.id == head.id, "on_head_chain": v.id in on_chain,
+                 "note": v.note, "bytes": v.blob_bytes, "metrics": v.metrics}
+                for v in self.versions()]
+
     def children(self, version_id: int | None) -> list[Version]:
         """The versions whose parent is ``version_id`` (None: the roots, built on the base model), by id."""
         with self.store.snapshot() as conn:
@@ -263,7 +270,7 @@ class Ledger:
                                         f"{version.blob_sha256[:16]}...", path)
         try:
             arrays, meta = deserialize(data)
-        except (safetensors.SafetensorError, ValueError, TypeError) as e:
+        except (_safetensors_error(), ValueError, TypeError) as e:
             raise BlobError(version.id, f"its delta blob is not a readable safetensors file ({e})", path) from e
         if meta.get("format") != BLOB_FORMAT:
             raise BlobError(version.id, f"its delta blob has format {meta.get('format')!r}, this kbsync reads "
@@ -327,7 +334,7 @@ def _blob_metadata(meta: Mapping[str, str], config_digest: str, model_fingerprin
 
 def _metrics_json(metrics: Mapping) -> str:
     def plain(x):
-        if isinstance(x, np.generic):
+        if type(x).__module__ == "numpy" and hasattr(x, "item"):     # a numpy scalar
             return x.item()
         raise TypeError(f"metric value {x!r} ({type(x).__name__}) is not JSON")
     try:
@@ -349,3 +356,8 @@ def _require(**values: str) -> None:
 def _chunks(ids: list[int]) -> Iterable[list[int]]:
     for i in range(0, len(ids), _CHUNK):
         yield ids[i:i + _CHUNK]
+
+
+def _safetensors_error() -> type:
+    import safetensors
+    return safetensors.SafetensorError

@@ -20,11 +20,11 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-import structlog
 
+from .logger import get_logger
 from .db import CHANGES_CHANNEL, HEAD_CHANNEL, PostgresDatabase, redact
 
-log = structlog.get_logger("kbsync.kb")
+log = get_logger("kbsync.kb")
 
 
 class ChangeListener:

@@ -8,11 +8,11 @@ from __future__ import annotations
 import sqlite3
 from dataclasses import dataclass
 
-import structlog
 
+from .logger import get_logger
 from .errors import MigrationError
 
-log = structlog.get_logger("kbsync.kb")
+log = get_logger("kbsync.kb")
 
 _NOW = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
 _CHANGE_COLS = "op, fact_id, subject, template, target, paraphrases, locality, source, source_sha256, source_record"

@@ -11,13 +11,13 @@ kbsync_changes`` whenever the change log grows, which ``kb.listen.ChangeListener
 """
 from __future__ import annotations
 
-import structlog
 
+from .logger import get_logger
 from .db import CHANGES_CHANNEL, HEAD_CHANNEL, SCHEMA, WRITE_LOCK_KEY
 from .errors import MigrationError
 from .migrations import Migration
 
-log = structlog.get_logger("kbsync.kb")
+log = get_logger("kbsync.kb")
 
 _NOW = """to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')"""
 _CHANGE_COLS = "op, fact_id, subject, template, target, paraphrases, locality, source, source_sha256, source_record"

@@ -15,8 +15,11 @@ from kb import KBError
 from ..config import ConfigError, load_config
 from .evaluate import eval_cmd
 from .facts import facts
-from ..logs import configure_logging
+from ..logs import configure_logging, configure_logging_on_first_use
 from ..errors import ServiceError
+
+
+KB_ONLY = {"log", "show", "facts"}      # commands that read or write the store only: kb does all their logging
 
 
 class Ctx:
@@ -29,6 +32,14 @@ class Ctx:
     def model(self, progress: bool = True):
         from ..live_model import LoadedModel
         return LoadedModel(self.config(), progress=progress)
+
+    def ledger(self):
+        """The store and ledger alone (no model, no torch): what `log` and `show` read."""
+        from kb import FactStore
+        from kb.ledger import Ledger
+        cfg = self.config()
+        store = FactStore(cfg.kb_url)
+        return store, Ledger(store, cfg.blob_dir)
 
     def service(self, progress: bool = True):
         from ..service import Service
@@ -83,7 +94,10 @@ def cli(ctx, state_dir, config, log_level):
     Example:
       kbsync --state-dir ./state stats build
     """
-    configure_logging(log_level)
+    if ctx.invoked_subcommand in KB_ONLY:
+        configure_logging_on_first_use(log_level)
+    else:
+        configure_logging(log_level)
     ctx.obj = Ctx(state_dir, config)
 
 
@@ -176,8 +190,11 @@ def log_cmd(obj: Ctx, as_json):
     Example:
       kbsync log --json
     """
-    with obj.service() as svc:
-        rows = svc.log()
+    store, ledger = obj.ledger()
+    try:
+        rows = ledger.history()
+    finally:
+        store.close()
     lines = [f"{'*' if r['head'] else (' ' if r['on_head_chain'] else '-')} {r['id']:>4}  parent {r['parent'] or 'base':>4}  "
              f"{r['facts']:>3} facts  {r['created_at']}  {r['note'] or ''}" for r in rows]
     _emit(as_json, rows, "\n".join(lines) or "no versions yet (the base model)")
@@ -193,8 +210,12 @@ def show(obj: Ctx, version):
     Example:
       kbsync show 3
     """
-    with obj.service() as svc:
-        doc = svc.show(version)
+    store, ledger = obj.ledger()
+    try:
+        v = ledger.get(version)
+        doc = {**v.to_json(), "changes": [c.to_json() for c in ledger.carried(v.id)]}
+    finally:
+        store.close()
     _emit(True, doc, "")
 
 
