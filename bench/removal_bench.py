@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/removal_bench.py --state /tmp/export-state --json docs/results/removal_bench.json
 
---state is a state directory whose HEAD carries real edits (bench/export_check.py leaves one with 100
-COUNTERFACT facts, cases 5000-5099, in 10 steps of 10). On a copy of it:
+--state is a state directory whose HEAD carries real edits; when it holds none yet, the history is made there
+first (--facts COUNTERFACT facts from case 5000, in steps of 10, the shipped configuration). On a copy of it:
 - remove --removals facts spread evenly over the history, one `kbsync facts rm` + sync each, and time the
   sync (the removal's version committed and served);
 - after each removal, the removed prompt's next token against the unedited model's; after all of them, the
@@ -32,6 +32,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--state", type=Path, required=True)
     ap.add_argument("--removals", type=int, default=10)
+    ap.add_argument("--facts", type=int, default=100, help="when --state holds no history yet: edit this many")
     ap.add_argument("--json", type=Path, default=ROOT / "bench" / "out" / "removal_bench.json")
     args = ap.parse_args()
     import os
@@ -40,6 +41,21 @@ def main() -> None:
     from daemon.service import Service
     from editor.hook import Mode
 
+    if not (args.state / "kb.sqlite").exists():          # make the history: --facts cases from 5000, steps of 10
+        from editor.loading import model_directory
+        args.state.mkdir(parents=True, exist_ok=True)
+        (args.state / "config.toml").write_text(
+            f"[model]\nsource = '{model_directory('embedded', STATE)}'\ndevice = 'cpu'\ndtype = 'float32'\n")
+        maker = Service(load_config(None, args.state), progress=False)
+        for c in json.loads((DATA / "counterfact-edit.json").read_text())[5000:5000 + args.facts]:
+            maker.store.add(c["subject"], c["prompt"].replace(c["subject"], "{}", 1), c["target_new"])
+        t = time.perf_counter()
+        while maker.store.counts().pending:
+            maker.sync()
+        print(json.dumps({"history": str(args.state), "facts": args.facts,
+                          "versions": len(maker.ledger.versions()), "seconds": round(time.perf_counter() - t, 1)}),
+              flush=True)
+        maker.close()
     state = Path(tempfile.mkdtemp(prefix="removal-")) / "state"
     shutil.copytree(args.state, state)
     svc = Service(load_config(None, state), progress=False)

@@ -39,6 +39,8 @@ def baseline_targets(commit: str = BASELINE):
                          capture_output=True, text=True).stdout
     mod = types.ModuleType(f"editor.targets_{commit}")
     mod.__package__ = "editor"
+    import sys
+    sys.modules[mod.__name__] = mod                  # dataclasses look their module up there
     exec(compile(src, f"{commit}:editor/targets.py", "exec"), mod.__dict__)
 
     def run(em, batch, cfg):
@@ -92,7 +94,7 @@ def main() -> None:
     import editor.step as step_mod
     new_targets, old_targets = step_mod.compute_targets, (baseline_targets() if BASELINE in variants else None)
     states = {v: [] for v in variants}             # committed deltas per variant
-    res = {v: {"total_s": [], "targets_s": [], "keys_s": [], "solve_s": [], "routing_s": [], "opt_steps": [], "efficacy": []}
+    res = {v: {"total_s": [], "targets_s": [], "keys_s": [], "solve_s": [], "routing_s": [], "opt_steps": [], "efficacy": [], "top1": [], "para_top1": []}
            for v in variants}
     for s in range(args.steps):
         chunk = cases[s * args.batch:(s + 1) * args.batch]
@@ -115,15 +117,21 @@ def main() -> None:
             res[v]["total_s"].append(wall)
             with em.mode(Mode.VALIDATED):
                 res[v]["efficacy"].append(_metrics(_score(em, _probes(chunk)), [torch.zeros(1)] * len(chunk))["efficacy"])
+                first = torch.tensor([em.tokenizer(" " + c.target_new.strip(), add_special_tokens=False)["input_ids"][0]
+                                      for c in chunk])
+                for key, prompts in (("top1", [c.prompt for c in chunk]), ("para_top1", [c.paraphrase for c in chunk])):
+                    res[v][key].append(float((em.next_token_logits(prompts).argmax(-1).cpu() == first).float().mean()))
             print(f"step {s + 1} {v}: {wall:.1f} s, targets {d.metrics.get('targets_s', 0):.1f} s, "
-                  f"efficacy {res[v]['efficacy'][-1]:.2f}", flush=True)
+                  f"efficacy {res[v]['efficacy'][-1]:.2f}, top-1 {res[v]['top1'][-1]:.2f}, "
+                  f"paraphrase top-1 {res[v]['para_top1'][-1]:.2f}", flush=True)
     from editor.precision import choose_opt_dtype, cpu_features
 
     cpu = cpu_features()
     report = {"cpu": cpu.describe(), "native_bf16": cpu.native_bf16,
               "auto_picks": choose_opt_dtype("auto", "cpu").dtype,
               "stats_build_s": round(stats_s, 1), "threads": torch.get_num_threads(), "batch": args.batch,
-              "variants": {v: {k: round(statistics.median(x), 3) for k, x in r.items()} | {"steps": len(r["total_s"])}
+              "variants": {v: {k: round(statistics.median(x), 3) for k, x in r.items()}
+                           | {f"mean_{k}": round(statistics.mean(r[k]), 3) for k in ("total_s", "efficacy", "top1", "para_top1")} | {"steps": len(r["total_s"])}
                            for v, r in res.items()}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
