@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 DATA_FILES = {"counterfact": "counterfact-edit.json", "zsre": "zsre-train-1k.json"}
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"     # ../shared/data beside the project
 
 
 def _span(value: str) -> tuple[int, int]:
