@@ -1,10 +1,14 @@
 """The service layer: the one place where ``kb`` facts become ``editor`` edits. CLI and HTTP call it.
 
 Versions follow DESIGN.md §3. A sync takes the pending changes in batches of at most B: upserts become
-one COMEBA-HK step (one version) each; deletes rebuild the model without the deleted facts: back to the
-parent of the first version that carried one, then the later facts are replayed as new steps. Rebuilds
-(deletes and ``revert``) are computed in memory first and committed as one ledger transaction, so a crash
-leaves either the old HEAD or the whole new chain.
+one COMEBA-HK step (one version) each (a correction first masks the fact's old edit); deletes become one
+version that masks the deleted facts' edits. Rebuilds (``revert``, and deletes in a history from before
+columns were recorded) replay facts from their stored targets, are computed in memory first and committed
+as one ledger transaction, so a crash leaves either the old HEAD or the whole new chain. Compaction
+(``daemon.compaction``) re-solves the live facts onto a branch and moves HEAD there.
+
+The service owns the editor lock and the planning; the model and the version it holds are the
+:class:`~daemon.live_model.LiveModel`'s, and each step passes the :class:`~daemon.verify.VerifyGate` first.
 """
 from __future__ import annotations
 
@@ -27,7 +31,6 @@ from .live_model import BASE, LiveModel
 from .verify import VerifyGate
 
 log = structlog.get_logger("kbsync.service")
-
 
 
 @dataclass(frozen=True)
