@@ -5,7 +5,9 @@ the answer, its fingerprint, and the way back.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -83,10 +85,20 @@ def test_50_concurrent_requests_while_a_step_is_applied(project, make_tiny, monk
     model.save_pretrained(project / "model")
     tiny = (project / "tiny.toml").read_text().replace("v_steps = 3", "v_steps = 400\nearly_stop_nll = 0.0\n"
                                                                        "mom2_weight = 1.0")
-    (project / "tiny.toml").write_text(tiny)              # a step long enough to overlap the requests
+    (project / "tiny.toml").write_text(tiny)
+    import daemon.service
+    computed, release = threading.Event(), threading.Event()
+    real_compute = daemon.service.compute_delta
+
+    def held_step(*args, **kwargs):                      # the step ends only once the requests are waiting
+        delta = real_compute(*args, **kwargs)
+        computed.set()
+        release.wait(600)
+        return delta
+    monkeypatch.setattr(daemon.service, "compute_delta", held_step)
     runtime = make_runtime(project, "max_concurrent_per_client = 64\n")
     prompts = ["Paris is the capital of", "Apple A5 was created by", "Toko Yasuda plays the", "The Eiffel Tower is"]
-    with serving(runtime) as (url, app), ThreadPoolExecutor(52) as pool:
+    with serving(runtime) as (url, app), ThreadPoolExecutor(52) as pool, _released(release):
         http = httpx.Client(base_url=url, timeout=120, limits=httpx.Limits(max_connections=60))
 
         def ask(prompt: str) -> dict:
@@ -100,12 +112,13 @@ def test_50_concurrent_requests_while_a_step_is_applied(project, make_tiny, monk
         runtime.service.store.add("Apple A5", "Apple A5 was created by", "Google")
         before = [pool.submit(ask, prompts[i % 4]) for i in range(25)]
         sync = pool.submit(http.post, "/v1/admin/sync")
-        wait_for(lambda: runtime.scheduler.busy or sync.done(), 600, "the sync to start", step=0.002)
-        assert not sync.done(), "the sync ended before it was seen running"
+        wait_for(lambda: computed.is_set() or sync.done(), 600, "the step to be computed")
+        assert runtime.scheduler.busy and not sync.done()
         during = [pool.submit(ask, prompts[i % 4]) for i in range(25)]
-        wait_for(lambda: app.state.slots.in_flight("127.0.0.1") >= 25 + sum(not f.done() for f in before)
-                 or not runtime.scheduler.busy, 600, "the requests to arrive")
-        assert runtime.scheduler.busy, "the step ended before the requests arrived; make it longer"
+        wait_for(lambda: app.state.slots.in_flight("127.0.0.1") >= 25 + sum(not f.done() for f in before),
+                 600, "the requests to arrive")
+        assert runtime.scheduler.busy and not sync.done()               # they arrived while the step ran
+        release.set()
         answers = [f.result() for f in before + during]
         head = sync.result().json()["head"]
         reference[f"v{head}"] = {p: ask(p)["text"] for p in prompts}
@@ -118,6 +131,15 @@ def test_50_concurrent_requests_while_a_step_is_applied(project, make_tiny, monk
     count = next(s.value for s in sizes if s.name.endswith("_count"))
     total = next(s.value for s in sizes if s.name.endswith("_sum"))
     assert total > count                                             # some requests were decoded together
+
+
+@contextlib.contextmanager
+def _released(event: threading.Event):
+    """Whatever happens inside, the held step is let go on the way out."""
+    try:
+        yield
+    finally:
+        event.set()
 
 
 # ----- the real default model ---------------------------------------------------------------------
