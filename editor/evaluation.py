@@ -227,7 +227,8 @@ def generation_speed(em: EditableModel, mode: Mode, prompts: list[str], new_toke
 # ----- the run -----------------------------------------------------------------------------------
 def run_method(em: EditableModel, cases: list[Case], stats: KeyStats, cfg: EditConfig, *, method: str,
                steps: int, batch: int, eval_every: int, base_loc, texts: list[str], speed_at=(),
-               speed_prompts: list[str] = (), progress=None, base_loc_text: list[str] | None = None) -> dict:
+               speed_prompts: list[str] = (), progress=None, base_loc_text: list[str] | None = None,
+               gen_every: int = 1) -> dict:
     """One method, from the base model: ``steps`` steps of ``batch`` cases each, evaluated every
     ``eval_every`` steps and at the end over every edit so far. ``em`` is reset before and after."""
     live = method_mode(method)
@@ -243,7 +244,7 @@ def run_method(em: EditableModel, cases: list[Case], stats: KeyStats, cfg: EditC
                 with em.mode(live):
                     history.append({"step": s, "edits": done, **_metrics(_score(em, probes[:6 * done]), base_loc)})
                     if s == steps and base_loc_text is not None:
-                        history[-1].update(_gen_metrics(em, cases[:done], base_loc_text[:done]))
+                        history[-1].update(_gen_metrics(em, cases[:done:gen_every], base_loc_text[:done:gen_every]))
             if done in speed_at:
                 speed[str(done)] = generation_speed(em, live, list(speed_prompts), 32, 3)
             if s == steps:
@@ -273,6 +274,7 @@ def run_method(em: EditableModel, cases: list[Case], stats: KeyStats, cfg: EditC
 
 
 def evaluate(em: EditableModel, cases: list[Case], stats: KeyStats, cfg: EditConfig, *, methods=("comeba-hk",),
+             gen_every: int = 1,
              steps: int, batch: int, eval_every: int = 0, heldout: list[str] = (), speed_at=(),
              stats_seconds: float | None = None, progress=None) -> dict:
     """The whole report: the unedited model's metrics and perplexity, then each method side by side."""
@@ -286,8 +288,9 @@ def evaluate(em: EditableModel, cases: list[Case], stats: KeyStats, cfg: EditCon
     with em.mode(Mode.OFF):
         base_scores = _score(em, _probes(cases))
         base_loc = [base_scores[6 * i + 4][1] for i in range(len(cases))]
-        base_loc_text = _generated(em, [c.loc_prompt for c in cases])
-        base = {"final": {**_metrics(base_scores, base_loc), **_gen_metrics(em, cases, base_loc_text)},
+        base_loc_text = [None] * len(cases)               # greedy answers of the unedited model, every gen_every-th
+        base_loc_text[::gen_every] = _generated(em, [c.loc_prompt for c in cases[::gen_every]])
+        base = {"final": {**_metrics(base_scores, base_loc), **_gen_metrics(em, cases[::gen_every], base_loc_text[::gen_every])},
                 "perplexity": round(perplexity(em, list(heldout)), 4)}
     speed_prompts = [c.prompt for c in cases[:8]]
     runs = {}
@@ -295,7 +298,7 @@ def evaluate(em: EditableModel, cases: list[Case], stats: KeyStats, cfg: EditCon
         runs[m] = run_method(em, cases, stats, cfg, method=m, steps=steps, batch=batch,
                              eval_every=eval_every or steps, base_loc=base_loc, texts=list(heldout),
                              speed_at=set(speed_at), speed_prompts=speed_prompts, progress=progress,
-                             base_loc_text=base_loc_text)
+                             base_loc_text=base_loc_text, gen_every=gen_every)
     first = runs[methods[0]]
     return {"edits": steps * batch, "steps": steps, "batch": batch, "seconds": round(time.perf_counter() - t0, 2),
             "method": methods[0], "final": first["final"], "perplexity": first["perplexity"],
