@@ -31,7 +31,8 @@ def inputs_at(em, rows: list[tuple[list[int], int | None]]) -> dict[int, torch.T
 
 
 def main() -> None:
-    from editor.evaluation import heldout_texts, load_cases
+    from evaluation.cases import load_cases
+    from evaluation.harness import heldout_texts
     from editor.hook import Mode
     from editor.requests import subject_row
     cfg, em, stats = default_editable(with_stats=True)

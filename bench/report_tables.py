@@ -71,7 +71,7 @@ if __name__ == "__main__":
         if png:
             from pathlib import Path
 
-            from daemon.cli.evaluate import plot
+            from evaluation.cli import plot
             plot(merged, Path(png))
         print(tables(merged))
     else:

@@ -30,7 +30,7 @@ def setup():
 
 
 def record(args) -> None:
-    from editor.evaluation import load_cases
+    from evaluation.cases import load_cases
     from editor.step import apply_delta, compute_delta
     from kb.blobs import serialize
     cfg, em, stats = setup()
@@ -96,7 +96,8 @@ def q(x: torch.Tensor, qs=(0.0, 0.05, 0.5, 0.95, 0.99, 1.0)) -> list[float]:
 
 
 def analyse(args) -> None:
-    from editor.evaluation import heldout_texts, load_cases
+    from evaluation.cases import load_cases
+    from evaluation.harness import heldout_texts
     cfg, em, stats = setup()
     n = restore(em, args)
     cases = load_cases("counterfact", DATA / "counterfact-edit.json", (args.start, args.start + n * args.batch))
@@ -131,7 +132,8 @@ def analyse(args) -> None:
 
 
 def growth(args) -> None:
-    from editor.evaluation import heldout_texts, load_cases
+    from evaluation.cases import load_cases
+    from evaluation.harness import heldout_texts
     cfg, em, stats = setup()
     wiki_texts = heldout_texts(DATA / "wikitext2-valid.txt")
     rows = []
@@ -163,7 +165,8 @@ def gates(args) -> None:
     last tokens (edit prompts and paraphrases), so 99 %, 95 % and 90 % of them are routed, and the share
     of WikiText-2 tokens at or above it is reported. The shipped α is reported beside them.
     """
-    from editor.evaluation import heldout_texts, load_cases
+    from evaluation.cases import load_cases
+    from evaluation.harness import heldout_texts
     cfg, em, stats = setup()
     n = restore(em, args)
     cases = load_cases("counterfact", DATA / "counterfact-edit.json", (args.start, args.start + n * args.batch))
@@ -209,7 +212,8 @@ def token(args) -> None:
     of paraphrases (their recall at thresholds τ), and the share of WikiText-2 tokens and of locality
     prompts (any token) that would route at τ. Scores are read on the base model's inputs (routing
     upstream layers would change them only where a token routes)."""
-    from editor.evaluation import heldout_texts, load_cases
+    from evaluation.cases import load_cases
+    from evaluation.harness import heldout_texts
     cfg, em, stats = setup()
     wiki_texts = heldout_texts(DATA / "wikitext2-valid.txt")
     taus = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7)

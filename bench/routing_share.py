@@ -43,7 +43,8 @@ def routed_share(em, texts: list[str], max_len: int = 256) -> dict[int, float]:
 
 
 def main() -> None:
-    from editor.evaluation import heldout_texts, load_cases
+    from evaluation.cases import load_cases
+    from evaluation.harness import heldout_texts
     from editor.hook import Mode
     from editor.step import apply_delta, compute_delta
 

@@ -222,7 +222,7 @@ def part_inbox(model, tok, trials: int) -> dict:
 
 # ----- routing of KV-cached steps -----------------------------------------------------------------
 def part_decode(model, tok, n_facts: int) -> dict:
-    from editor.evaluation import load_cases
+    from evaluation.cases import load_cases
     from editor.model import EditableModel
     from editor.stats import key_stats
     from editor.step import apply_delta, compute_delta

@@ -68,7 +68,8 @@ def parse_variant(text: str) -> dict:
 
 def main() -> None:
     global BASE
-    from editor.evaluation import _metrics, _probes, _score, load_cases
+    from editor.metrics import case_probes, probe_metrics, score_probes
+    from evaluation.cases import load_cases
     from editor.hook import Mode
     from editor.model import EditableModel
     from editor.stats import key_stats
@@ -116,7 +117,7 @@ def main() -> None:
                 res[v][k].append(d.metrics.get(k, 0.0))
             res[v]["total_s"].append(wall)
             with em.mode(Mode.VALIDATED):
-                res[v]["efficacy"].append(_metrics(_score(em, _probes(chunk)), [torch.zeros(1)] * len(chunk))["efficacy"])
+                res[v]["efficacy"].append(probe_metrics(score_probes(em, case_probes(chunk)), [torch.zeros(1)] * len(chunk))["efficacy"])
                 first = torch.tensor([em.tokenizer(" " + c.target_new.strip(), add_special_tokens=False)["input_ids"][0]
                                       for c in chunk])
                 for key, prompts in (("top1", [c.prompt for c in chunk]), ("para_top1", [c.paraphrase for c in chunk])):

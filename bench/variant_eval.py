@@ -10,7 +10,7 @@ The norm gate: route on M = ‖Δx‖ against a threshold calibrated on ordinary
 
 The routing study (docs/layers.md) found that in layers 3-5 a threshold on M itself routes 2-3x fewer
 unrelated tokens than the paper's per-sequence z-score at the same recall of edited subjects. This runs
-the real evaluation (``editor.evaluation.evaluate``, COMEBA-HK) twice on the same cases, one after the other
+the real evaluation (``evaluation.harness.evaluate``, COMEBA-HK) twice on the same cases, one after the other
 in one process: the shipped editor, then the variant. With ``--gate norm``: after every committed step, each
 layer's τ is set to the ``--quantile`` of M over reference text (WikiText-2 validation paragraphs that the
 perplexity and the routing study do not use), and a token takes Δ when M ≥ τ. Nothing here changes the
@@ -50,9 +50,10 @@ def calibrate(em, ids: list[torch.Tensor], q: float) -> None:
 
 
 def main() -> None:
-    import editor.evaluation as ev
+    import evaluation.harness as ev
     import editor.hook as hook_mod
-    from editor.evaluation import evaluate, heldout_texts, load_cases
+    from evaluation.cases import load_cases
+    from evaluation.harness import evaluate, heldout_texts
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", default="0:200")

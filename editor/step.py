@@ -96,18 +96,9 @@ class StepDelta:
                    masked=masked, columns=columns, targets=targets)
 
 
-METHODS = ("comeba-hk", "no-hook", "memit")
-
-
-def method_mode(method: str) -> Mode:
-    """How a model edited with ``method`` runs: routed (COMEBA-HK) or Δ on every token (the ablations)."""
-    if method not in METHODS:
-        raise ValueError(f"unknown editing method {method!r}; choose one of {', '.join(METHODS)}")
-    return Mode.VALIDATED if method == "comeba-hk" else Mode.TEMPORARY
-
-
 def compute_delta(em: EditableModel, requests: list[EditRequest], stats: KeyStats, cfg: EditConfig,
-                  method: str = "comeba-hk", known: list[torch.Tensor | None] | None = None) -> StepDelta:
+                  known: list[torch.Tensor | None] | None = None, *, route: Mode = Mode.VALIDATED,
+                  accumulate: bool = True) -> StepDelta:
     """Compute one step for ``requests`` on top of ``em``'s committed state. ``em`` is left unchanged.
 
     ``known``: per request, a target residual z it was solved for before (``StepDelta.targets``), or None.
@@ -115,11 +106,11 @@ def compute_delta(em: EditableModel, requests: list[EditRequest], stats: KeyStat
     recomputed on the current model. z does not depend on the history below block L: the blocks above it
     are never edited, so the same z gives the same prediction on any edited model.
 
-    ``method`` (benchmarks only): ``comeba-hk`` routes Δ through the hooks and accumulates Σ K Kᵀ;
-    ``no-hook`` is the same update applied to every token (the paper's ablation without hook layers);
-    ``memit`` applies Δ to every token and forgets earlier keys (C = λ E[k kᵀ]: plain sequential MEMIT).
+    Two switches exist for the benchmark's ablations (evaluation/methods.py), never for the daemon:
+    ``route``, how the edited model runs while targets are found and α is set (``Mode.VALIDATED``: the hook
+    layers route Δ; ``Mode.TEMPORARY``: Δ on every token, α left as it is); ``accumulate``, whether the
+    solve counts the keys of earlier steps (Σ K Kᵀ; without them it is plain sequential MEMIT).
     """
-    live = method_mode(method)
     if tuple(cfg.layers) != em.layers:
         raise DeltaMismatch(f"config layers {list(cfg.layers)} differ from the model's hooked layers {list(em.layers)}")
     times: dict[str, float] = {}
@@ -133,7 +124,7 @@ def compute_delta(em: EditableModel, requests: list[EditRequest], stats: KeyStat
     if todo:
         sub = batch if len(todo) == len(requests) else \
             StepBatch(em.tokenizer, [requests[j] for j in todo], cfg.contexts, cfg.kl_template)
-        with em.mode(live):
+        with em.mode(route):
             fresh = compute_targets(em, sub, cfg)
         for i, j in enumerate(todo):
             known[j] = fresh.Z[i]
@@ -149,17 +140,17 @@ def compute_delta(em: EditableModel, requests: list[EditRequest], stats: KeyStat
             t = time.perf_counter()
             R = (Z - hL).T.to(torch.float64) / (m - i)                       # (d_out, n)
             C = cfg.mom2_weight * stats.for_layer(l).to(em.device)                # (d_in, d_in)
-            if method != "memit":
+            if accumulate:
                 C = C + em.hooks[l].KK                                       # Σ_t K_t K_tᵀ of earlier steps
             K64 = K.to(torch.float64)                                        # (d_in, n)
             A = _solve(C + K64 @ K64.T, K64)                                 # (d_in, n)
             times["solve_s"] += time.perf_counter() - t
             U, V = R.to(torch.float32), A.to(torch.float32)                  # (d_out, n), (d_in, n)
             stack.enter_context(em.hooks[l].trial(U, V, K))
-            stack.enter_context(em.mode(live, layers=[l]))
+            stack.enter_context(em.mode(route, layers=[l]))
             out.append((l, U, V, K.to(torch.float32)))
         t = time.perf_counter()
-        alphas = _adapted_alphas(em, batch, cfg.alpha_min_for(em.gate)) if live is Mode.VALIDATED else {l: h.alpha for l, h in em.hooks.items()}
+        alphas = _adapted_alphas(em, batch, cfg.alpha_min_for(em.gate)) if route is Mode.VALIDATED else {l: h.alpha for l, h in em.hooks.items()}
         times["routing_s"] = time.perf_counter() - t
     layers = tuple(LayerDelta(l, U, V, K, alphas[l]) for l, U, V, K in out)
     times["total_s"] = time.perf_counter() - t0

@@ -76,6 +76,19 @@ def validate_fact(fields: dict[str, Any], provenance: Provenance) -> Fact:
     return fact
 
 
+def validate_record(value: Any, dialect: str, source: str, number: int) -> Fact:
+    """Validate one raw record of ``dialect`` on its own (the benchmark reads datasets record by record, where a
+    file may repeat a key with another target); raises ``InvalidFactsError`` naming its problems."""
+    if dialect not in _DIALECTS:
+        raise InvalidFactsError(source, [BadRecord(None, None, None, f"unknown dialect {dialect!r}; use one of "
+                                                   f"{', '.join(DIALECTS)}")])
+    bad: list[BadRecord] = []
+    fact = _fact(RawRecord(number, None, value), _DIALECTS[dialect], Provenance(source, None, number), bad)
+    if fact is None:
+        raise InvalidFactsError(source, bad)
+    return fact
+
+
 def detect_dialect(raw: list[RawRecord]) -> str:
     """COUNTERFACT if the first record has ``target_new``, zsRE if it has ``src`` and ``alt``, else native."""
     first = next((r.value for r in raw if isinstance(r.value, dict)), {})

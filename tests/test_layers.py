@@ -2,7 +2,8 @@
 
 editor and kb never import daemon (nor each other), kb never imports torch; inside daemon the core never imports
 its rooms (``daemon.cli``, ``daemon.http``, ``daemon.vllm``), the HTTP room never imports the command line and
-the vLLM plugin neither of them.
+the vLLM plugin neither of them. The benchmark (``evaluation``) sits beside the command line: only ``daemon.cli``
+imports it, and it imports nothing of the daemon but its core.
 """
 from __future__ import annotations
 
@@ -42,11 +43,17 @@ def offenders(package: str, forbidden: tuple[str, ...], *, skip: tuple[str, ...]
 
 
 def test_editor_imports_neither_kb_nor_daemon():
-    assert offenders("editor", ("kb", "daemon")) == []
+    assert offenders("editor", ("kb", "daemon", "evaluation")) == []
 
 
 def test_kb_imports_neither_daemon_nor_editor_nor_torch():
-    assert offenders("kb", ("daemon", "editor", "torch")) == []
+    assert offenders("kb", ("daemon", "editor", "evaluation", "torch")) == []
+
+
+def test_only_the_command_line_imports_the_benchmark_and_the_benchmark_only_the_daemon_core():
+    assert offenders("daemon", ("evaluation",), skip=("daemon/cli/",)) == []
+    assert offenders("evaluation", ("daemon.cli", "daemon.http", "daemon.vllm")) == []
+    assert "daemon.live_model" in imports(ROOT / "evaluation" / "cli.py")     # the resolver sees it
 
 
 def test_the_daemon_core_never_imports_its_rooms():

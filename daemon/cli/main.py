@@ -13,7 +13,7 @@ from editor.errors import EditorError
 from kb import KBError
 
 from ..config import ConfigError, load_config
-from .evaluate import eval_cmd
+from evaluation.cli import eval_cmd
 from .facts import facts
 from ..logs import configure_logging, configure_logging_on_first_use
 from ..errors import ServiceError

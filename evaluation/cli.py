@@ -1,4 +1,4 @@
-"""``kbsync eval``: the consecutive-editing benchmark (editor/evaluation.py) from the command line."""
+"""``kbsync eval``: the consecutive-editing benchmark (evaluation/harness.py) from the command line."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 DATA_FILES = {"counterfact": "counterfact-edit.json", "zsre": "zsre-train-1k.json"}
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"     # ../shared/data beside the project
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"     # ../shared/data beside the project
 
 
 def _span(value: str) -> tuple[int, int]:
@@ -63,8 +63,9 @@ def eval_cmd(obj, dataset, data_path, span, steps, batch, eval_every, methods, h
       kbsync eval --dataset counterfact --cases 5000:5200 --steps 20 --batch 10 \\
         --method comeba-hk,no-hook,memit --json bench/out/eval.json --plot docs/img/eval.png
     """
-    from editor.evaluation import evaluate, heldout_texts, load_cases
-    from editor.step import METHODS
+    from .cases import load_cases
+    from .harness import evaluate, heldout_texts
+    from .methods import METHODS
 
     names = tuple(m.strip() for m in methods.split(",") if m.strip())
     bad = [m for m in names if m not in METHODS]
@@ -79,7 +80,7 @@ def eval_cmd(obj, dataset, data_path, span, steps, batch, eval_every, methods, h
 
     from dataclasses import replace
 
-    from ..live_model import LoadedModel
+    from daemon.live_model import LoadedModel
 
     cfg = obj.config()
     cfg = replace(cfg, model=replace(cfg.model, source=model_source or cfg.model.source,

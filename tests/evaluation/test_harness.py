@@ -1,4 +1,4 @@
-"""The benchmark's pieces on tiny random models: dataset loading, metric definitions, methods, reports."""
+"""The benchmark's pieces (evaluation/ and editor/metrics.py) on tiny random models: dataset loading, metric definitions, methods, reports."""
 import json
 
 import pytest
@@ -6,11 +6,14 @@ import torch
 
 from editor.config import EditConfig, StatsConfig
 from editor.errors import EditorError
-from editor.evaluation import Case, _metrics, _probes, _score, evaluate, load_cases, perplexity
 from editor.hook import Mode
+from editor.metrics import Case, case_probes, perplexity, probe_metrics, score_probes
 from editor.model import EditableModel
 from editor.stats import key_stats
-from editor.step import METHODS, apply_delta, compute_delta, method_mode
+from editor.step import apply_delta, compute_delta
+from evaluation.cases import load_cases
+from evaluation.harness import evaluate
+from evaluation.methods import METHODS, method
 from tests.conftest import DATA
 
 CASES = [
@@ -43,8 +46,10 @@ def test_loads_both_shared_formats_and_names_bad_input(tmp_path):
     assert zs[0].target_new == "unmanned aircraft" and not zs[0].loc_prompt.startswith("nq question:")
     with pytest.raises(EditorError, match="outside the 1000 records"):
         load_cases("zsre", DATA / "zsre-train-1k.json", (990, 1010))
-    with pytest.raises(EditorError, match="no field 'prompt'; is it a counterfact file"):
+    with pytest.raises(EditorError, match="case 0 of .* field 'prompt' is missing.*is it a counterfact file"):
         load_cases("counterfact", DATA / "zsre-train-1k.json", (0, 1))
+    with pytest.raises(EditorError, match="case 534 of .* field 'alt' is empty; choose a range without it"):     # kb's own validation
+        load_cases("zsre", DATA / "zsre-train-1k.json", (530, 540))
     (tmp_path / "x.json").write_text("{not json")
     with pytest.raises(EditorError, match="is not JSON"):
         load_cases("counterfact", tmp_path / "x.json", (0, 1))
@@ -59,9 +64,9 @@ def test_metrics_follow_their_definitions(setup):
                                           pad_token_id=0)[0, -1:])
     case = Case(0, "Danielle Darrieux", prompt, greedy, "French", prompt, "Rome is the capital of", "Italy")
     with em.mode(Mode.OFF):
-        scores = _score(em, _probes([case]))
+        scores = score_probes(em, case_probes([case]))
     base_loc = [scores[4][1]]
-    m = _metrics(scores, base_loc)
+    m = probe_metrics(scores, base_loc)
     assert m["locality"] == 1.0                      # the unedited model against itself
     ids = tok(" " + greedy.strip(), add_special_tokens=False)["input_ids"]
     if len(ids) == 1 and tok.decode(ids) == greedy:
@@ -70,19 +75,19 @@ def test_metrics_follow_their_definitions(setup):
     assert m["efficacy"] == float(nll_new < nll_true)
     # a changed locality prediction counts as not local
     flipped = [(scores[4][1] + 1) % len(tok)]
-    assert _metrics(scores, flipped)["locality"] == 0.0
+    assert probe_metrics(scores, flipped)["locality"] == 0.0
 
 
 def test_memit_forgets_earlier_keys_comeba_hk_keeps_them(setup):
     em, cfg, stats = setup
     assert set(METHODS) == {"comeba-hk", "no-hook", "memit"}
-    assert method_mode("comeba-hk") is Mode.VALIDATED and method_mode("memit") is Mode.TEMPORARY
-    with pytest.raises(ValueError, match="unknown editing method"):
-        method_mode("rome")
+    assert method("comeba-hk").mode is Mode.VALIDATED and method("memit").mode is Mode.TEMPORARY
+    with pytest.raises(EditorError, match="unknown editing method 'rome'; choose one of comeba-hk, no-hook, memit"):
+        method("rome")
     apply_delta(em, compute_delta(em, [CASES[0].request], stats, cfg))
     second = [CASES[1].request]
-    hk = compute_delta(em, second, stats, cfg, method="comeba-hk")
-    memit = compute_delta(em, second, stats, cfg, method="memit")
+    hk = compute_delta(em, second, stats, cfg, **method("comeba-hk").step_options())
+    memit = compute_delta(em, second, stats, cfg, **method("memit").step_options())
     # MEMIT solves with C = λ E[k kᵀ] only: its V satisfies (C + K Kᵀ) V = K without the earlier keys
     for ld in memit.layers:
         C = cfg.mom2_weight * stats.for_layer(ld.layer).double()

@@ -1,0 +1,111 @@
+"""The run: T consecutive steps of B edits per method, each from the base model, evaluated on the way; the
+unedited model's metrics and perplexity first. Metric definitions: editor/metrics.py."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from editor.config import EditConfig
+from editor.errors import EditorError
+from editor.hook import Mode
+from editor.metrics import (GEN_METRICS, METRICS, Case, case_probes, generated, generation_metrics, perplexity,
+                            probe_metrics, score_probes)
+from editor.model import EditableModel
+from editor.stats import KeyStats
+from editor.step import apply_delta, compute_delta
+
+from .methods import method
+from .speed import generation_speed
+
+SPLIT = ("targets_s", "keys_s", "solve_s", "routing_s")
+
+
+def heldout_texts(path: str | Path, n: int = 24, min_chars: int = 1200) -> list[str]:
+    """The last ``n`` long paragraphs of a plain-text corpus (WikiText-2 validation in the benchmarks)."""
+    lines = [l.strip() for l in Path(path).read_text(encoding="utf-8").splitlines()]
+    long = [l for l in lines if len(l) >= min_chars and not l.startswith("=")]
+    return long[-n:]
+
+
+def run_method(em: EditableModel, cases: list[Case], stats: KeyStats, cfg: EditConfig, *, method_name: str,
+               steps: int, batch: int, eval_every: int, base_loc, texts: list[str], speed_at=(),
+               speed_prompts: list[str] = (), progress=None, base_loc_text: list[str] | None = None,
+               gen_every: int = 1) -> dict:
+    """One method, from the base model: ``steps`` steps of ``batch`` cases each, evaluated every
+    ``eval_every`` steps and at the end over every edit so far. ``em`` is reset before and after."""
+    how = method(method_name)
+    live = how.mode
+    em.reset()
+    em.configure_gate(cfg.gate, cfg.alpha0_for())
+    history, speed, split = [], {}, {k: 0.0 for k in SPLIT}
+    edit_s = 0.0
+    probes = case_probes(cases)
+    try:
+        for s in range(steps + 1):
+            done = s * batch
+            if s and (s % eval_every == 0 or s == steps):
+                with em.mode(live):
+                    history.append({"step": s, "edits": done,
+                                    **probe_metrics(score_probes(em, probes[:6 * done]), base_loc)})
+                    if s == steps and base_loc_text is not None:
+                        history[-1].update(generation_metrics(em, cases[:done:gen_every], base_loc_text[:done:gen_every]))
+            if done in speed_at:
+                speed[str(done)] = generation_speed(em, live, list(speed_prompts), 32, 3)
+            if s == steps:
+                break
+            chunk = cases[done:done + batch]
+            t = time.perf_counter()
+            delta = compute_delta(em, [c.request for c in chunk], stats, cfg, **how.step_options())
+            apply_delta(em, delta)
+            edit_s += time.perf_counter() - t
+            for k in SPLIT:
+                split[k] += delta.metrics.get(k, 0.0)
+            if progress is not None:
+                progress(method_name, s + 1, steps, history[-1] if history else None)
+        with em.mode(live):
+            ppl = perplexity(em, texts)
+        edits = steps * batch
+        return {"method": method_name, "gate": em.gate, "edits": edits,
+                "final": {k: history[-1][k] for k in METRICS + GEN_METRICS if k in history[-1]},
+                "perplexity": round(ppl, 4), "history": history,
+                "alpha": {str(l): round(h.alpha, 4) for l, h in em.hooks.items()},
+                "speed": {"edit_seconds": round(edit_s, 2), "edits_per_s": round(edits / edit_s, 4) if edit_s else None,
+                          "seconds_per_step": round(edit_s / steps, 2),
+                          "split_s": {k: round(v, 2) for k, v in split.items()},
+                          "inference": speed}}
+    finally:
+        em.reset()
+
+
+def evaluate(em: EditableModel, cases: list[Case], stats: KeyStats, cfg: EditConfig, *, methods=("comeba-hk",),
+             gen_every: int = 1,
+             steps: int, batch: int, eval_every: int = 0, heldout: list[str] = (), speed_at=(),
+             stats_seconds: float | None = None, progress=None) -> dict:
+    """The whole report: the unedited model's metrics and perplexity, then each method side by side."""
+    for m in methods:
+        method(m)
+    if steps * batch > len(cases):
+        raise EditorError(f"{steps} steps x {batch} edits need {steps * batch} cases, the range holds {len(cases)}")
+    cases = cases[:steps * batch]
+    t0 = time.perf_counter()
+    em.reset()
+    with em.mode(Mode.OFF):
+        base_scores = score_probes(em, case_probes(cases))
+        base_loc = [base_scores[6 * i + 4][1] for i in range(len(cases))]
+        base_loc_text = [None] * len(cases)               # greedy answers of the unedited model, every gen_every-th
+        base_loc_text[::gen_every] = generated(em, [c.loc_prompt for c in cases[::gen_every]])
+        base = {"final": {**probe_metrics(base_scores, base_loc),
+                          **generation_metrics(em, cases[::gen_every], base_loc_text[::gen_every])},
+                "perplexity": round(perplexity(em, list(heldout)), 4)}
+    speed_prompts = [c.prompt for c in cases[:8]]
+    runs = {}
+    for m in methods:
+        runs[m] = run_method(em, cases, stats, cfg, method_name=m, steps=steps, batch=batch,
+                             eval_every=eval_every or steps, base_loc=base_loc, texts=list(heldout),
+                             speed_at=set(speed_at), speed_prompts=speed_prompts, progress=progress,
+                             base_loc_text=base_loc_text, gen_every=gen_every)
+    first = runs[methods[0]]
+    return {"edits": steps * batch, "steps": steps, "batch": batch, "seconds": round(time.perf_counter() - t0, 2),
+            "method": methods[0], "final": first["final"], "perplexity": first["perplexity"],
+            "base": base, "methods": runs, "stats_seconds": stats_seconds,
+            "config": cfg.to_dict()}

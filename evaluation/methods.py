@@ -1,0 +1,36 @@
+"""The editing methods the benchmark compares. Only ``comeba-hk`` ships; the others are ablations that exist
+here, not in the editor's step, which exposes the two switches they flip (``route``, ``accumulate``)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from editor.errors import EditorError
+from editor.hook import Mode
+
+
+@dataclass(frozen=True)
+class Method:
+    """How a method edits: ``mode`` is how the edited model runs (routed hooks, or Δ on every token);
+    ``accumulate``: the solve counts the keys of earlier steps (Σ K Kᵀ), or forgets them."""
+
+    name: str
+    mode: Mode
+    accumulate: bool
+
+    def step_options(self) -> dict:
+        """The keyword arguments of ``editor.step.compute_delta`` for this method."""
+        return {"route": self.mode, "accumulate": self.accumulate}
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("comeba-hk", Mode.VALIDATED, True),      # the shipped editor: hook layers route Δ
+    Method("no-hook", Mode.TEMPORARY, True),        # the paper's ablation: the same update on every token
+    Method("memit", Mode.TEMPORARY, False),         # sequential MEMIT: every token, C = λ E[k kᵀ] only
+)}
+
+
+def method(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise EditorError(f"unknown editing method {name!r}; choose one of {', '.join(METHODS)}") from None
