@@ -65,21 +65,17 @@ def live_facts(svc, version_id: int | None) -> dict[tuple[str, str], LiveFact]:
     if columns is None:
         raise ServiceError(f"version {version_id}'s history predates recorded columns, so it cannot be compacted; "
                            "`kbsync revert` its first version to rebuild it with them, then compact")
-    chain = svc.ledger.chain(version_id)
-    targets = [svc.live.columns[v.id].targets for v in chain if svc.live.columns[v.id].has_factors]
+    stored = svc.live.stored_targets(version_id)
     latest: dict[tuple[str, str], Change] = {}
-    for v in chain:
-        for c in svc.ledger.carried(v.id):
+    for v in svc.ledger.chain(version_id):
+        for c in svc.live.carried(v.id):
             if c.key not in latest or c.id > latest[c.key].id:
                 latest[c.key] = c
     out = {}
     for key, where in columns.items():
         change = latest.get(key)
-        if not where or change is None or change.op != "upsert":
-            continue
-        step, column = where[-1]
-        z = targets[step]
-        out[key] = LiveFact(change, z[column] if z is not None else None)
+        if where and change is not None and change.op == "upsert":
+            out[key] = LiveFact(change, stored.get(change.id))
     return out
 
 
@@ -145,10 +141,10 @@ def step(svc, actor: str) -> Progress:
 
 def _finish(svc, head_id, tip: int, n_live: int, actor: str, t: float) -> Progress:
     """The branch answers exactly like HEAD: one version on it carries HEAD's other changes, HEAD moves there."""
-    carried = {c.id for v in svc.ledger.chain(tip) for c in svc.ledger.carried(v.id)}
-    rest = sorted({c.id for v in svc.ledger.chain(head_id) for c in svc.ledger.carried(v.id)} - carried)
-    before = len(svc.ledger.chain(head_id))
-    after = len(svc.ledger.chain(tip)) + 1
+    head_chain, branch = svc.ledger.chain(head_id), svc.ledger.chain(tip)
+    carried = {c.id for v in branch for c in svc.live.carried(v.id)}
+    rest = sorted({c.id for v in head_chain for c in svc.live.carried(v.id)} - carried)
+    before, after = len(head_chain), len(branch) + 1
     note = f"compaction of {version_label(head_id)}: {n_live} facts in {after} versions (were {before})"
     plan = svc._plan(None, rest, note)
     version = svc.ledger.commit(plan.arrays, plan.meta, plan.change_ids, parent=tip,

@@ -3,7 +3,8 @@
 :class:`LoadedModel` loads the configured model once and builds (or reads) its key statistics on first need;
 ``kbsync stats build`` and ``kbsync eval`` use it alone. :class:`LiveModel` adds the version state a service
 serves: which version the hooks hold (``served``), why HEAD could not be restored (``degraded``), each
-version's columns read from its blob once, and restoring any version exactly. One per process; no thread of
+version's columns and the changes it carries, each read once (versions never change), and restoring any
+version exactly. One per process; no thread of
 its own: the caller holds the model lock.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ from editor.precision import PrecisionChoice, choose_opt_dtype
 from editor.stats import KeyStats, key_stats
 from editor.step import StepDelta, restore_state
 from kb.ledger import Ledger
+from kb.records import Change
 
 from .config import AppConfig
 from .errors import ServiceError
@@ -29,6 +31,12 @@ log = structlog.get_logger("kbsync.live_model")
 
 BASE = None  # the version id of the unedited model
 UNKNOWN = "unknown"   # ``served`` while the hooks hold work that no version describes (a step being made)
+
+
+def precision_here(cfg: AppConfig) -> PrecisionChoice:
+    """The precision a step would run in on this machine, without loading the model."""
+    from editor.loading import resolve_placement
+    return choose_opt_dtype(cfg.editor.opt_dtype, resolve_placement(cfg.model.device, cfg.model.dtype).device)
 
 
 class LoadedModel:
@@ -88,6 +96,34 @@ class LiveModel(LoadedModel):
         self.served: int | None | str = UNKNOWN         # the version the hooks are at (None: the base model)
         self.degraded: str | None = None                # why HEAD could not be restored, if it could not
         self.columns: dict[int, StepColumns] = {}       # per version, read from its blob once
+        self._carried: dict[int, tuple[Change, ...]] = {}   # per version, read from the ledger once
+
+    def carried(self, version_id: int) -> tuple[Change, ...]:
+        """The changes ``version_id`` carries, in id order, read once: what a version carries never changes
+        (their ``status`` is as first read; ask the ledger for the current one)."""
+        got = self._carried.get(version_id)
+        if got is None:
+            got = self._carried[version_id] = tuple(self.ledger.carried(version_id))
+        return got
+
+    def stored_targets(self, version_id: int | None) -> dict[int, torch.Tensor]:
+        """change id -> the target residual z that a version of ``version_id``'s chain solved the change's fact
+        for, where the version kept targets (``StepDelta.targets``): re-solving the fact from it skips the
+        target optimisation."""
+        chain = self.ledger.chain(version_id)
+        if any(v.id not in self.columns for v in chain):
+            self.deltas(version_id)
+        out: dict[int, torch.Tensor] = {}
+        for v in chain:
+            sc = self.columns[v.id]
+            if sc.targets is None:
+                continue
+            by_key = {c.key: c.id for c in self.carried(v.id) if c.op == "upsert"}
+            for i, key in enumerate(sc.columns):
+                change_id = by_key.get(tuple(key))
+                if change_id is not None:
+                    out[change_id] = sc.targets[i]
+        return out
 
     def deltas(self, version_id: int | None) -> list[StepDelta]:
         """The steps of ``version_id``'s chain, from the root, read from their blobs (and checked)."""

@@ -27,7 +27,7 @@ from kb.ledger import Ledger, PlannedVersion
 
 from .config import AppConfig
 from .errors import ServiceError
-from .live_model import BASE, LiveModel
+from .live_model import BASE, LiveModel, precision_here
 from .verify import VerifyGate
 
 log = structlog.get_logger("kbsync.service")
@@ -98,13 +98,8 @@ class Service:
 
     # ----- reads ---------------------------------------------------------------------------------
     def status(self) -> dict:
-        head = self.ledger.head()
-        counts = self.store.counts()
-        doc = {"head": head.id if head else None, "pending": counts.pending, "pending_keys": counts.pending_keys,
-               "held": counts.held,
-               "failed": counts.failed, "facts": counts.facts, "versions": len(self.ledger.versions()),
-               "model": self.cfg.model.source, "device": None, "model_loaded": self.model_loaded,
-               "degraded": self.degraded, "kb": {"backend": self.store.db.dialect, "url": redact(self.store.url)},
+        doc = {**self.ledger.summary(), "model": self.cfg.model.source, "device": None,
+               "model_loaded": self.model_loaded, "degraded": self.degraded,
                "role": {True: "editor", False: "follower", None: None}[self._editor],   # None: not a daemon
                "served": self.served if self.model_loaded else None}   # the version the live model is at
         if self.model_loaded:
@@ -113,15 +108,8 @@ class Service:
             doc["precision"] = self.live.precision.to_json()
             doc["gate"] = self.live.em.gate                 # the routing gate HEAD's history is served with
         else:
-            doc["precision"] = self._precision_here().to_json()
+            doc["precision"] = precision_here(self.cfg).to_json()
         return doc
-
-    def _precision_here(self):
-        """The precision a step would run in on this machine, without loading the model."""
-        from editor.loading import resolve_placement
-        from editor.precision import choose_opt_dtype
-
-        return choose_opt_dtype(self.cfg.editor.opt_dtype, resolve_placement(self.cfg.model.device, self.cfg.model.dtype).device)
 
     def query(self, prompts: list[str], max_tokens: int = 16) -> tuple[list[str], int | None]:
         version = self.live.at_head()
@@ -320,7 +308,7 @@ class Service:
         keys = {e.change.key for e in entries}
         del_ids = [i for e in entries for i in e.change_ids]
         first = next((i for i, v in enumerate(chain)
-                      if any(c.op == "upsert" and c.key in keys for c in self.ledger.carried(v.id))), None)
+                      if any(c.op == "upsert" and c.key in keys for c in self.live.carried(v.id))), None)
         if first is None:      # nothing of these facts is in the model: record the deletes only
             reports = self._rebuild(head.id if head else BASE, [], exclude=keys, extra_ids=del_ids,
                                     actor=actor, reason="delete (facts not in the model)")
@@ -339,7 +327,7 @@ class Service:
         t = time.perf_counter()
         latest = {}
         for v in versions:
-            for c in self.ledger.carried(v.id):
+            for c in self.live.carried(v.id):
                 if c.key not in exclude and (c.key not in latest or c.id > latest[c.key].id):
                     latest[c.key] = c
         replay = sorted((c for c in latest.values() if c.op == "upsert"), key=lambda c: c.id)
@@ -348,7 +336,7 @@ class Service:
         chunks = [replay[i:i + B] for i in range(0, len(replay), B)]
         planned: list[PlannedVersion] = []
         try:
-            known = self._stored_targets(versions, {c.id for c in replay})
+            known = self.live.stored_targets(versions[-1].id) if versions else {}
             self.live.restore(parent)
             for k, chunk in enumerate(chunks):
                 delta = compute_delta(self.live.em, [request_for(c) for c in chunk], self.live.stats,
@@ -372,22 +360,6 @@ class Service:
                  facts=len(replay), seconds=round(seconds, 2))
         return [StepReport(v.id, v.n_facts, "replay" if chunks else "record", seconds / len(committed))
                 for v in committed]
-
-    def _stored_targets(self, versions, change_ids: set[int]) -> dict[int, torch.Tensor]:
-        """change id -> the target residual z a version of ``versions`` solved that change's fact for (where it
-        kept one), so a replay skips optimising it again."""
-        out: dict[int, torch.Tensor] = {}
-        if versions:
-            self.live.live_columns(versions[-1].id)               # reads the chain's columns and targets once
-        for v in versions:
-            sc = self.live.columns.get(v.id)
-            if sc is None or sc.targets is None:
-                continue
-            by_key = {c.key: c.id for c in self.ledger.carried(v.id) if c.id in change_ids}
-            for i, key in enumerate(sc.columns):
-                if tuple(key) in by_key:
-                    out[by_key[tuple(key)]] = sc.targets[i]
-        return out
 
     def _plan(self, delta: StepDelta | None, change_ids: list[int], note: str) -> PlannedVersion:
         em = self.live.em

@@ -180,6 +180,18 @@ class Ledger:
         with self.store.snapshot() as conn:
             return self._get(conn, version_id)
 
+    def summary(self) -> dict:
+        """The knowledge base at a glance (what ``kbsync status`` shows before any model is loaded): HEAD, the
+        changes pending, held and failed, the facts and versions, and which store this is."""
+        from .db import redact
+        head = self.head()
+        counts = self.store.counts()
+        with self.store.snapshot() as conn:
+            versions = conn.execute("SELECT COUNT(*) FROM versions").fetchone()[0]
+        return {"head": head.id if head else None, "pending": counts.pending, "pending_keys": counts.pending_keys,
+                "held": counts.held, "failed": counts.failed, "facts": counts.facts, "versions": versions,
+                "kb": {"backend": self.store.db.dialect, "url": redact(self.store.url)}}
+
     def versions(self) -> list[Version]:
         """Every version, by id (the order they were committed in)."""
         with self.store.snapshot() as conn:

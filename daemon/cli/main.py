@@ -145,22 +145,42 @@ def query(obj: Ctx, prompt, max_tokens, as_json):
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@click.option("--precision", is_flag=True, help="Without a daemon, also probe the editing precision this machine "
+                                               "would choose (loads torch).")
 @click.pass_obj
-def status(obj: Ctx, as_json):
-    """HEAD version, pending and failed counts, model.
+def status(obj: Ctx, as_json, precision):
+    """HEAD version, pending and failed counts, model; with a daemon running, what it serves and the
+    precision it chose.
+
+    Without a daemon it reads the fact store only and answers at once; ``--precision`` adds the editing
+    precision this machine would choose (it loads torch to probe the CPU or GPU, about a second).
 
     \b
     Example:
       kbsync status --json
     """
-    doc = _dispatch(obj, lambda c: c.status(),
-                    lambda svc: {**svc.status(), "last_tick": None, "next_tick": None, "daemon": None})
+    client = obj.daemon()
+    if client is not None:
+        doc = client.status()
+    else:
+        cfg = obj.config()
+        store, ledger = obj.ledger()
+        try:
+            doc = {**ledger.summary(), "model": cfg.model.source, "device": None, "model_loaded": False,
+                   "degraded": None, "role": None, "served": None, "last_tick": None, "next_tick": None,
+                   "daemon": None, "precision": None}
+        finally:
+            store.close()
+        if precision:
+            from ..live_model import precision_here
+            doc["precision"] = precision_here(cfg).to_json()
     doc.setdefault("fingerprint", None)
     daemon = f"  daemon: pid {doc['daemon']['pid']}" if doc.get("daemon") else "  daemon: not running"
+    chosen = (f"{doc['precision']['dtype']} ({doc['precision']['reason']})" if doc.get("precision") else
+              "chosen when the model loads (`kbsync status --precision` probes this machine)")
     _emit(as_json, doc, f"head: {doc['head'] or 'base'}  pending: {doc['pending']}  failed: {doc['failed']}  "
                         f"facts: {doc['facts']}  versions: {doc['versions']}  model: {doc['model']}{daemon}"
-                        + (f"\n  editing precision: {doc['precision']['dtype']} ({doc['precision']['reason']})"
-                           if doc.get("precision") else ""))
+                        f"\n  editing precision: {chosen}")
 
 
 @cli.command()

@@ -47,9 +47,13 @@ def test_facts_sync_log_rollback_query(project):
     kbsync(project, "facts", "import", str(facts))
     status = json.loads(kbsync(project, "status", "--json").stdout)
     assert status["head"] is None and status["pending"] == 2 and status["model"]
+    assert status["precision"] is None and status["daemon"] is None          # the store alone: no torch
+    assert "chosen when the model loads (`kbsync status --precision`" in kbsync(project, "status").stdout
+    probed = json.loads(kbsync(project, "status", "--json", "--precision").stdout)
     import torch.backends.cpu
-    assert status["precision"]["hardware"].startswith(torch.backends.cpu.get_cpu_capability())   # the choice, and why
-    forced = subprocess.run([sys.executable, "-m", "daemon", "--config", str(project / "app.toml"), "status"],
+    assert probed["precision"]["hardware"].startswith(torch.backends.cpu.get_cpu_capability())   # the choice, and why
+    assert {k: v for k, v in probed.items() if k != "precision"} == {k: v for k, v in status.items() if k != "precision"}
+    forced = subprocess.run([sys.executable, "-m", "daemon", "--config", str(project / "app.toml"), "status", "--precision"],
                             cwd=ROOT, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "KBSYNC_STATE_DIR": str(project / "state"), "KBSYNC_OPT_DTYPE": "float32"})
     assert "editing precision: float32 (KBSYNC_OPT_DTYPE=float32" in forced.stdout

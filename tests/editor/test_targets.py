@@ -22,6 +22,28 @@ def _targets(model, tok, **changes):
     return out
 
 
+# contexts of different lengths and a subject at the start: lookups differ, some rows have short prefixes
+PREFIX_REQS = REQS + [EditRequest("Toko Yasuda", "Toko Yasuda plays the", "piano")]
+PREFIX_CONTEXTS = ("{}", "The following is a fact. {}", "In short, {}")
+
+
+def _without_and_with_prefix_cache(model, tok, cfg, *, tune=None, between=None):
+    """Targets of ``PREFIX_REQS`` computed twice on one batch: full rows, then with the prefix cache.
+    ``tune(em, batch, cfg)`` may return the config both use; ``between()`` runs after the first."""
+    em = EditableModel(model, tok, cfg.layers)
+    batch = StepBatch(tok, PREFIX_REQS, cfg.contexts, cfg.kl_template)
+    try:
+        with em.mode(Mode.VALIDATED):
+            cfg = tune(em, batch, cfg) if tune else cfg
+            full = compute_targets(em, batch, cfg.replace(prefix_cache=False))
+            if between:
+                between()
+            cached = compute_targets(em, batch, cfg.replace(prefix_cache=True))
+    finally:
+        em.close()
+    return batch, full, cached
+
+
 def test_optimisation_lowers_target_nll_and_respects_clamp(tiny_model):
     model, tok = tiny_model
     start = _targets(model, tok, v_steps=1)
@@ -49,18 +71,8 @@ def test_prefix_cache_gives_the_same_targets_as_full_rows(make_tiny, tiny_tokeni
     runs = []
     real_run = targets._Prefix.run
     monkeypatch.setattr(targets._Prefix, "run", lambda self, *a: runs.append(self.src_s.shape) or real_run(self, *a))
-    model = make_tiny(kind)
-    # contexts of different lengths and a subject at the start: lookups differ, some rows have short prefixes
-    reqs = REQS + [EditRequest("Toko Yasuda", "Toko Yasuda plays the", "piano")]
-    cfg = EditConfig(layers=(1,), v_steps=5, contexts=("{}", "The following is a fact. {}", "In short, {}"))
-    em = EditableModel(model, tiny_tokenizer, cfg.layers)
-    batch = StepBatch(tiny_tokenizer, reqs, cfg.contexts, cfg.kl_template)
-    try:
-        with em.mode(Mode.VALIDATED):
-            full = compute_targets(em, batch, cfg.replace(prefix_cache=False))
-            cached = compute_targets(em, batch, cfg.replace(prefix_cache=True))
-    finally:
-        em.close()
+    cfg = EditConfig(layers=(1,), v_steps=5, contexts=PREFIX_CONTEXTS)
+    batch, full, cached = _without_and_with_prefix_cache(make_tiny(kind), tiny_tokenizer, cfg)
     assert len(runs) == cached.steps and runs[0][1] < batch.tensors(batch.rewrite + batch.kl, "cpu")[0].shape[1]
     assert torch.allclose(cached.nll, full.nll, rtol=1e-4, atol=1e-5)
     assert torch.allclose(cached.Z, full.Z, rtol=1e-4, atol=1e-4) and not torch.equal(full.Z, full.h0)
@@ -102,20 +114,14 @@ def test_prefix_cache_follows_facts_that_stop_early(make_tiny, tiny_tokenizer, k
     real_init, real_run = targets._Prefix.__init__, targets._Prefix.run
     monkeypatch.setattr(targets._Prefix, "__init__", lambda self, *a: built.append(1) or real_init(self, *a))
     monkeypatch.setattr(targets._Prefix, "run", lambda self, em, feed: shapes.append(feed.shape[0]) or real_run(self, em, feed))
-    model = make_tiny(kind)
-    reqs = REQS + [EditRequest("Toko Yasuda", "Toko Yasuda plays the", "piano")]
-    cfg = EditConfig(layers=(1,), v_steps=6, contexts=("{}", "The following is a fact. {}", "In short, {}"))
-    em = EditableModel(model, tiny_tokenizer, cfg.layers)
-    batch = StepBatch(tiny_tokenizer, reqs, cfg.contexts, cfg.kl_template)
-    try:
-        with em.mode(Mode.VALIDATED):
-            first = compute_targets(em, batch, cfg.replace(v_steps=1, prefix_cache=False)).nll.sort().values
-            cfg = cfg.replace(early_stop_nll=float(first[0] + first[1]) / 2)   # the easiest fact stops at once
-            full = compute_targets(em, batch, cfg.replace(prefix_cache=False))
-            built.clear()
-            cached = compute_targets(em, batch, cfg.replace(prefix_cache=True))
-    finally:
-        em.close()
+
+    def easiest_stops_at_once(em, batch, cfg):
+        first = compute_targets(em, batch, cfg.replace(v_steps=1, prefix_cache=False)).nll.sort().values
+        return cfg.replace(early_stop_nll=float(first[0] + first[1]) / 2)
+
+    cfg = EditConfig(layers=(1,), v_steps=6, contexts=PREFIX_CONTEXTS)
+    _, full, cached = _without_and_with_prefix_cache(make_tiny(kind), tiny_tokenizer, cfg,
+                                                     tune=easiest_stops_at_once, between=built.clear)
     assert len(built) == 1 and len(set(shapes)) > 1                       # built once, cut as facts stopped
     assert cached.steps == full.steps == 6
     assert torch.allclose(cached.Z, full.Z, rtol=1e-4, atol=1e-4)
