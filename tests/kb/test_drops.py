@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+from types import SimpleNamespace
 import time
 from collections import Counter
 
@@ -88,16 +89,20 @@ def test_same_bytes_twice_are_recognised(store, inbox):
     assert len(list((inbox / "processed").iterdir())) == 3       # nothing overwritten
 
 
-def test_a_settling_file_is_not_taken_until_it_stops_changing(store, inbox):
+def test_a_settling_file_is_not_taken_until_it_stops_changing(store, inbox, monkeypatch):
+    import kb.drops
+    clock = [1000.0]                                          # the drop folder's clock, moved by hand
+    monkeypatch.setattr(kb.drops, "time", SimpleNamespace(monotonic=lambda: clock[0]))
     drops = DropFolder(store, inbox, settle_s=0.4)
     (inbox / "slow.jsonl").write_text(json.dumps(fact(1)) + "\n")
     assert drops.scan_once() == []
-    time.sleep(0.25)
+    clock[0] += 0.25
     with open(inbox / "slow.jsonl", "a") as f:
         f.write(json.dumps(fact(2)) + "\n")
-    time.sleep(0.25)
-    assert drops.scan_once() == []                            # changed 0.25 s ago: still settling
-    time.sleep(0.45)
+    assert drops.scan_once() == []                            # changed: settling starts again
+    clock[0] += 0.25
+    assert drops.scan_once() == []                            # unchanged for 0.25 s of 0.4
+    clock[0] += 0.2
     (outcome,) = drops.scan_once()
     assert outcome.result.facts == 2
 
@@ -117,7 +122,7 @@ def test_committed_but_not_moved_is_only_moved(store, inbox):
 def test_atomic_rename_is_taken_once(watched, store, inbox, outcomes):
     drop(inbox, "renamed.jsonl", jsonl([fact(i) for i in range(5)]))
     assert wait_for(lambda: len(outcomes) == 1)
-    time.sleep(0.5)
+    assert watched.scan_once() == []        # nothing left to take (waits for a pass in flight to finish)
     assert [(o.name, o.status) for o in outcomes] == [("renamed.jsonl", "processed")]
     assert store.count() == 5 and store.counts().pending == 5
 
@@ -133,7 +138,7 @@ def test_slow_writer_is_read_whole(watched, store, inbox, outcomes):
             f.flush()
             time.sleep(0.01)            # the file is invalid JSONL between the two halves of a line
     assert wait_for(lambda: len(outcomes) == 1)
-    time.sleep(0.5)
+    assert watched.scan_once() == []
     assert [o.status for o in outcomes] == ["processed"] and outcomes[0].result.facts == n
     assert store.count() == n and store.counts().pending == n
 
@@ -145,7 +150,7 @@ def test_duplicate_events_ingest_once(watched, store, inbox, outcomes):
         os.utime(path)
         time.sleep(0.005)
     assert wait_for(lambda: len(outcomes) == 1)
-    time.sleep(0.6)
+    assert watched.scan_once() == []
     assert len(outcomes) == 1 and store.counts().pending == 2
 
 
@@ -153,7 +158,7 @@ def test_burst_of_a_thousand_small_files(watched, store, inbox, outcomes):
     for i in range(1_000):
         drop(inbox, f"f{i:04}.jsonl", json.dumps(fact(i)) + "\n")
     assert wait_for(lambda: len(outcomes) >= 1_000, timeout=600)
-    time.sleep(0.5)
+    assert watched.scan_once() == []
     names = Counter(o.name for o in outcomes)
     assert len(names) == 1_000 and set(names.values()) == {1}
     assert {o.status for o in outcomes} == {"processed"}
