@@ -34,6 +34,8 @@ def main() -> None:
     ap.add_argument("--removals", type=int, default=10)
     ap.add_argument("--facts", type=int, default=100, help="when --state holds no history yet: edit this many")
     ap.add_argument("--json", type=Path, default=ROOT / "bench" / "out" / "removal_bench.json")
+    ap.add_argument("--build-only", action="store_true", help="make the history in --state and stop (its time is "
+                    "not a figure of this benchmark, so it may run beside other work)")
     args = ap.parse_args()
     import os
     os.environ.setdefault("KBSYNC_CACHE_DIR", str(STATE))
@@ -56,6 +58,8 @@ def main() -> None:
                           "versions": len(maker.ledger.versions()), "seconds": round(time.perf_counter() - t, 1)}),
               flush=True)
         maker.close()
+    if args.build_only:
+        return
     state = Path(tempfile.mkdtemp(prefix="removal-")) / "state"
     shutil.copytree(args.state, state)
     svc = Service(load_config(None, state), progress=False)

@@ -1,0 +1,163 @@
+"""Per-edit noise thresholds for the token gate, measured on a 1,000-edit state (issue 15; benchmarks only).
+
+The token gate routes a token x when max_j s_j(x) ≥ α, where s_j(x) = v_jᵀx / v_jᵀk_j (1 at edit j's own
+key). On ordinary text s_j(x) is noise with RMS σ_j = sqrt(v_jᵀ Σ v_j) / v_jᵀk_j, where Σ = E[x xᵀ] is the
+key statistics the solve already uses. The max over j of that noise grows with the number of edits and
+crosses α: ordinary tokens route, locality falls. The variant asks each edit for s_j ≥ max(α, c σ_j): its
+score is divided by f_j = max(1, c σ_j / α0), so an edit whose matcher responds to ordinary text needs
+more evidence, and the others route as before.
+
+    .venv/bin/python bench/noise_gate.py --edits 1000 --c 0,3,4,5 --json bench/out/noise_gate.json
+
+Step 1 (once; the steps are saved under --state and reused): edit tuning cases 0..edits-1 with the shipped
+editor, steps of 10. Step 2, for each c, on the final state: efficacy, paraphrase efficacy, specificity,
+reliability, generality, locality (teacher-forced, every edit), the generation family (every --gen-every-th
+edit), perplexity on the 24 held-out WikiText-2 paragraphs, and the share of those paragraphs' tokens that
+route. This is post hoc: the edits were made with the shipped gate (α adapted to it); only the routing of
+the final state changes. It says whether the variant is worth building into the step.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from common import DATA, ROOT, default_editable
+
+
+def save_steps(deltas, folder: Path, start: int = 0) -> None:
+    from safetensors.numpy import save_file
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, d in enumerate(deltas[start:], start=start):
+        arrays, meta = d.to_arrays()
+        save_file(arrays, folder / f"step-{i:05}.safetensors", metadata=meta)
+
+
+def load_steps(folder: Path):
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+
+    from editor.step import StepDelta
+    out = []
+    for p in sorted(folder.glob("step-*.safetensors")):
+        with safe_open(str(p), "np") as f:
+            meta = f.metadata()
+        out.append(StepDelta.from_arrays(load_file(str(p)), meta))
+    return out
+
+
+def set_noise_scale(em, stats, c: float, alpha0: float) -> dict:
+    """f_j per edit and layer (1 everywhere for c = 0); returns how many edits it raises, per layer."""
+    out = {}
+    for l, h in em.hooks.items():
+        Sigma = stats.for_layer(l).to(torch.float64)                      # (d_in, d_in)
+        V = torch.cat(h.V, 1).to(torch.float64)                           # (d_in, r)
+        S = torch.cat(h.S).to(torch.float64).abs().clamp(min=1e-12)       # (r,)
+        sigma = (V * (Sigma @ V)).sum(0).clamp(min=0).sqrt() / S          # (r,)
+        f = (c * sigma / alpha0).clamp(min=1.0) if c > 0 else torch.ones_like(sigma)
+        h._noise_f = f.to(torch.float32)
+        h._cat, h._D, h._D_fwd = None, None, None
+        out[str(l)] = {"sigma_median": round(float(sigma.median()), 4), "sigma_p90": round(float(sigma.quantile(0.9)), 4),
+                       "raised": int((f > 1).sum()), "edits": int(f.numel())}
+    return out
+
+
+def patch_factors() -> None:
+    """The gate's per-edit scale 1 / v_jᵀk_j becomes 1 / (f_j v_jᵀk_j) where a hook has ``_noise_f``."""
+    from editor.hook import HookLayer
+    real = HookLayer._factors
+
+    def factors(self):
+        fresh = self._cat is None
+        U, V, inv_s = real(self)
+        f = getattr(self, "_noise_f", None)
+        if fresh and f is not None and f.numel() == inv_s.numel():
+            self._cat = (U, V, inv_s / f)
+        return self._cat
+
+    HookLayer._factors = factors
+
+
+@torch.no_grad()
+def routed_share(em, texts: list[str], seq_len: int = 256) -> float:
+    from editor.hook import Mode
+    routed = total = 0
+    with em.mode(Mode.VALIDATED):
+        for t in texts:
+            ids = em.tokenizer(t, return_tensors="pt")["input_ids"][:, :seq_len]
+            em.model(input_ids=ids)
+            route = em.context.token_route
+            routed += int(route.sum())
+            total += route.numel()
+    return routed / max(total, 1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--edits", type=int, default=1000)
+    ap.add_argument("--first-case", type=int, default=0, help="tuning cases: 0-4999")
+    ap.add_argument("--batch", type=int, default=10)
+    ap.add_argument("--c", default="0,3,4,5")
+    ap.add_argument("--gen-every", type=int, default=5)
+    ap.add_argument("--state", type=Path, default=ROOT / "bench" / "out" / "noise-gate-steps")
+    ap.add_argument("--json", type=Path, default=ROOT / "bench" / "out" / "noise_gate.json")
+    args = ap.parse_args()
+
+    from editor.hook import Mode
+    from editor.metrics import case_probes, generated, generation_metrics, perplexity, probe_metrics, score_probes
+    from editor.step import apply_delta, compute_delta, restore_state
+    from evaluation.cases import load_cases
+    from evaluation.harness import heldout_texts
+
+    torch.manual_seed(0)
+    cfg, em, stats = default_editable(with_stats=True)
+    a = args.first_case
+    cases = load_cases("counterfact", DATA / "counterfact-edit.json", (a, a + args.edits))
+    texts = heldout_texts(DATA / "wikitext2-valid.txt")
+    folder = args.state / f"{a}-{a + args.edits}-b{args.batch}"
+    deltas = load_steps(folder) if folder.exists() else []
+    report = {"edits": args.edits, "cases": [a, a + args.edits], "batch": args.batch, "gate": cfg.gate,
+              "config": cfg.to_dict(), "variants": {}}
+    with em.mode(Mode.OFF):
+        base_scores = score_probes(em, case_probes(cases))
+        base_loc = [base_scores[6 * i + 4][1] for i in range(len(cases))]
+        gen_cases = cases[::args.gen_every]
+        base_loc_text = generated(em, [c.loc_prompt for c in gen_cases])
+        report["base"] = {**probe_metrics(base_scores, base_loc),
+                          **generation_metrics(em, gen_cases, base_loc_text), "perplexity": round(perplexity(em, texts), 4)}
+    print("unedited", report["base"], flush=True)
+    steps = args.edits // args.batch
+    if len(deltas) < steps:
+        restore_state(em, deltas)
+        t = time.perf_counter()
+        for s in range(len(deltas), steps):
+            d = compute_delta(em, [c.request for c in cases[s * args.batch:(s + 1) * args.batch]], stats, cfg)
+            apply_delta(em, d)
+            deltas.append(d)
+            save_steps(deltas, folder, start=s)                      # resumable: a killed run goes on from here
+            if (s + 1) % 10 == 0:
+                print(f"step {s + 1}/{steps}  {time.perf_counter() - t:.0f} s", flush=True)
+    patch_factors()
+    restore_state(em, deltas)
+    for c in (float(x) for x in args.c.split(",")):
+        t = time.perf_counter()
+        raised = set_noise_scale(em, stats, c, cfg.alpha0_for())
+        with em.mode(Mode.VALIDATED):
+            m = probe_metrics(score_probes(em, case_probes(cases)), base_loc)
+            m |= generation_metrics(em, gen_cases, base_loc_text)
+            m["perplexity"] = round(perplexity(em, texts), 4)
+        m["wiki_routed"] = round(routed_share(em, texts), 5)
+        m["raised"] = raised
+        m["seconds"] = round(time.perf_counter() - t, 1)
+        report["variants"][str(c)] = m
+        print(f"c={c}", {k: v for k, v in m.items() if k != "raised"}, raised, flush=True)
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2))
+    print(f"written to {args.json}")
+
+
+if __name__ == "__main__":
+    main()
