@@ -7,7 +7,12 @@ crosses α: ordinary tokens route, locality falls. The variant asks each edit fo
 score is divided by f_j = max(1, c σ_j / α0), so an edit whose matcher responds to ordinary text needs
 more evidence, and the others route as before.
 
-    .venv/bin/python bench/noise_gate.py --edits 1000 --c 0,3,4,5 --json bench/out/noise_gate.json
+    .venv/bin/python bench/noise_gate.py --edits 1000 --variants sigma:0,text:1.0,text:1.5
+
+A second variant measures each edit's noise on text instead (WISE's way): m_j = the largest s_j over the
+tokens of reference text (the first 16 long WikiText-2 validation paragraphs, which the perplexity does not
+use), and f_j = max(1, M m_j / α0) for a margin M: an edit that some ordinary token already matches at α
+needs that token's score times M. ``sigma:0`` is the shipped gate.
 
 Step 1 (once; the steps are saved under --state and reused): edit tuning cases 0..edits-1 with the shipped
 editor, steps of 10. Step 2, for each c, on the final state: efficacy, paraphrase efficacy, specificity,
@@ -49,20 +54,45 @@ def load_steps(folder: Path):
     return out
 
 
-def set_noise_scale(em, stats, c: float, alpha0: float) -> dict:
-    """f_j per edit and layer (1 everywhere for c = 0); returns how many edits it raises, per layer."""
+def set_noise_scale(em, stats, variant: str, alpha0: float, ref_inputs: dict) -> dict:
+    """f_j per edit and layer for ``variant`` ("sigma:C" or "text:M"; sigma:0 = 1 everywhere); returns the
+    noise figures and how many edits it raises, per layer."""
+    kind, _, value = variant.partition(":")
+    c = float(value)
     out = {}
     for l, h in em.hooks.items():
-        Sigma = stats.for_layer(l).to(torch.float64)                      # (d_in, d_in)
         V = torch.cat(h.V, 1).to(torch.float64)                           # (d_in, r)
         S = torch.cat(h.S).to(torch.float64).abs().clamp(min=1e-12)       # (r,)
-        sigma = (V * (Sigma @ V)).sum(0).clamp(min=0).sqrt() / S          # (r,)
-        f = (c * sigma / alpha0).clamp(min=1.0) if c > 0 else torch.ones_like(sigma)
+        if kind == "sigma":
+            Sigma = stats.for_layer(l).to(torch.float64)                  # (d_in, d_in)
+            noise = (V * (Sigma @ V)).sum(0).clamp(min=0).sqrt() / S      # (r,) RMS of s_j on ordinary text
+        elif kind == "text":
+            noise = (ref_inputs[l].to(torch.float64) @ V).amax(dim=0) / S   # (r,) the largest s_j on the text
+        else:
+            raise SystemExit(f"unknown variant {variant!r}: sigma:C or text:M")
+        f = (c * noise / alpha0).clamp(min=1.0) if c > 0 else torch.ones_like(noise)
         h._noise_f = f.to(torch.float32)
         h._cat, h._D, h._D_fwd = None, None, None
-        out[str(l)] = {"sigma_median": round(float(sigma.median()), 4), "sigma_p90": round(float(sigma.quantile(0.9)), 4),
-                       "raised": int((f > 1).sum()), "edits": int(f.numel())}
+        out[str(l)] = {"noise_median": round(float(noise.median()), 4), "noise_p90": round(float(noise.quantile(0.9)), 4),
+                       "noise_max": round(float(noise.max()), 4), "raised": int((f > 1).sum()), "edits": int(f.numel())}
     return out
+
+
+@torch.no_grad()
+def reference_inputs(em, n: int = 16, seq_len: int = 256) -> dict:
+    """{layer: (N, d_in)} the edited projections' inputs over reference text, unedited model (layer 1's
+    inputs, which decide the route, are the same in every mode)."""
+    from common import projection_inputs
+    from editor.hook import Mode
+    lines = [l.strip() for l in (DATA / "wikitext2-valid.txt").read_text(encoding="utf-8").splitlines()]
+    texts = [l for l in lines if len(l) >= 1200 and not l.startswith("=")][:n]
+    got: dict = {l: [] for l in em.layers}
+    with projection_inputs(em) as inputs, em.mode(Mode.OFF):
+        for t in texts:
+            em.model(input_ids=em.tokenizer(t, return_tensors="pt")["input_ids"][:, :seq_len])
+            for l in em.layers:
+                got[l].append(inputs[l][0, 1:].float())                  # the first token (a sink) left out
+    return {l: torch.cat(v) for l, v in got.items()}
 
 
 def patch_factors() -> None:
@@ -100,7 +130,7 @@ def main() -> None:
     ap.add_argument("--edits", type=int, default=1000)
     ap.add_argument("--first-case", type=int, default=0, help="tuning cases: 0-4999")
     ap.add_argument("--batch", type=int, default=10)
-    ap.add_argument("--c", default="0,3,4,5")
+    ap.add_argument("--variants", default="sigma:0,text:1.0,text:1.5")
     ap.add_argument("--gen-every", type=int, default=5)
     ap.add_argument("--state", type=Path, default=ROOT / "bench" / "out" / "noise-gate-steps")
     ap.add_argument("--json", type=Path, default=ROOT / "bench" / "out" / "noise_gate.json")
@@ -140,11 +170,12 @@ def main() -> None:
             save_steps(deltas, folder, start=s)                      # resumable: a killed run goes on from here
             if (s + 1) % 10 == 0:
                 print(f"step {s + 1}/{steps}  {time.perf_counter() - t:.0f} s", flush=True)
+    ref = reference_inputs(em)
     patch_factors()
     restore_state(em, deltas)
-    for c in (float(x) for x in args.c.split(",")):
+    for c in args.variants.split(","):
         t = time.perf_counter()
-        raised = set_noise_scale(em, stats, c, cfg.alpha0_for())
+        raised = set_noise_scale(em, stats, c, cfg.alpha0_for(), ref)
         with em.mode(Mode.VALIDATED):
             m = probe_metrics(score_probes(em, case_probes(cases)), base_loc)
             m |= generation_metrics(em, gen_cases, base_loc_text)
@@ -152,7 +183,7 @@ def main() -> None:
         m["wiki_routed"] = round(routed_share(em, texts), 5)
         m["raised"] = raised
         m["seconds"] = round(time.perf_counter() - t, 1)
-        report["variants"][str(c)] = m
+        report["variants"][c] = m
         print(f"c={c}", {k: v for k, v in m.items() if k != "raised"}, raised, flush=True)
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))
