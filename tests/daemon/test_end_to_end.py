@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from tests.conftest import DATA, ROOT, wait_for
-from tests.daemon.test_runtime import free_port
+from tests.daemon.conftest import free_port
 
 pytestmark = pytest.mark.model
 

@@ -5,7 +5,6 @@ raw HTTP for the bad requests, the limits and /metrics.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import threading
 import tomllib
@@ -13,42 +12,15 @@ import tomllib
 import httpx
 import openai
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 
 from daemon.http.api import create_app
 from daemon.config import ConfigError, ServeConfig, load_config
-from daemon.notify import Notifier
-from daemon.runtime import Runtime
 from tests.conftest import ROOT, wait_for
 
+from .conftest import make_runtime, serving
+
 TOKEN = "s3cret-token"
-SERVE = "[serve]\nbatch_window_ms = 20\nmax_output_tokens = 64\nmax_prompt_tokens = 200\nmax_body_bytes = 20000\n"
-
-
-@contextlib.contextmanager
-def serving(runtime: Runtime):
-    """``runtime`` started and its API served by uvicorn on a free loopback port; yields the base URL."""
-    app = create_app(runtime)
-    runtime.start()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="off", log_config=None,
-                                           access_log=False))
-    thread = threading.Thread(target=server.run, name="test-uvicorn", daemon=True)
-    thread.start()
-    try:
-        wait_for(lambda: server.started or not thread.is_alive(), 120, "uvicorn to start")
-        assert server.started, "uvicorn did not start"
-        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}", app
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        runtime.stop()
-
-
-def make_runtime(project, extra: str = "", **kw) -> Runtime:
-    with open(project / "app.toml", "a") as f:
-        f.write(f"[daemon]\ninterval_s = 3600\ninbox_settle_s = 0.1\n{SERVE}{extra}")
-    return Runtime(load_config(project / "app.toml", project / "state"), notifier=Notifier({}), **kw)
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from daemon.runtime import Runtime
 from editor.hook import Mode
 from editor.model import EditableModel
 from tests.conftest import DATA, ROOT, wait_for
-from tests.daemon.test_openai_api import make_runtime, serving
+from tests.daemon.conftest import make_runtime, serving
 
 PROMPTS = ["Paris is the capital of", "The", "Apple A5 was created by Apple, and Windows was developed by",
            "Toko Yasuda plays the", "Berlin, Madrid, London and Tokyo are large cities with many"]
