@@ -22,12 +22,12 @@ from editor.errors import EditorError
 from editor.requests import EditRequest, StepBatch
 from editor.step import StepDelta, apply_delta, compute_delta
 from kb import FactStore, KBError
-from kb.db import redact
 from kb.ledger import Ledger, PlannedVersion
 
 from .config import AppConfig
 from .errors import ServiceError
 from .live_model import BASE, LiveModel, precision_here
+from .memory import release_freed_memory
 from .verify import VerifyGate
 
 log = structlog.get_logger("kbsync.service")
@@ -179,10 +179,13 @@ class Service:
                 break
             deletes = [e for e in batch if e.change.op == "delete"]
             upserts = [e for e in batch if e.change.op == "upsert"]
-            if deletes:
-                reports.append(self._delete(deletes, actor))
-            if upserts:
-                reports.append(self._edit(upserts, actor))
+            try:
+                if deletes:
+                    reports.append(self._delete(deletes, actor))
+                if upserts:
+                    reports.append(self._edit(upserts, actor))
+            finally:
+                release_freed_memory()          # or glibc keeps each step's freed temporaries (daemon/memory.py)
         return reports
 
     def rollback(self, version_id: int | None, actor: str = "cli", reason: str = "") -> dict:
@@ -207,13 +210,19 @@ class Service:
             raise ServiceError(f"version {v.id} is not on HEAD's history (HEAD is {head.id if head else 'base'}); "
                                f"`kbsync rollback {v.id}` first, or revert a version listed by `kbsync log`")
         later = chain[ids.index(v.id) + 1:]
-        return self._rebuild(v.parent, later, exclude=set(), extra_ids=[], actor=actor,
-                             reason=f"revert {v.id}")
+        try:
+            return self._rebuild(v.parent, later, exclude=set(), extra_ids=[], actor=actor,
+                                 reason=f"revert {v.id}")
+        finally:
+            release_freed_memory()
 
     def compact_step(self, actor: str = "cli"):
         """One unit of compaction (``daemon.compaction``): a branch version, or the final move of HEAD."""
         from . import compaction
-        return compaction.step(self, actor)
+        try:
+            return compaction.step(self, actor)
+        finally:
+            release_freed_memory()
 
     def compact(self, actor: str = "cli", progress=None) -> dict:
         """Compact HEAD's history to the end (in-process; the daemon runs it step by step between requests)."""
