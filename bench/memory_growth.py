@@ -1,0 +1,101 @@
+"""Resident memory of the service across edit steps on a long history, with and without returning freed
+heap pages to the OS after each step (daemon/memory.py; benchmarks only).
+
+    .venv/bin/python bench/memory_growth.py --state /tmp/history-1000 --steps 8 --json docs/results/memory_growth.json
+
+--state is a state directory with a history (bench/removal_bench.py --build-only makes one); it is copied, and
+--steps steps of 10 new COUNTERFACT facts (cases 7000 on) are synced on the copy, once as shipped and once
+with the trim turned off, one after the other in this process order. After each step: the process's RSS and
+the bytes of every live tensor (gc), so growth in RSS with flat tensors is the allocator's, not a leak.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from common import DATA, ROOT, STATE
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+
+
+def tensor_mb() -> float:
+    import torch
+    seen, total = set(), 0
+    for o in gc.get_objects():
+        if isinstance(o, torch.Tensor):
+            st = o.untyped_storage()
+            if st.data_ptr() not in seen:
+                seen.add(st.data_ptr())
+                total += st.nbytes()
+    return total / 2**20
+
+
+def one(args) -> list[dict]:
+    os.environ.setdefault("KBSYNC_CACHE_DIR", str(STATE))
+    import daemon.service
+    from daemon.config import load_config
+    from daemon.service import Service
+
+    if args.no_trim:
+        daemon.service.release_freed_memory = lambda: False
+    if args.mmap_threshold:                # blocks this large always from mmap: returned to the OS when freed
+        import ctypes
+        ctypes.CDLL("libc.so.6").mallopt(-3, args.mmap_threshold)         # M_MMAP_THRESHOLD
+    state = Path(tempfile.mkdtemp(prefix="memory-")) / "state"
+    shutil.copytree(args.state, state)
+    svc = Service(load_config(None, state), progress=False)
+    svc.model_at_head()
+    cases = json.loads((DATA / "counterfact-edit.json").read_text())[7000:7000 + 10 * args.steps]
+    out = []
+    for s in range(args.steps):
+        for c in cases[10 * s:10 * s + 10]:
+            svc.store.add(c["subject"], c["prompt"].replace(c["subject"], "{}", 1), c["target_new"], source="bench")
+        kinds = [r.kind for r in svc.sync()]
+        gc.collect()
+        out.append({"step": s + 1, "kinds": kinds, "rss_mb": round(rss_mb()), "tensor_mb": round(tensor_mb())})
+        print(json.dumps(out[-1]), file=sys.stderr, flush=True)
+    svc.close()
+    shutil.rmtree(state.parent, ignore_errors=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--state", type=Path, required=True)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--no-trim", action="store_true", help="(internal) one run with the trim turned off")
+    ap.add_argument("--mmap-threshold", type=int, default=0, help="(internal) glibc M_MMAP_THRESHOLD in bytes")
+    ap.add_argument("--variants", default="trim,no-trim", help="trim, no-trim, trim+mmap1m")
+    ap.add_argument("--one", action="store_true", help="(internal) run one variant and print its rows")
+    ap.add_argument("--json", type=Path, default=ROOT / "bench" / "out" / "memory_growth.json")
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(one(args)))
+        return
+    doc = {"state": str(args.state), "steps": args.steps}
+    flags = {"trim": [], "no-trim": ["--no-trim"], "trim+mmap1m": ["--mmap-threshold", str(1 << 20)]}
+    for name in args.variants.split(","):                                          # a fresh process each
+        extra = flags[name]
+        proc = subprocess.run([sys.executable, __file__, "--one", "--state", str(args.state), "--steps",
+                               str(args.steps), *extra], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent)
+        doc[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        rows = doc[name]
+        print(f"{name:15} RSS {rows[0]['rss_mb']} -> {rows[-1]['rss_mb']} MB, tensors {rows[0]['tensor_mb']} -> "
+              f"{rows[-1]['tensor_mb']} MB over {len(rows)} steps", flush=True)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(doc, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
