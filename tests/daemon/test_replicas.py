@@ -85,9 +85,11 @@ def test_one_editor_and_a_follower_that_takes_over(project, postgres_cluster):
         with psycopg.connect(url, autocommit=True, options="-c search_path=kbsync") as other:
             other.execute("INSERT INTO facts (subject, template, target) VALUES ('Lima', '{} is in', 'Japan'), "
                           "('Kyiv', '{} is in', 'Ghana')")
-        done = b.until(lambda s: s["pending"] == 0 and s["head"] is not None and s["versions"] == 2,
-                       "B to edit the new batch")
-        assert done["served"] == done["head"] != v1
+        # head and pending come from the store as the step commits; served moves a moment later (a status read
+        # may fall between the two), so wait for B to serve what it committed
+        done = b.until(lambda s: s["pending"] == 0 and s["head"] is not None and s["versions"] == 2
+                       and s["served"] == s["head"], "B to edit the new batch and serve it")
+        assert done["head"] != v1
     finally:
         b.stop()
     print(json.dumps({"v1": v1, "after_takeover": done["head"]}))
