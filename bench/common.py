@@ -35,6 +35,13 @@ def default_editable(with_stats: bool = False):
     return cfg, em, key_stats(em, cfg.stats, STATE / "stats", progress=False)
 
 
+def reference_texts(n: int = 16) -> list[str]:
+    """Long WikiText-2 validation paragraphs from the front (text to calibrate on); the perplexity's
+    ``evaluation.harness.heldout_texts`` takes the last 24, so the two never overlap."""
+    from evaluation.harness import heldout_texts
+    return heldout_texts(DATA / "wikitext2-valid.txt", n=10**9)[:n]
+
+
 @contextlib.contextmanager
 def projection_inputs(em):
     """While inside: {layer: the input (B, T, d_in) of its edited projection in the latest forward pass}."""

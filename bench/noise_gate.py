@@ -82,10 +82,9 @@ def set_noise_scale(em, stats, variant: str, alpha0: float, ref_inputs: dict) ->
 def reference_inputs(em, n: int = 16, seq_len: int = 256) -> dict:
     """{layer: (N, d_in)} the edited projections' inputs over reference text, unedited model (layer 1's
     inputs, which decide the route, are the same in every mode)."""
-    from common import projection_inputs
+    from common import projection_inputs, reference_texts
     from editor.hook import Mode
-    lines = [l.strip() for l in (DATA / "wikitext2-valid.txt").read_text(encoding="utf-8").splitlines()]
-    texts = [l for l in lines if len(l) >= 1200 and not l.startswith("=")][:n]
+    texts = reference_texts(n)
     got: dict = {l: [] for l in em.layers}
     with projection_inputs(em) as inputs, em.mode(Mode.OFF):
         for t in texts:

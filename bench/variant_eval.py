@@ -25,14 +25,7 @@ from pathlib import Path
 
 import torch
 
-from common import DATA, ROOT, default_editable, projection_inputs
-
-
-def reference_texts(n: int = 16) -> list[str]:
-    """Long WikiText-2 validation paragraphs from the front; ``heldout_texts`` takes the last 24."""
-    lines = [l.strip() for l in (DATA / "wikitext2-valid.txt").read_text(encoding="utf-8").splitlines()]
-    long = [l for l in lines if len(l) >= 1200 and not l.startswith("=")]
-    return long[:n]
+from common import DATA, ROOT, default_editable, projection_inputs, reference_texts
 
 
 @torch.no_grad()

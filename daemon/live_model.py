@@ -110,9 +110,7 @@ class LiveModel(LoadedModel):
         """change id -> the target residual z that a version of ``version_id``'s chain solved the change's fact
         for, where the version kept targets (``StepDelta.targets``): re-solving the fact from it skips the
         target optimisation."""
-        chain = self.ledger.chain(version_id)
-        if any(v.id not in self.columns for v in chain):
-            self.deltas(version_id)
+        chain = self._chain_with_columns(version_id)
         out: dict[int, torch.Tensor] = {}
         for v in chain:
             sc = self.columns[v.id]
@@ -140,13 +138,18 @@ class LiveModel(LoadedModel):
             self.columns[v.id] = StepColumns(bool(d.layers), d.columns, d.masked, d.targets)
         return out
 
+    def _chain_with_columns(self, version_id: int | None) -> list:
+        """``version_id``'s chain, with every version's ``columns`` read (from the blobs, once)."""
+        chain = self.ledger.chain(version_id)
+        if any(v.id not in self.columns for v in chain):
+            self.deltas(version_id)
+        return chain
+
     def live_columns(self, version_id: int | None) -> dict[tuple[str, str], list[tuple[int, int]]] | None:
         """Where each fact the model at ``version_id`` answers with sits in the hooks: key -> [(step, column)]
         of its edits not taken out yet. None when a step of the chain predates recorded columns (then only a
         rebuild can take a fact out)."""
-        chain = self.ledger.chain(version_id)
-        if any(v.id not in self.columns for v in chain):
-            self.deltas(version_id)                      # reads the blobs once; the columns are kept
+        chain = self._chain_with_columns(version_id)
         where: dict[tuple[str, str], list[tuple[int, int]]] = {}
         masked: set[tuple[int, int]] = set()
         step = 0

@@ -45,10 +45,7 @@ def parse_fact_file(data: bytes, source: str, *, name: str | None = None, fmt: s
         raise InvalidFactsError(source, e.problems) from None
     if dialect in (None, "auto"):
         dialect = detect_dialect(raw)
-    if dialect not in DIALECTS:
-        raise InvalidFactsError(source, [BadRecord(None, None, None, f"unknown dialect {dialect!r}; use one of "
-                                                   f"{', '.join(DIALECTS)}")])
-    to_fields = _DIALECTS[dialect]
+    to_fields = _to_fields(dialect, source)
     facts: dict[tuple[str, str], tuple[Fact, RawRecord]] = {}
     for rec in raw:
         bad: list[BadRecord] = []
@@ -79,14 +76,20 @@ def validate_fact(fields: dict[str, Any], provenance: Provenance) -> Fact:
 def validate_record(value: Any, dialect: str, source: str, number: int) -> Fact:
     """Validate one raw record of ``dialect`` on its own (the benchmark reads datasets record by record, where a
     file may repeat a key with another target); raises ``InvalidFactsError`` naming its problems."""
-    if dialect not in _DIALECTS:
-        raise InvalidFactsError(source, [BadRecord(None, None, None, f"unknown dialect {dialect!r}; use one of "
-                                                   f"{', '.join(DIALECTS)}")])
+    to_fields = _to_fields(dialect, source)
     bad: list[BadRecord] = []
-    fact = _fact(RawRecord(number, None, value), _DIALECTS[dialect], Provenance(source, None, number), bad)
+    fact = _fact(RawRecord(number, None, value), to_fields, Provenance(source, None, number), bad)
     if fact is None:
         raise InvalidFactsError(source, bad)
     return fact
+
+
+def _to_fields(dialect: str, source: str):
+    """The mapping of ``dialect``'s records to native fields; ``InvalidFactsError`` for an unknown dialect."""
+    if dialect not in DIALECTS:
+        raise InvalidFactsError(source, [BadRecord(None, None, None, f"unknown dialect {dialect!r}; use one of "
+                                                   f"{', '.join(DIALECTS)}")])
+    return _DIALECTS[dialect]
 
 
 def detect_dialect(raw: list[RawRecord]) -> str:
