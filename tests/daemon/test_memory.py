@@ -13,12 +13,13 @@ def rss_mb() -> float:
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc_trim is glibc's")
 def test_pages_freed_in_the_middle_of_the_heap_are_returned():
-    # 64 KiB blocks sit on the heap (below the mmap threshold); a small block after each keeps the heap's top
-    # in use, so glibc's own trimming at the top cannot give their pages back when they are freed
-    big, keep = [], []
-    for _ in range(3000):
-        big.append(bytearray(64 * 1024))
-        keep.append(bytearray(1024))              # above pymalloc's 512 bytes: from malloc too
+    # 64 KiB blocks sit on the heap (below the mmap threshold). Every second one is kept, so the freed ones
+    # lie between blocks in use: they cannot merge into the heap's top, where glibc trims by itself, whatever
+    # holes earlier work left in the heap
+    blocks = [bytearray(64 * 1024) for _ in range(6000)]
+    keep = blocks[1::2]
+    big = blocks[0::2]
+    del blocks
     held = rss_mb()
     big.clear()
     freed = rss_mb()
