@@ -54,6 +54,60 @@ def load_steps(folder: Path):
     return out
 
 
+def set_cascade(em, variant: str, gate: str, alphas: dict) -> bool:
+    """``cascade:β[@k]`` routes with the cascade gate, every later edited layer confirming at β, k candidate
+    edits per token (``cascade-keep:β``: without taking a vetoed token's earlier Δx back); anything else
+    restores the shipped gate and α. Returns whether the variant was a cascade one."""
+    from editor.hook import CASCADE_CANDIDATES
+    kind, _, value = variant.partition(":")
+    value, _, k = value.partition("@")
+    k, _, _ = k.partition(":")
+    value, _, _ = value.partition(":")
+    em.context.cascade_candidates = int(k) if k else CASCADE_CANDIDATES
+    first = min(em.hooks)
+    em.context.gate = gate
+    em.context.cascade_undo = True
+    for l, h in em.hooks.items():
+        h.alpha = alphas[l]
+    if not kind.startswith("cascade"):
+        return False
+    em.context.gate = "cascade"
+    em.context.cascade_undo = kind != "cascade-keep"
+    for l, h in em.hooks.items():
+        if l != first:
+            h.alpha = float(value)
+    return True
+
+
+@torch.no_grad()
+def own_bars(em, cases, beta: float, margin: float) -> dict:
+    """``cascade-own:β:m``: each edit e confirms at layer l at bar_e = min(β, m x its own bare prompt's score
+    there) instead of β (the bare prompt's best token, routed with every layer's Δ). Done by scaling e's
+    score: 1 / v_eᵀk_e becomes β / (bar_e v_eᵀk_e) at the later layers."""
+    from common import projection_inputs
+    from editor.hook import Mode
+    first = min(em.hooks)
+    own = {l: [] for l in em.hooks}
+    em.context.gate, saved = "token", em.context.gate               # every layer applies Δ to routed tokens
+    with projection_inputs(em) as inputs, em.mode(Mode.VALIDATED):
+        for j, c in enumerate(cases):
+            em.model(input_ids=em.tokenizer(c.request.prompt.replace("{}", c.subject), return_tensors="pt")["input_ids"])
+            for l, h in em.hooks.items():
+                _, V, inv_s = h._factors()
+                own[l].append(float(((inputs[l][0].float() @ V[:, j]) * inv_s[j]).max()))
+    em.context.gate = saved
+    out = {}
+    for l, h in em.hooks.items():
+        if l == first:
+            continue
+        bar = torch.tensor(own[l]).mul(margin).clamp(min=0.05, max=beta)   # (r,)
+        h._noise_f = (bar / beta).to(torch.float32)
+        h._cat, h._D, h._D_fwd = None, None, None
+        out[str(l)] = {"lowered": int((bar < beta).sum()), "edits": int(bar.numel()),
+                       "own_median": round(float(torch.tensor(own[l]).median()), 3)}
+    return out
+
+
 def set_noise_scale(em, stats, variant: str, alpha0: float, ref_inputs: dict) -> dict:
     """f_j per edit and layer for ``variant`` ("sigma:C" or "text:M"; sigma:0 = 1 everywhere); returns the
     noise figures and how many edits it raises, per layer."""
@@ -172,9 +226,14 @@ def main() -> None:
     ref = reference_inputs(em)
     patch_factors()
     restore_state(em, deltas)
+    alphas = {l: h.alpha for l, h in em.hooks.items()}
+    made_with = em.gate                                              # the gate the saved steps were made with
     for c in args.variants.split(","):
         t = time.perf_counter()
-        raised = set_noise_scale(em, stats, c, cfg.alpha0_for(), ref)
+        cascade = set_cascade(em, c, made_with, alphas)
+        raised = set_noise_scale(em, stats, "sigma:0" if cascade else c, cfg.alpha0_for(), ref)
+        if c.startswith("cascade-own:"):
+            raised = own_bars(em, cases, float(c.split(":")[1].split("@")[0]), float(c.split(":")[2]))
         with em.mode(Mode.VALIDATED):
             m = probe_metrics(score_probes(em, case_probes(cases)), base_loc)
             m |= generation_metrics(em, gen_cases, base_loc_text)

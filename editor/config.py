@@ -37,11 +37,14 @@ class EditConfig:
 
     layers: tuple[int, ...] = (1, 2, 3, 4, 5)
     mom2_weight: float = 15000.0           # λ
-    gate: str = "token"                    # routing: "token" (per token, stateless) or "zscore" (the paper's, per sequence)
+    gate: str = "cascade"                  # routing: "cascade" or "token" (per token, stateless), "zscore" (the paper's,
+                                           # per sequence); editor/hook.py
     alpha0: float = 2.2                    # α0 of the zscore gate (a z-score)
     alpha_min: float = 0.0                 # floor of α's adaptation (0 = the paper's rule: α only decreases)
     token_alpha0: float = 0.6              # α0 of the token gate (a share of an edit's own key, 1 = the key)
     token_alpha_min: float = 0.4           # floor of the token gate's α
+    confirm_alpha: float = 0.4             # cascade gate: the share of its edit's key a routed token must still carry
+                                           # at every edited layer after the first (fixed, not adapted)
     massive_ratio: float = 0.0             # ρ: tokens with ‖x‖ > ρ x their sequence's median are never routed (0 = off)
     v_lr: float = 0.5                      # Adam learning rate of the target residuals δ_j (z_j = h_L + δ_j)
     v_steps: int = 25                      # at most this many optimisation steps per batch (early_stop_nll may end sooner)
@@ -74,8 +77,11 @@ class EditConfig:
             raise EditorError(f"editor config: `massive_ratio` must be 0 (off) or above 1 (6 separates SmolLM2's attention sinks), got {self.massive_ratio}")
         if not 0.0 <= self.alpha_min <= self.alpha0:
             raise EditorError(f"editor config: `alpha_min` must be between 0 and alpha0 ({self.alpha0}), got {self.alpha_min}")
-        if self.gate not in ("zscore", "token"):
-            raise EditorError(f"editor config: `gate` must be \"token\" (per token) or \"zscore\" (the paper's, per sequence), got {self.gate!r}")
+        if self.gate not in ("zscore", "token", "cascade"):
+            raise EditorError(f"editor config: `gate` must be \"cascade\" or \"token\" (per token) or \"zscore\" (the "
+                              f"paper's, per sequence), got {self.gate!r}")
+        if not 0.0 < self.confirm_alpha <= 1.0:
+            raise EditorError(f"editor config: `confirm_alpha` must be in (0, 1] (a share of an edit's own key), got {self.confirm_alpha}")
         if not 0.0 < self.token_alpha_min <= self.token_alpha0:
             raise EditorError(f"editor config: need 0 < token_alpha_min <= token_alpha0, got {self.token_alpha_min}, {self.token_alpha0}")
         if self.early_stop not in ("nll", "top1"):
@@ -85,11 +91,11 @@ class EditConfig:
 
     def alpha0_for(self, gate: str | None = None) -> float:
         """α0 of ``gate`` (default: the configured one)."""
-        return self.token_alpha0 if (gate or self.gate) == "token" else self.alpha0
+        return self.token_alpha0 if (gate or self.gate) in ("token", "cascade") else self.alpha0
 
     def alpha_min_for(self, gate: str | None = None) -> float:
         """The floor of α for ``gate`` (default: the configured one)."""
-        return self.token_alpha_min if (gate or self.gate) == "token" else self.alpha_min
+        return self.token_alpha_min if (gate or self.gate) in ("token", "cascade") else self.alpha_min
 
     @property
     def last_layer(self) -> int:

@@ -4,7 +4,7 @@ For input x (B, T, d_in) the base projection gives P = W0 x. The hook adds (Wh -
 Δ = Σ_t U_t V_tᵀ. Modes:
   off        -> P                           (the base model)
   temporary  -> O = P + Δx for every token  (while a step is computed)
-  validated  -> token i gets O_i if its gate score reaches α, else P_i. Two gates (``RoutingContext.gate``):
+  validated  -> token i gets O_i if its gate score reaches α, else P_i. Three gates (``RoutingContext.gate``):
     "zscore" (the paper's): per sequence, M_i = ‖Δx_i‖, score z_i = (M_i - mean M) / std M over real tokens;
     "token" (per token, stateless): score a_i = max_j (v_jᵀ x_i) / (v_jᵀ k_j) over every committed edit j,
        where k_j is edit j's key and v_j its column of V = (C + K Kᵀ)⁻¹ K: how much of edit j's own key,
@@ -13,6 +13,11 @@ For input x (B, T, d_in) the base projection gives P = W0 x. The hook adds (Wh -
        the first layer separates edited subjects from ordinary text best (docs/editor.md). A token's route
        depends only on its own input and the committed edits, so it is the same in a full forward, in
        KV-cached decoding, in any batch and under chunked prefill.
+    "cascade" (per token, stateless; the default): the token gate's decision at the first edited layer,
+       confirmed at each later one: a routed token stays routed only while its input there still carries
+       α of one of its best-matching edits' keys, and a token dropped at a layer gets the Δx the earlier
+       layers added taken back. Tokens that resemble an edited subject at layer 1 alone (a shared last
+       sub-word, the attention sink) stop there (docs/editor.md, "Routing gates").
 Massive activations: with ``massive_ratio`` ρ > 0, a token whose input norm ‖x_i‖ exceeds ρ x the median
 ‖x‖ of its sequence (the attention-sink tokens of Llama-family models, ~10-30x the median in SmolLM2's
 layers 1-2) takes no part in the statistics and is never routed. A huge ‖x‖ can give a huge M and so own
@@ -29,7 +34,8 @@ import torch
 from torch import nn
 
 
-GATES = ("zscore", "token")
+GATES = ("zscore", "token", "cascade")
+CASCADE_CANDIDATES = 4      # cascade gate: how many best-matching edits a token keeps after its first layer
 
 
 class Mode(enum.Enum):
@@ -53,7 +59,11 @@ class RoutingContext:
     records: dict[int, list[torch.Tensor]] | None = None   # layer -> max gate score per sequence, when recording
     massive_ratio: float = 0.0                   # ρ; 0 = every real token counts (the paper's rule)
     gate: str = "zscore"                         # "zscore" (per sequence, the paper's) or "token" (per token)
-    token_route: torch.Tensor | None = None      # token gate: this forward's decision, made by its first routing layer
+    token_route: torch.Tensor | None = None      # token gates: this forward's decision, made by its first routing layer
+    token_edit: tuple | None = None              # cascade gate: (B, T, k) candidate edits per token, (B, T, k) still matching
+    token_added: torch.Tensor | None = None      # cascade gate: (B, T, d_out) Δx added so far to each routed token
+    cascade_undo: bool = True                    # cascade gate: a vetoed token's earlier Δx is taken back
+    cascade_candidates: int = CASCADE_CANDIDATES # cascade gate: edits a token may match after its first layer
 
     def keep_rows(self, rows: torch.Tensor, batch: int) -> None:
         """A KV-cached decode dropped finished rows: keep the carried statistics of ``rows`` (of ``batch``)."""
@@ -190,12 +200,13 @@ class HookLayer:
         """Whether the forward pass reads the dense Δ: fewer bytes than the float32 factors (U, V)."""
         return 4 * self.rank * (self.d_in + self.d_out) >= self.delta_dtype.itemsize * self.d_in * self.d_out
 
-    def delta_out(self, x: torch.Tensor, scores: bool = False):
+    def delta_out(self, x: torch.Tensor, scores: bool = False, top: int = 1):
         """Δx for x (..., d_in) -> (..., d_out) in float32, from factors or the dense copy, whichever is cheaper
         (the dense copy in ``delta_dtype``: bfloat16 halves the bytes each token reads). With ``scores``,
-        also the token gate's score a = max_j (v_jᵀ x) / (v_jᵀ k_j), (...,)."""
+        also the token gate's score a = max_j (v_jᵀ x) / (v_jᵀ k_j), (...,), and the ``top`` best-matching
+        edits with their scores, (..., top) each (indices into the committed edits followed by the trial ones)."""
         xf = x.to(torch.float32)
-        out, best = None, None
+        out, parts = None, []
         if self.U:
             Uc, Vc, inv_s = self._factors()                         # (d_out, r), (d_in, r), (r,)
             xV = xf @ Vc if scores or not self.dense_path else None # (..., r) shared by Δx and the gate
@@ -208,15 +219,32 @@ class HookLayer:
                     self._D_fwd = self.D.to(self.delta_dtype)           # (d_out, d_in)
                 out = (x.to(self.delta_dtype) @ self._D_fwd.T).to(torch.float32)   # (..., d_out)
             if scores:
-                best = (xV * inv_s).amax(dim=-1)                    # (...,)
+                parts.append(xV * inv_s)                            # (..., r)
         for U, V, inv_s in self._trial:
             xV = xf @ V                                             # (..., n)
             part = xV @ U.T                                         # (..., d_out)
             out = part if out is None else out + part
             if scores:
-                a = (xV * inv_s).amax(dim=-1)                       # (...,)
-                best = a if best is None else torch.maximum(best, a)
-        return (out, best) if scores else out
+                parts.append(xV * inv_s)                            # (..., n)
+        if not scores:
+            return out
+        every = parts[0] if len(parts) == 1 else torch.cat(parts, -1)   # (..., r_all)
+        best, edits = every.topk(min(top, every.shape[-1]), dim=-1)     # (..., top), (..., top)
+        return out, best[..., 0], (edits, best)
+
+    def edit_scores(self, x: torch.Tensor, edits: torch.Tensor) -> torch.Tensor:
+        """Each row's scores against given edits: (v_eᵀ x) / (v_eᵀ k_e) for x (N, d_in), edits (N, k) -> (N, k)
+        (``edits`` index the committed edits followed by the trial ones, as ``delta_out`` counts them)."""
+        Vs, inv = [], []
+        if self.U:
+            _, Vc, inv_s = self._factors()
+            Vs.append(Vc)
+            inv.append(inv_s)
+        for _, V, inv_s in self._trial:
+            Vs.append(V)
+            inv.append(inv_s)
+        V, inv_s = torch.cat(Vs, 1), torch.cat(inv)                 # (d_in, r), (r,)
+        return torch.einsum("nd,dnk->nk", x.to(torch.float32), V[:, edits]) * inv_s[edits]
 
     def _forward_hook(self, module, inputs, output):
         if self.mode is Mode.OFF or (not self.U and not self._trial):
@@ -224,10 +252,12 @@ class HookLayer:
         x = inputs[0]                                               # (B, T, d_in)
         if self.mode is Mode.TEMPORARY:
             return output + self.delta_out(x).to(output.dtype)
+        if self.context.gate == "cascade":
+            return self._forward_cascade(x, output)
         if self.context.gate == "token":
             route = self.context.token_route                        # decided by an earlier layer of this pass
             if route is None or route.shape != x.shape[:2]:
-                dx, a = self.delta_out(x, scores=True)              # (B, T, d_out), (B, T)
+                dx, a, _ = self.delta_out(x, scores=True)           # (B, T, d_out), (B, T)
                 route = self.context.token_route = self._route_token(a)   # (B, T) bool, for the later layers
             else:
                 dx = self.delta_out(x)                              # (B, T, d_out)
@@ -236,12 +266,60 @@ class HookLayer:
             route = self._route(dx, x)                              # (B, T) bool
         return torch.where(route.unsqueeze(-1), output + dx.to(output.dtype), output)
 
+    def _forward_cascade(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """The cascade gate. The first edited layer of the pass routes a token when its best score
+        a = max_j (v_jᵀx) / (v_jᵀk_j) reaches α there, and remembers the ``cascade_candidates`` best-matching
+        edits that reach α; every later edited layer keeps the token only while its own input still matches
+        one of those candidates, (v_eᵀx) / (v_eᵀk_e) ≥ that layer's α, and narrows the candidates to the ones
+        that do. A token dropped at a layer gets no Δ from there on, and the Δx the earlier layers added to
+        it is taken back from the residual stream."""
+        ctx = self.context
+        route = ctx.token_route
+        if route is None or route.shape != x.shape[:2]:
+            dx, a, (edits, best) = self.delta_out(x, scores=True, top=ctx.cascade_candidates)   # (B, T, d_out), (B, T), (B, T, k) x2
+            route = ctx.token_route = self._route_token(a)          # (B, T) bool
+            ctx.token_edit = (edits, best >= self.alpha)            # the candidates and which still match
+            ctx.token_added = torch.where(route.unsqueeze(-1), dx, 0.0)   # (B, T, d_out)
+            return torch.where(route.unsqueeze(-1), output + dx.to(output.dtype), output)
+        at = route.nonzero(as_tuple=True)                           # the tokens still routed
+        if not at[0].numel():
+            return None
+        edits, alive = ctx.token_edit
+        s = self.edit_scores(x[at], edits[at])                      # (N, k)
+        still = alive[at] & (s >= self.alpha)                       # (N, k)
+        alive = alive.clone()
+        alive[at] = still
+        ctx.token_edit = (edits, alive)
+        keep = torch.zeros_like(route)
+        keep[at] = still.any(-1)                                    # (B, T)
+        if ctx.records is not None and not ctx.incremental:
+            score = torch.full(route.shape, -torch.inf, device=s.device)   # (B, T)
+            score[at] = torch.where(alive[at], s, -torch.inf).amax(-1)
+            self._record(score)
+        vetoed = route & ~keep                                      # (B, T)
+        ctx.token_route = keep
+        out = output
+        if keep.any():
+            dx = self.delta_out(x)                                  # (B, T, d_out)
+            dx = torch.where(keep.unsqueeze(-1), dx, 0.0)
+            ctx.token_added = ctx.token_added + dx
+            out = out + dx.to(output.dtype)
+        if vetoed.any() and ctx.cascade_undo:
+            back = torch.where(vetoed.unsqueeze(-1), ctx.token_added, 0.0)   # (B, T, d_out)
+            out = out - back.to(output.dtype)
+            ctx.token_added = ctx.token_added - back
+        return out
+
+    def _record(self, score: torch.Tensor) -> None:
+        """Record each sequence's largest gate score (B, T) -> (B,), -inf where no real token has one."""
+        self.context.records.setdefault(self.layer, []).append(score.amax(dim=1))
+
     def _route_token(self, a: torch.Tensor) -> torch.Tensor:
         """The per-token gate: a real token routes when its score reaches α; (B, T) bool."""
         B, T = a.shape
         real = self.context.real_tokens(B, T, a.device)             # (B, T)
         if self.context.records is not None and not self.context.incremental:
-            self.context.records.setdefault(self.layer, []).append(torch.where(real, a, -torch.inf).amax(dim=1))
+            self._record(torch.where(real, a, -torch.inf))
         return real & (a >= self.alpha)
 
     def _route(self, dx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,7 @@ class EditableModel:
     """Owns the hooks of one model. All mutation goes through ``apply_delta``/``reset`` or context managers."""
 
     def __init__(self, model: nn.Module, tokenizer, layers, alpha0: float = 2.2, massive_ratio: float = 0.0,
-                 delta_dtype: torch.dtype | str = torch.float32, gate: str = "zscore"):
+                 delta_dtype: torch.dtype | str = torch.float32, gate: str = "zscore", confirm_alpha: float = 0.4):
         self.model, self.tokenizer = model, tokenizer
         self.spec = spec_for(model.config)
         n_layers = len(self.spec.blocks(model))
@@ -45,6 +45,7 @@ class EditableModel:
             module = self.spec.projection_module(model, l)
             d_in, d_out = self.spec.dims(module)
             self.hooks[l] = HookLayer(module, l, d_in, d_out, self.context, alpha0, _dtype(delta_dtype))
+        self._set_alpha0(gate, alpha0, confirm_alpha)
         # on the base model: every forward (CausalLM, generate, or base-model calls) passes through it
         self._pre = model.base_model.register_forward_pre_hook(self._capture, with_kwargs=True)
         self._fingerprint: str | None = None
@@ -52,21 +53,28 @@ class EditableModel:
     @classmethod
     def for_config(cls, model: nn.Module, tokenizer, cfg) -> "EditableModel":
         """Hooks as an ``EditConfig`` describes them (layers, gate and its α0, massive-token exclusion, Δ's dtype)."""
-        return cls(model, tokenizer, cfg.layers, cfg.alpha0_for(), cfg.massive_ratio, cfg.delta_dtype, cfg.gate)
+        return cls(model, tokenizer, cfg.layers, cfg.alpha0_for(), cfg.massive_ratio, cfg.delta_dtype, cfg.gate,
+                   cfg.confirm_alpha)
 
     @property
     def gate(self) -> str:
         """The gate the hooks route with now: the committed history's, or the configured one on the base model."""
         return self.context.gate
 
-    def configure_gate(self, gate: str, alpha0: float) -> None:
+    def configure_gate(self, gate: str, alpha0: float, confirm_alpha: float = 0.4) -> None:
         """The gate (and its α0) of new histories; the model must be at the base (benchmarks switch it)."""
         if self.edited:
             raise ValueError("configure the gate on the base model (reset first)")
         self.configured_gate = _checked(gate)
-        for h in self.hooks.values():
-            h.alpha0 = float(alpha0)
+        self._set_alpha0(gate, alpha0, confirm_alpha)
         self.reset()
+
+    def _set_alpha0(self, gate: str, alpha0: float, confirm_alpha: float) -> None:
+        """α0 per hook: ``alpha0`` everywhere, but the cascade gate's later layers confirm at ``confirm_alpha``."""
+        first = min(self.hooks)
+        for l, h in self.hooks.items():
+            h.alpha0 = float(confirm_alpha if gate == "cascade" and l != first else alpha0)
+            h.alpha = h.alpha0 if not h.U else h.alpha
 
     def adopt_gate(self, gate: str) -> None:
         """Route with ``gate`` (a history is routed with the gate it was made with); only on the base model."""

@@ -280,14 +280,17 @@ def _keys_and_residual(em: EditableModel, batch: StepBatch, layer: int, cfg: Edi
 
 @torch.no_grad()
 def _adapted_alphas(em: EditableModel, batch: StepBatch, alpha_min: float = 0.0) -> dict[int, float]:
-    """α ← max(α_min, min(α, min over the batch's prompts of their max gate score)), per layer (validated mode,
-    trial deltas on): every edited prompt routes. The score is z (zscore gate) or a (token gate). α_min = 0
+    """α ← max(α_min, min(α, min over the batch's prompts of their max gate score)), per deciding layer
+    (validated mode, trial deltas on): every edited prompt routes. The score is z (zscore gate) or a (token gate). α_min = 0
     is the paper's rule; a floor keeps one weakly-routed prompt from opening the hook to every sequence."""
     ids, mask = batch.tensors(batch.plain, em.device)
     with em.mode(Mode.VALIDATED), em.recording() as rec:
         em.forward_until(max(em.layers), ids, mask)
     alphas = {}
     for l, hook in em.hooks.items():
+        if em.gate == "cascade" and l != em.layers[0]:
+            alphas[l] = hook.alpha                           # the cascade's later layers confirm at a fixed α
+            continue
         zmax = torch.cat(rec.get(l, [torch.tensor([])])).float()
         zmax = zmax[torch.isfinite(zmax)]
         alphas[l] = max(alpha_min, min(hook.alpha, float(zmax.min()))) if zmax.numel() else hook.alpha

@@ -37,7 +37,8 @@ def _counts(value: str) -> tuple[int, ...]:
 @click.option("--batch", type=click.IntRange(1), default=10, show_default=True, help="Edits per step B.")
 @click.option("--eval-every", type=click.IntRange(0), default=0, help="Evaluate every k steps as well (0: at the end only).")
 @click.option("--method", "methods", default="comeba-hk", show_default=True,
-              help="comeba-hk, no-hook, memit, or several comma-separated (run side by side).")
+              help="comeba-hk, no-hook, memit, comeba-hk@GATE (another routing gate: cascade, token, zscore), "
+                   "or several comma-separated (run side by side).")
 @click.option("--heldout", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
               help="Plain text for perplexity (default: ../shared/data/wikitext2-valid.txt if present).")
 @click.option("--gen-every", type=click.IntRange(1), default=1, show_default=True,
@@ -65,12 +66,18 @@ def eval_cmd(obj, dataset, data_path, span, steps, batch, eval_every, methods, h
     """
     from .cases import load_cases
     from .harness import evaluate, heldout_texts
-    from .methods import METHODS
+    from editor.errors import EditorError
+
+    from .methods import method
 
     names = tuple(m.strip() for m in methods.split(",") if m.strip())
-    bad = [m for m in names if m not in METHODS]
-    if bad or not names:
-        raise click.BadParameter(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}", param_hint="--method")
+    if not names:
+        raise click.BadParameter("no method given; e.g. comeba-hk", param_hint="--method")
+    for m in names:
+        try:
+            method(m)
+        except EditorError as e:
+            raise click.BadParameter(str(e), param_hint="--method") from None
     path = data_path or SHARED / DATA_FILES[dataset]
     if not path.exists():
         raise click.UsageError(f"no dataset file at {path}; pass --data PATH")

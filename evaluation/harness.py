@@ -36,7 +36,8 @@ def run_method(em: EditableModel, cases: list[Case], stats: KeyStats, cfg: EditC
     how = method(method_name)
     live = how.mode
     em.reset()
-    em.configure_gate(cfg.gate, cfg.alpha0_for())
+    gate = how.gate or cfg.gate
+    em.configure_gate(gate, cfg.alpha0_for(gate), cfg.confirm_alpha)
     history, speed, split = [], {}, {k: 0.0 for k in SPLIT}
     edit_s = 0.0
     probes = case_probes(cases)

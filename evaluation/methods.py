@@ -5,17 +5,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from editor.errors import EditorError
-from editor.hook import Mode
+from editor.hook import GATES, Mode
 
 
 @dataclass(frozen=True)
 class Method:
     """How a method edits: ``mode`` is how the edited model runs (routed hooks, or Δ on every token);
-    ``accumulate``: the solve counts the keys of earlier steps (Σ K Kᵀ), or forgets them."""
+    ``accumulate``: the solve counts the keys of earlier steps (Σ K Kᵀ), or forgets them; ``gate``: the
+    routing gate, when not the configured one (``comeba-hk@zscore``: the paper's rule beside the default)."""
 
     name: str
     mode: Mode
     accumulate: bool
+    gate: str | None = None
 
     def step_options(self) -> dict:
         """The keyword arguments of ``editor.step.compute_delta`` for this method."""
@@ -30,7 +32,11 @@ METHODS: dict[str, Method] = {m.name: m for m in (
 
 
 def method(name: str) -> Method:
-    try:
+    """A method by name: one of ``METHODS``, or ``comeba-hk@GATE`` (the shipped editor routed by another gate)."""
+    base, at, gate = name.partition("@")
+    if at and base == "comeba-hk" and gate in GATES:
+        return Method(name, Mode.VALIDATED, True, gate)
+    if not at and name in METHODS:
         return METHODS[name]
-    except KeyError:
-        raise EditorError(f"unknown editing method {name!r}; choose one of {', '.join(METHODS)}") from None
+    raise EditorError(f"unknown editing method {name!r}; choose one of {', '.join(METHODS)}, or comeba-hk@GATE "
+                      f"with GATE one of {', '.join(GATES)}")

@@ -186,19 +186,36 @@ def token_step(em, keys: dict, gate: str, alpha: float, seed=0):
     return StepDelta(tuple(layers), (), em.fingerprint(), "test", gate=gate)
 
 
+def _gated_history(make_tiny, tiny_tokenizer, gate: str):
+    from editor.model import EditableModel
+    from editor.step import apply_delta
+
+    em = EditableModel(make_tiny("llama"), tiny_tokenizer, layers=(1, 2), gate=gate, alpha0=0.5, confirm_alpha=0.5)
+    text = torch.randint(2, len(tiny_tokenizer), (1, 16))
+    deltas = []
+    steps = ((0, {1: [4, 9], 2: [4, 9]}), (1, {1: [12], 2: [12]}))
+    if gate == "cascade":             # edits whose keys differ by layer: token 12 is dropped at layer 2, and
+        steps = ((0, {1: [4, 9], 2: [4, 9]}), (1, {1: [12, 4], 2: [7, 7]}))   # token 4 matches two edits there
+    for seed, positions in steps:
+        keys = {l: edit_keys_of(em, text, l)[positions[l]].T.contiguous() for l in em.layers}
+        deltas.append(token_step(em, keys, gate, alpha=0.5, seed=seed))
+        apply_delta(em, deltas[-1])
+    return em, text, deltas
+
+
 @pytest.fixture
 def token_history(make_tiny, tiny_tokenizer):
     """A tiny Llama with two token-gate steps (edit keys: tokens 4 and 9, then 12, of one text); yields
     (EditableModel, text (1, 16), [delta of step 1, delta of step 2])."""
-    from editor.model import EditableModel
-    from editor.step import apply_delta
+    em, text, deltas = _gated_history(make_tiny, tiny_tokenizer, "token")
+    yield em, text, deltas
+    em.close()
 
-    em = EditableModel(make_tiny("llama"), tiny_tokenizer, layers=(1, 2), gate="token", alpha0=0.5)
-    text = torch.randint(2, len(tiny_tokenizer), (1, 16))
-    deltas = []
-    for seed, positions in ((0, [4, 9]), (1, [12])):
-        keys = {l: edit_keys_of(em, text, l)[positions].T.contiguous() for l in em.layers}
-        deltas.append(token_step(em, keys, "token", alpha=0.5, seed=seed))
-        apply_delta(em, deltas[-1])
+
+@pytest.fixture
+def cascade_history(make_tiny, tiny_tokenizer):
+    """Like ``token_history``, with the cascade gate (every α 0.5): the second step holds two edits whose keys
+    are tokens 12 and 4 at layer 1 and token 7 at layer 2."""
+    em, text, deltas = _gated_history(make_tiny, tiny_tokenizer, "cascade")
     yield em, text, deltas
     em.close()

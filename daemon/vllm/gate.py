@@ -4,8 +4,11 @@ vLLM runs a forward pass over every scheduled token of every request side by sid
 padding and no sequence axis. The token gate needs neither: token i routes when
 a_i = max_j (v_jᵀ x_i) / (v_jᵀ k_j) ≥ α at the first edited layer, and the later edited layers follow that
 decision (editor/hook.py, "token"). So one token's output depends only on its own input and the version:
-the same under continuous batching, chunked prefill and prefix caching. Pure torch, no vLLM import: the
-tests check it against kbsync's own hook in the main environment.
+the same under continuous batching, chunked prefill and prefix caching. The cascade gate ("cascade") is
+per token too: the deciding layer routes a token and keeps its best-matching edits that reach α, each later
+edited layer keeps it while its own input still matches one of them at that layer's α, and a token dropped
+there gets the Δx the earlier layers added taken back. Pure torch, no vLLM import: the tests check it against kbsync's own hook in the
+main environment.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from editor.hook import self_response
+from editor.hook import CASCADE_CANDIDATES, self_response
 from editor.step import StepDelta, masked_indices
 
 
@@ -35,6 +38,7 @@ class ServedVersion:
     version: int | None
     digest: str
     layers: dict[int, LayerFactors]
+    gate: str = "token"
 
     @property
     def decider(self) -> int | None:
@@ -43,14 +47,15 @@ class ServedVersion:
 
 
 BASE = ServedVersion(None, "", {})
+SERVED_GATES = ("token", "cascade")
 
 
 def served_version(version: int | None, digest: str, deltas: list[StepDelta], device, gate: str) -> ServedVersion:
     """Stack ``deltas`` (a version's chain, in commit order) per layer, as kbsync's hooks do on restore."""
-    if gate != "token":
+    if gate not in SERVED_GATES:
         raise ValueError(f"version {version} routes with the {gate!r} gate; the vLLM plugin serves the per-token "
-                         "gate only (the per-sequence one needs whole sequences, which vLLM never has in one "
-                         "piece). Rebuild the history with gate = \"token\" (configs/models/*.toml)")
+                         "gates only (the per-sequence one needs whole sequences, which vLLM never has in one "
+                         "piece). Rebuild the history with gate = \"cascade\" (configs/models/*.toml)")
     parts: dict[int, list] = {}
     alphas: dict[int, float] = {}
     for d in deltas:
@@ -66,7 +71,7 @@ def served_version(version: int | None, digest: str, deltas: list[StepDelta], de
         masked = masked_indices(deltas)                             # removed facts: no Δ, never route
         U[:, masked], inv_s[masked] = 0.0, 0.0
         layers[layer] = LayerFactors(U.contiguous(), V.contiguous(), inv_s, alphas[layer])
-    return ServedVersion(version, digest, layers)
+    return ServedVersion(version, digest, layers, gate)
 
 
 class GateState:
@@ -79,6 +84,9 @@ class GateState:
         self.current: ServedVersion = BASE
         self._pass: ServedVersion = BASE
         self._route: torch.Tensor | None = None
+        self._edit: torch.Tensor | None = None                      # cascade: (n, k) the routed tokens' candidates
+        self._alive: torch.Tensor | None = None                     # cascade: (n, k) which still match
+        self._added: torch.Tensor | None = None                     # cascade: (N, d_out) Δx added to each token
         self._last_layer = float("inf")                             # the gated layer the pass in flight is at
 
     def swap(self, version: ServedVersion) -> None:
@@ -93,13 +101,20 @@ class GateState:
         f = self._pass.layers.get(layer)
         if f is None:
             return None
+        cascade = self._pass.gate == "cascade"
         if layer == self._pass.decider:                             # scores need every token's x V
             xV = x.to(torch.float32) @ f.V                          # (N, r)
-            self._route = (xV * f.inv_s).amax(dim=-1) >= f.alpha    # (N,) bool
+            scores = xV * f.inv_s                                   # (N, r)
+            self._route = scores.amax(dim=-1) >= f.alpha            # (N,) bool
             rows = self._route.nonzero().squeeze(-1)                # (n,) the routed tokens
             if not len(rows):
                 return None
             part = xV[rows] @ f.U.T                                 # (n, d_out)
+            if cascade:
+                best, self._edit = scores[rows].topk(min(CASCADE_CANDIDATES, scores.shape[1]), dim=-1)   # (n, k)
+                self._alive, self._added = best >= f.alpha, part
+        elif cascade:
+            return self._confirm(f, x)
         else:                                                       # later layers: the routed tokens only
             route = self._route
             if route is None or route.shape[0] != x.shape[0]:
@@ -108,6 +123,27 @@ class GateState:
             if not len(rows):
                 return None
             part = (x[rows].to(torch.float32) @ f.V) @ f.U.T        # (n, d_out)
+        return torch.zeros(x.shape[0], f.U.shape[0], dtype=torch.float32, device=x.device).index_copy_(0, rows, part)
+
+
+    def _confirm(self, f: LayerFactors, x: torch.Tensor) -> torch.Tensor | None:
+        """A later layer of the cascade gate: the routed tokens whose input still matches one of their candidate
+        edits get this layer's Δx; the others leave the route and get back what the earlier layers added
+        (negated)."""
+        route = self._route
+        if route is None or route.shape[0] != x.shape[0]:
+            return None
+        rows = route.nonzero().squeeze(-1)                          # (n,) routed so far, in order
+        if not len(rows):
+            return None
+        xr = x[rows].to(torch.float32)                              # (n, d_in)
+        e = self._edit                                              # (n, k)
+        alive = self._alive & (torch.einsum("nd,dnk->nk", xr, f.V[:, e]) * f.inv_s[e] >= f.alpha)   # (n, k)
+        keep = alive.any(-1)                                        # (n,) bool
+        part = torch.where(keep[:, None], (xr @ f.V) @ f.U.T, -self._added)   # (n, d_out)
+        self._route = torch.zeros_like(route).index_fill_(0, rows[keep], True)
+        self._added = (self._added + part)[keep]                    # the rows still routed, in order
+        self._edit, self._alive = e[keep], alive[keep]
         return torch.zeros(x.shape[0], f.U.shape[0], dtype=torch.float32, device=x.device).index_copy_(0, rows, part)
 
 

@@ -183,7 +183,7 @@ def test_eval_writes_report_and_plot(project, corpus_file):
     assert (project / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| comeba-hk |" in out.stdout and "| unedited |" in out.stdout
     bad = kbsync(project, "eval", "--data", str(data), "--method", "rome", check=False)
-    assert bad.returncode == 2 and "unknown method" in bad.stderr
+    assert bad.returncode == 2 and "unknown editing method 'rome'" in bad.stderr
     missing = kbsync(project, "eval", "--data", str(data), "--cases", "0:3", "--steps", "1", "--batch", "1",
                      "--model", str(project / "no-such-model"), "--no-progress", check=False)
     assert missing.returncode == 1 and "no-such-model" in missing.stderr and "does not exist" in missing.stderr

@@ -39,14 +39,16 @@ def _plugin(em) -> GateState:
     return state
 
 
-def test_the_plugin_gives_kbsyncs_logits_whole_and_in_chunks(token_history):
-    em, text, deltas = token_history
+@pytest.mark.parametrize("history", ["token_history", "cascade_history"])
+def test_the_plugin_gives_kbsyncs_logits_whole_and_in_chunks(history, request):
+    em, text, deltas = request.getfixturevalue(history)
+    gate = deltas[0].gate
     ours = _logits(em.model, text)
     with em.mode(Mode.OFF):
         base = _logits(em.model, text)
     restore_state(em, deltas[:1])
     ours_v1 = _logits(em.model, text)
-    removal = StepDelta((), (), em.fingerprint(), "test", gate="token", masked=((0, 1),))
+    removal = StepDelta((), (), em.fingerprint(), "test", gate=gate, masked=((0, 1),))
     restore_state(em, [*deltas, removal])
     ours_removed = _logits(em.model, text)
     restore_state(em, deltas)
@@ -55,14 +57,14 @@ def test_the_plugin_gives_kbsyncs_logits_whole_and_in_chunks(token_history):
 
     state = _plugin(em)
     assert torch.equal(_logits(em.model, text), base)               # nothing served yet: the base model
-    state.swap(served_version(2, "digest", deltas, "cpu", "token"))
+    state.swap(served_version(2, "digest", deltas, "cpu", gate))
     torch.testing.assert_close(_logits(em.model, text), ours, rtol=0, atol=1e-4)
     for size in (1, 5, 7):
         torch.testing.assert_close(_chunked_logits(em.model, text, size), ours, rtol=0, atol=1e-4)
 
-    state.swap(served_version(1, "digest", deltas[:1], "cpu", "token"))   # a rollback, on the next pass
+    state.swap(served_version(1, "digest", deltas[:1], "cpu", gate))   # a rollback, on the next pass
     torch.testing.assert_close(_logits(em.model, text), ours_v1, rtol=0, atol=1e-4)
-    state.swap(served_version(3, "digest", [*deltas, removal], "cpu", "token"))   # a fact taken out
+    state.swap(served_version(3, "digest", [*deltas, removal], "cpu", gate))   # a fact taken out
     torch.testing.assert_close(_logits(em.model, text), ours_removed, rtol=0, atol=1e-4)
     state.swap(BASE)
     assert torch.equal(_logits(em.model, text), base)
@@ -71,5 +73,21 @@ def test_the_plugin_gives_kbsyncs_logits_whole_and_in_chunks(token_history):
 def test_a_per_sequence_history_is_refused_with_the_fix(token_history):
     em, text, deltas = token_history
     zscore = [d.__class__(d.layers, d.requests, d.model_fingerprint, d.config_digest, gate="zscore") for d in deltas]
-    with pytest.raises(ValueError, match='per-token gate only.*gate = "token"'):
+    with pytest.raises(ValueError, match='per-token gates only.*gate = "cascade"'):
         served_version(2, "digest", zscore, "cpu", "zscore")
+
+
+def test_the_cascade_history_drops_a_token_and_keeps_one_by_its_second_candidate(cascade_history):
+    """What the cascade comparison above relies on: kbsync's hooks route token 12 at layer 1 and drop it at
+    layer 2, and keep token 4, which matches edits of both steps at layer 1."""
+    em, text, _ = cascade_history
+    routes = {}
+    hooks = [em.spec.projection_module(em.model, l).register_forward_hook(
+        lambda m, i, o, l=l: routes.__setitem__(l, em.context.token_route[0].clone())) for l in em.layers]
+    try:
+        _logits(em.model, text)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert routes[1][12] and not routes[2][12]
+    assert routes[1][4] and routes[2][4]

@@ -26,7 +26,7 @@ def _routes(em, ids, mask=None, positions=None):
     got, handles = {}, []
     for l, hook in em.hooks.items():
         def grab(m, i, o, l=l, hook=hook):
-            _, a = hook.delta_out(i[0], scores=True)
+            _, a, _ = hook.delta_out(i[0], scores=True)
             got[l] = hook._route_token(a)
             return None
         handles.append(em.spec.projection_module(em.model, l).register_forward_hook(grab))
@@ -43,7 +43,7 @@ def test_an_edit_key_scores_one_and_routes(gated):
     em, text = gated
     hook = em.hooks[1]
     x = _edit_keys_of(em, text, 1)[[4, 9]]                                         # the keys themselves
-    _, a = hook.delta_out(x, scores=True)
+    _, a, _ = hook.delta_out(x, scores=True)
     torch.testing.assert_close(a, torch.ones(2), rtol=1e-4, atol=1e-4)
     routes = _routes(em, text)
     assert routes[1][0, 4] and routes[1][0, 9]
@@ -122,8 +122,91 @@ def test_trial_steps_score_with_their_own_keys():
     x = torch.zeros(1, 3, 6)
     x[0, 0, 0], x[0, 1, 0], x[0, 2, 1] = 2.0, 0.4, 5.0                          # the key, a fifth of it, unrelated
     with hook.trial(torch.ones(4, 1), V, K):
-        _, a = hook.delta_out(x, scores=True)
+        _, a, _ = hook.delta_out(x, scores=True)
         torch.testing.assert_close(a[0], torch.tensor([1.0, 0.2, 0.0]))
         out = lin(x)
     routed = (out - x @ lin.weight.T).abs().sum(-1)[0] > 0
     assert routed.tolist() == [True, False, False]
+
+
+def _two_hooks(undo: bool = True):
+    """Two hooked 6 -> 4 projections sharing one cascade context, one committed edit each (key 2·e0)."""
+    ctx = RoutingContext(gate="cascade", cascade_undo=undo)
+    ctx.attention_mask, ctx.incremental = torch.ones(1, 3), False
+    hooks = []
+    for layer in (0, 1):
+        lin = torch.nn.Linear(6, 4, bias=False)
+        hook = HookLayer(lin, layer, 6, 4, ctx, 0.5)
+        K = torch.eye(6, 1) * 2.0
+        hook.commit(torch.ones(4, 1) * (layer + 1), K / 8.0, K, 0.5)            # Δx = (layer + 1) · x₀ / 4 per row
+        hooks.append((lin, hook))
+    return ctx, hooks
+
+
+def test_the_cascade_keeps_a_token_only_while_every_layer_matches_its_edit():
+    ctx, ((lin0, _), (lin1, _)) = _two_hooks()
+    x0 = torch.zeros(1, 3, 6)
+    x0[0, :, 0] = torch.tensor([2.0, 2.0, 0.4])                                 # the key, the key, a fifth of it
+    ctx.token_route = None                                                      # a new forward pass
+    d0 = lin0(x0) - x0 @ lin0.weight.T                                          # (1, 3, 4)
+    assert ctx.token_route[0].tolist() == [True, True, False]
+    torch.testing.assert_close(d0[0, 0], torch.full((4,), 0.5))               # Δx of layer 0 on the key
+    x1 = torch.zeros(1, 3, 6)
+    x1[0, :, 0] = torch.tensor([2.0, 0.6, 2.0])                                 # token 1 no longer matches at layer 1
+    d1 = lin1(x1) - x1 @ lin1.weight.T
+    assert ctx.token_route[0].tolist() == [True, False, False]
+    torch.testing.assert_close(d1[0, 0], torch.full((4,), 1.0))               # kept: layer 1's Δx
+    torch.testing.assert_close(d1[0, 1], torch.full((4,), -0.5))              # vetoed: layer 0's Δx taken back
+    torch.testing.assert_close(d1[0, 2], torch.zeros(4))                      # never routed: nothing, whatever x
+
+
+def test_without_undo_a_vetoed_token_keeps_what_the_earlier_layers_added():
+    ctx, ((lin0, _), (lin1, _)) = _two_hooks(undo=False)
+    x = torch.zeros(1, 3, 6)
+    x[0, 0, 0] = 2.0
+    ctx.token_route = None
+    lin0(x)
+    d1 = lin1(x * 0.3) - (x * 0.3) @ lin1.weight.T
+    assert not ctx.token_route.any()
+    torch.testing.assert_close(d1, torch.zeros(1, 3, 4))
+
+
+def test_cascade_full_forward_and_kv_cached_decoding_give_identical_logits(cascade_history):
+    em, text, _ = cascade_history
+    with torch.no_grad():
+        full = em.model(input_ids=text).logits                                  # (1, T, V)
+        with em.mode(Mode.OFF):
+            base = em.model(input_ids=text).logits
+        first, second = [], []
+        h = [em.spec.projection_module(em.model, 1).register_forward_hook(
+                 lambda m, i, o: first.append(em.context.token_route.clone())),
+             em.spec.projection_module(em.model, 2).register_forward_hook(
+                 lambda m, i, o: second.append(em.context.token_route.clone()))]
+        try:
+            em.model(input_ids=text)
+        finally:
+            for x in h:
+                x.remove()
+        import inspect
+        kw = "cache" if "cache" in inspect.signature(em.model.forward).parameters else "past_key_values"
+        out = em.model(input_ids=text[:, :5], use_cache=True)                  # a prefill of 5, then one at a time
+        steps, cache = [out.logits], getattr(out, "cache", None) or out.past_key_values
+        for t in range(5, text.shape[1]):
+            out = em.model(input_ids=text[:, t:t + 1], use_cache=True, **{kw: cache})
+            steps.append(out.logits)
+            cache = getattr(out, "cache", None) or out.past_key_values
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-4)
+    assert (full - base).abs().amax(-1).gt(1e-3).any()                       # the history changes something
+    assert first[0].any()                                                       # the first layer routes tokens
+
+
+def test_a_token_history_restores_with_its_own_gate_under_a_cascade_config(token_history, tiny_tokenizer, make_tiny):
+    _, _, deltas = token_history
+    em = EditableModel(make_tiny("llama"), tiny_tokenizer, layers=(1, 2), gate="cascade", alpha0=0.6,
+                       confirm_alpha=0.3)
+    assert [h.alpha for h in em.hooks.values()] == [0.6, 0.3]
+    restore_state(em, deltas)
+    assert em.gate == "token" and [h.alpha for h in em.hooks.values()] == [0.5, 0.5]
+    restore_state(em, [])
+    assert em.gate == "cascade" and [h.alpha for h in em.hooks.values()] == [0.6, 0.3]
+    em.close()

@@ -132,3 +132,18 @@ def test_the_gate_comes_from_the_config_of_the_run(setup):
     run = report["methods"]["comeba-hk"]
     assert run["gate"] == "token" and all(0.4 <= a <= 0.6 for a in run["alpha"].values())   # token α, in [min, α0]
     assert report["config"]["gate"] == "token"
+
+
+def test_a_method_can_name_another_gate_and_runs_beside_the_configured_one(setup):
+    em, cfg, stats = setup
+    assert cfg.gate == "cascade"
+    report = evaluate(em, CASES, stats, cfg, methods=("comeba-hk", "comeba-hk@token", "comeba-hk@zscore"),
+                      steps=1, batch=2)
+    gates = {m: run["gate"] for m, run in report["methods"].items()}
+    assert gates == {"comeba-hk": "cascade", "comeba-hk@token": "token", "comeba-hk@zscore": "zscore"}
+    assert report["methods"]["comeba-hk@zscore"]["alpha"]["1"] > 1.0          # a z-score α (α0 2.2)
+    assert report["methods"]["comeba-hk"]["alpha"]["2"] == cfg.confirm_alpha   # the cascade confirms at its α
+    with pytest.raises(EditorError, match="comeba-hk@GATE with GATE one of zscore, token, cascade"):
+        method("memit@token")
+    with pytest.raises(EditorError, match="unknown editing method 'comeba-hk@nope'"):
+        method("comeba-hk@nope")
