@@ -36,6 +36,7 @@ from torch import nn
 
 GATES = ("zscore", "token", "cascade")
 CASCADE_CANDIDATES = 4      # cascade gate: how many best-matching edits a token keeps after its first layer
+CONFIRM_FLOOR = 0.05        # cascade gate: the lowest bar an edit confirms at (and a step's own bar while it is made)
 
 
 class Mode(enum.Enum):
@@ -102,9 +103,11 @@ class HookLayer:
         self.V: list[torch.Tensor] = []   # each (d_in, r_t) float32
         self.K: list[torch.Tensor] = []   # each (d_in, r_t) float32, the steps' keys
         self.S: list[torch.Tensor] = []   # each (r_t,) float32: v_jᵀ k_j, edit j's response to its own key
+        self.bars: list[torch.Tensor | None] = []   # cascade: each (r_t,) the edits' confirmation bars, None = α
         self.masked: set[tuple[int, int]] = set()   # (step, column) of edits taken out (removed facts)
         self.alpha = self.alpha0
         self._cat: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._bars: torch.Tensor | None = None
         self._D: torch.Tensor | None = None
         self._D_fwd: torch.Tensor | None = None
         self._KK = torch.zeros(self.d_in, self.d_in, dtype=torch.float64, device=self.device)
@@ -155,6 +158,7 @@ class HookLayer:
             raise IndexError(f"layer {self.layer}: no edit {column} in step {step} (it holds {len(self.U)} steps)")
         self.masked.add((step, column))
         self._cat = None
+        self._bars = None
         self._D = None
         self._D_fwd = None
 
@@ -162,8 +166,10 @@ class HookLayer:
     def rank(self) -> int:
         return sum(u.shape[1] for u in self.U)
 
-    def commit(self, U: torch.Tensor, V: torch.Tensor, K: torch.Tensor, alpha: float) -> None:
-        """Add one step's Δ = U Vᵀ, accumulate K Kᵀ and set α. U (d_out, n), V (d_in, n), K (d_in, n)."""
+    def commit(self, U: torch.Tensor, V: torch.Tensor, K: torch.Tensor, alpha: float,
+               bars: torch.Tensor | None = None) -> None:
+        """Add one step's Δ = U Vᵀ, accumulate K Kᵀ and set α. U (d_out, n), V (d_in, n), K (d_in, n);
+        ``bars`` (n,): the cascade gate's per-edit confirmation bars at this layer (None: α)."""
         U = U.to(self.device, torch.float32)                       # (d_out, n)
         V = V.to(self.device, torch.float32)                       # (d_in, n)
         K = K.to(self.device, torch.float32)                       # (d_in, n)
@@ -171,8 +177,10 @@ class HookLayer:
         self.V.append(V)
         self.K.append(K)
         self.S.append(self_response(V, K))
+        self.bars.append(None if bars is None else bars.to(self.device, torch.float32))
         self.alpha = float(alpha)
         self._cat = None
+        self._bars = None
         self._D = None
         self._D_fwd = None
 
@@ -232,6 +240,17 @@ class HookLayer:
         best, edits = every.topk(min(top, every.shape[-1]), dim=-1)     # (..., top), (..., top)
         return out, best[..., 0], (edits, best)
 
+    def confirm_bars(self) -> torch.Tensor:
+        """The cascade's bar per edit, (r_all,): committed edits' stored bars (α where a step has none), then
+        the trial edits' ``CONFIRM_FLOOR`` (a step's own prompts are not dropped while it is made)."""
+        if self._bars is None:
+            self._bars = torch.cat([b if b is not None else torch.full((u.shape[1],), self.alpha, device=self.device)
+                                    for u, b in zip(self.U, self.bars)]) if self.U else torch.zeros(0, device=self.device)
+        if not self._trial:
+            return self._bars
+        return torch.cat([self._bars, *(torch.full((v.shape[1],), CONFIRM_FLOOR, device=self.device)
+                                        for _, v, _ in self._trial)])
+
     def edit_scores(self, x: torch.Tensor, edits: torch.Tensor) -> torch.Tensor:
         """Each row's scores against given edits: (v_eᵀ x) / (v_eᵀ k_e) for x (N, d_in), edits (N, k) -> (N, k)
         (``edits`` index the committed edits followed by the trial ones, as ``delta_out`` counts them)."""
@@ -270,8 +289,8 @@ class HookLayer:
         """The cascade gate. The first edited layer of the pass routes a token when its best score
         a = max_j (v_jᵀx) / (v_jᵀk_j) reaches α there, and remembers the ``cascade_candidates`` best-matching
         edits that reach α; every later edited layer keeps the token only while its own input still matches
-        one of those candidates, (v_eᵀx) / (v_eᵀk_e) ≥ that layer's α, and narrows the candidates to the ones
-        that do. A token dropped at a layer gets no Δ from there on, and the Δx the earlier layers added to
+        one of those candidates, (v_eᵀx) / (v_eᵀk_e) ≥ e's bar at that layer (``confirm_bars``), and narrows
+        the candidates to the ones that do. A token dropped at a layer gets no Δ from there on, and the Δx the earlier layers added to
         it is taken back from the residual stream."""
         ctx = self.context
         route = ctx.token_route
@@ -286,7 +305,7 @@ class HookLayer:
             return None
         edits, alive = ctx.token_edit
         s = self.edit_scores(x[at], edits[at])                      # (N, k)
-        still = alive[at] & (s >= self.alpha)                       # (N, k)
+        still = alive[at] & (s >= self.confirm_bars()[edits[at]])   # (N, k)
         alive = alive.clone()
         alive[at] = still
         ctx.token_edit = (edits, alive)

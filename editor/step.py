@@ -34,6 +34,7 @@ class LayerDelta:
     V: torch.Tensor      # (d_in, n) float32
     K: torch.Tensor      # (d_in, n) float32, this step's keys
     alpha: float         # α of the layer after the step
+    bars: torch.Tensor | None = None   # (n,) cascade gate: each edit's confirmation bar here (None: α)
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,8 @@ class StepDelta:
             for name, t in (("U", ld.U), ("V", ld.V), ("K", ld.K)):
                 arrays[f"{ld.layer}.{name}"] = np.ascontiguousarray(t.detach().cpu().numpy())
             arrays[f"{ld.layer}.alpha"] = np.array([ld.alpha], dtype=np.float64)
+            if ld.bars is not None:
+                arrays[f"{ld.layer}.bars"] = np.ascontiguousarray(ld.bars.detach().cpu().float().numpy())
         if self.masked:
             arrays["masked"] = np.array(self.masked, dtype=np.int64).reshape(-1, 2)
         if self.targets is not None:
@@ -84,7 +87,8 @@ class StepDelta:
         try:
             layers = tuple(
                 LayerDelta(l, torch.from_numpy(arrays[f"{l}.U"]), torch.from_numpy(arrays[f"{l}.V"]),
-                           torch.from_numpy(arrays[f"{l}.K"]), float(arrays[f"{l}.alpha"][0]))
+                           torch.from_numpy(arrays[f"{l}.K"]), float(arrays[f"{l}.alpha"][0]),
+                           torch.from_numpy(arrays[f"{l}.bars"]) if f"{l}.bars" in arrays else None)
                 for l in (int(x) for x in meta["layers"].split(",") if x))
         except (KeyError, ValueError, IndexError) as exc:
             raise DeltaMismatch(f"stored delta is incomplete ({exc!r} missing or malformed)") from None
@@ -151,8 +155,9 @@ def compute_delta(em: EditableModel, requests: list[EditRequest], stats: KeyStat
             out.append((l, U, V, K.to(torch.float32)))
         t = time.perf_counter()
         alphas = _adapted_alphas(em, batch, cfg.alpha_min_for(em.gate)) if route is Mode.VALIDATED else {l: h.alpha for l, h in em.hooks.items()}
+        bars = _confirm_bars(em, batch, alphas, cfg.confirm_margin) if route is Mode.VALIDATED and em.gate == "cascade" else {}
         times["routing_s"] = time.perf_counter() - t
-    layers = tuple(LayerDelta(l, U, V, K, alphas[l]) for l, U, V, K in out)
+    layers = tuple(LayerDelta(l, U, V, K, alphas[l], bars.get(l)) for l, U, V, K in out)
     times["total_s"] = time.perf_counter() - t0
     opt_dtype = fresh.opt_dtype if fresh is not None else choose_opt_dtype(cfg.opt_dtype, em.device).dtype
     metrics = {**times, "opt_dtype": opt_dtype, "targets_reused": len(requests) - len(todo)}
@@ -172,7 +177,7 @@ def apply_delta(em: EditableModel, delta: StepDelta) -> None:
         em.adopt_gate(delta.gate)
     _mask(em, delta)
     for ld in delta.layers:
-        em.hooks[ld.layer].commit(ld.U, ld.V, ld.K, ld.alpha)
+        em.hooks[ld.layer].commit(ld.U, ld.V, ld.K, ld.alpha, ld.bars)
 
 
 def restore_state(em: EditableModel, deltas: list[StepDelta]) -> None:
@@ -198,7 +203,7 @@ def restore_state(em: EditableModel, deltas: list[StepDelta]) -> None:
             em.adopt_gate(d.gate)
         _mask(em, d)
         for ld in d.layers:
-            em.hooks[ld.layer].commit(ld.U, ld.V, ld.K, ld.alpha)
+            em.hooks[ld.layer].commit(ld.U, ld.V, ld.K, ld.alpha, ld.bars)
 
 
 def _mask(em: EditableModel, delta: StepDelta) -> None:
@@ -276,6 +281,41 @@ def _keys_and_residual(em: EditableModel, batch: StepBatch, layer: int, cfg: Edi
     K = got["k"].view(n, per, -1).mean(1).T                                  # (d_in, n)
     hL = got["h"].view(n, per, -1)[:, 0]                                      # (n, d)
     return K, hL
+
+
+@torch.no_grad()
+def _confirm_bars(em: EditableModel, batch: StepBatch, alphas: dict[int, float], margin: float) -> dict[int, torch.Tensor]:
+    """The cascade gate's bar for each new edit at each later edited layer, {layer: (n,)}: its own bare
+    prompt's best score against it there (routed through every layer, the step's trial deltas on) times
+    ``margin``, between ``CONFIRM_FLOOR`` and the layer's α. An edit whose own prompt sits far from its key in
+    the deeper layers (a prompt that starts with its subject, whose key is a mean over contexts where the
+    subject is mid-sentence) confirms its own prompt; every other edit keeps α."""
+    from .hook import CONFIRM_FLOOR
+    ids, mask = batch.tensors(batch.plain, em.device)               # (n, T): one bare prompt per edit
+    later = em.layers[1:]
+    got: dict[int, torch.Tensor] = {}
+    handles = [em.spec.projection_module(em.model, l).register_forward_hook(
+        lambda m, i, o, l=l: got.__setitem__(l, i[0].detach())) for l in later]
+    gate, first = em.context.gate, em.hooks[em.layers[0]]
+    alpha = first.alpha
+    try:
+        em.context.gate, first.alpha = "token", alphas[em.layers[0]]   # route as the step will: layer 1 decides
+        with torch.no_grad(), em.mode(Mode.VALIDATED):
+            em.forward_until(max(em.layers), ids, mask)
+    finally:
+        em.context.gate, first.alpha = gate, alpha
+        for h in handles:
+            h.remove()
+    n, out = len(batch), {}
+    real = mask.bool()                                              # (n, T)
+    for l in later:
+        hook = em.hooks[l]
+        own = hook.rank + torch.arange(n, device=em.device)         # each prompt's own edit: the trial's columns
+        x = got[l]                                                  # (n, T, d_in)
+        s = hook.edit_scores(x.reshape(-1, x.shape[-1]), own.repeat_interleave(x.shape[1])[:, None]).view(n, -1)
+        best = s.masked_fill(~real, -torch.inf).amax(dim=1)         # (n,)
+        out[l] = (best * margin).clamp(min=CONFIRM_FLOOR, max=alphas[l]).float().cpu()
+    return out
 
 
 @torch.no_grad()

@@ -170,8 +170,9 @@ def edit_keys_of(em, ids, layer):
     return got["x"][0]
 
 
-def token_step(em, keys: dict, gate: str, alpha: float, seed=0):
-    """A step (StepDelta) whose edits' keys are ``keys[l]`` (d_in, n), with V = C⁻¹K for a random SPD C."""
+def token_step(em, keys: dict, gate: str, alpha: float, seed=0, bars: dict | None = None):
+    """A step (StepDelta) whose edits' keys are ``keys[l]`` (d_in, n), with V = C⁻¹K for a random SPD C;
+    ``bars[l]``: the cascade's per-edit bars at layer l."""
     from editor.step import LayerDelta, StepDelta
 
     g = torch.Generator().manual_seed(seed)
@@ -182,7 +183,7 @@ def token_step(em, keys: dict, gate: str, alpha: float, seed=0):
         C = A @ A.T / h.d_in + torch.eye(h.d_in)
         V = torch.linalg.solve(C + K @ K.T, K)                                   # (d_in, n)
         U = torch.randn(h.d_out, K.shape[1], generator=g) * 3                    # (d_out, n)
-        layers.append(LayerDelta(l, U, V, K, alpha))
+        layers.append(LayerDelta(l, U, V, K, alpha, (bars or {}).get(l)))
     return StepDelta(tuple(layers), (), em.fingerprint(), "test", gate=gate)
 
 
@@ -194,11 +195,13 @@ def _gated_history(make_tiny, tiny_tokenizer, gate: str):
     text = torch.randint(2, len(tiny_tokenizer), (1, 16))
     deltas = []
     steps = ((0, {1: [4, 9], 2: [4, 9]}), (1, {1: [12], 2: [12]}))
+    bars = ({}, {})
     if gate == "cascade":             # edits whose keys differ by layer: token 12 is dropped at layer 2, and
-        steps = ((0, {1: [4, 9], 2: [4, 9]}), (1, {1: [12, 4], 2: [7, 7]}))   # token 4 matches two edits there
-    for seed, positions in steps:
+        steps = ((0, {1: [4, 9], 2: [4, 9]}), (1, {1: [12, 4], 2: [7, 7]}))   # token 4 matches two edits there;
+        bars = ({2: torch.tensor([0.5, 5.0])}, {})                  # token 9's edit can never confirm
+    for (seed, positions), bar in zip(steps, bars):
         keys = {l: edit_keys_of(em, text, l)[positions[l]].T.contiguous() for l in em.layers}
-        deltas.append(token_step(em, keys, gate, alpha=0.5, seed=seed))
+        deltas.append(token_step(em, keys, gate, alpha=0.5, seed=seed, bars=bar))
         apply_delta(em, deltas[-1])
     return em, text, deltas
 
@@ -215,7 +218,8 @@ def token_history(make_tiny, tiny_tokenizer):
 @pytest.fixture
 def cascade_history(make_tiny, tiny_tokenizer):
     """Like ``token_history``, with the cascade gate (every α 0.5): the second step holds two edits whose keys
-    are tokens 12 and 4 at layer 1 and token 7 at layer 2."""
+    are tokens 12 and 4 at layer 1 and token 7 at layer 2; the first step's edit of token 9 has bar 5 at
+    layer 2."""
     em, text, deltas = _gated_history(make_tiny, tiny_tokenizer, "cascade")
     yield em, text, deltas
     em.close()

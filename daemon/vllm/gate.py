@@ -6,7 +6,7 @@ a_i = max_j (v_jᵀ x_i) / (v_jᵀ k_j) ≥ α at the first edited layer, and th
 decision (editor/hook.py, "token"). So one token's output depends only on its own input and the version:
 the same under continuous batching, chunked prefill and prefix caching. The cascade gate ("cascade") is
 per token too: the deciding layer routes a token and keeps its best-matching edits that reach α, each later
-edited layer keeps it while its own input still matches one of them at that layer's α, and a token dropped
+edited layer keeps it while its own input still matches one of them at that edit's bar there, and a token dropped
 there gets the Δx the earlier layers added taken back. Pure torch, no vLLM import: the tests check it against kbsync's own hook in the
 main environment.
 """
@@ -29,6 +29,7 @@ class LayerFactors:
     V: torch.Tensor        # (d_in, r) float32
     inv_s: torch.Tensor    # (r,) float32
     alpha: float
+    bars: torch.Tensor | None = None   # (r,) the cascade's per-edit confirmation bars (α where a step has none)
 
 
 @dataclass(frozen=True)
@@ -60,17 +61,19 @@ def served_version(version: int | None, digest: str, deltas: list[StepDelta], de
     alphas: dict[int, float] = {}
     for d in deltas:
         for ld in d.layers:
-            parts.setdefault(ld.layer, []).append((ld.U.float(), ld.V.float(), ld.K.float()))
+            parts.setdefault(ld.layer, []).append((ld.U.float(), ld.V.float(), ld.K.float(), ld.bars))
             alphas[ld.layer] = ld.alpha                             # α after the layer's latest step
     layers = {}
     for layer, ps in sorted(parts.items()):
-        U = torch.cat([u for u, _, _ in ps], 1).to(device)          # (d_out, r)
-        V = torch.cat([v for _, v, _ in ps], 1).to(device)          # (d_in, r)
-        S = torch.cat([self_response(v, k) for _, v, k in ps]).to(device)   # (r,)
+        U = torch.cat([u for u, _, _, _ in ps], 1).to(device)       # (d_out, r)
+        V = torch.cat([v for _, v, _, _ in ps], 1).to(device)       # (d_in, r)
+        S = torch.cat([self_response(v, k) for _, v, k, _ in ps]).to(device)   # (r,)
+        bars = torch.cat([b.float() if b is not None else torch.full((u.shape[1],), alphas[layer])
+                          for u, _, _, b in ps]).to(device)         # (r,)
         inv_s = 1.0 / S.clamp(min=1e-12)                            # (r,)
         masked = masked_indices(deltas)                             # removed facts: no Δ, never route
         U[:, masked], inv_s[masked] = 0.0, 0.0
-        layers[layer] = LayerFactors(U.contiguous(), V.contiguous(), inv_s, alphas[layer])
+        layers[layer] = LayerFactors(U.contiguous(), V.contiguous(), inv_s, alphas[layer], bars)
     return ServedVersion(version, digest, layers, gate)
 
 
@@ -138,7 +141,7 @@ class GateState:
             return None
         xr = x[rows].to(torch.float32)                              # (n, d_in)
         e = self._edit                                              # (n, k)
-        alive = self._alive & (torch.einsum("nd,dnk->nk", xr, f.V[:, e]) * f.inv_s[e] >= f.alpha)   # (n, k)
+        alive = self._alive & (torch.einsum("nd,dnk->nk", xr, f.V[:, e]) * f.inv_s[e] >= f.bars[e])   # (n, k)
         keep = alive.any(-1)                                        # (n,) bool
         part = torch.where(keep[:, None], (xr @ f.V) @ f.U.T, -self._added)   # (n, d_out)
         self._route = torch.zeros_like(route).index_fill_(0, rows[keep], True)

@@ -79,7 +79,7 @@ def test_a_per_sequence_history_is_refused_with_the_fix(token_history):
 
 def test_the_cascade_history_drops_a_token_and_keeps_one_by_its_second_candidate(cascade_history):
     """What the cascade comparison above relies on: kbsync's hooks route token 12 at layer 1 and drop it at
-    layer 2, and keep token 4, which matches edits of both steps at layer 1."""
+    layer 2, keep token 4, which matches edits of both steps at layer 1, and drop token 9 by its edit's bar."""
     em, text, _ = cascade_history
     routes = {}
     hooks = [em.spec.projection_module(em.model, l).register_forward_hook(
@@ -91,3 +91,4 @@ def test_the_cascade_history_drops_a_token_and_keeps_one_by_its_second_candidate
             h.remove()
     assert routes[1][12] and not routes[2][12]
     assert routes[1][4] and routes[2][4]
+    assert routes[1][9] and not routes[2][9]                      # its edit's bar (5) is out of reach

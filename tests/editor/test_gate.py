@@ -210,3 +210,59 @@ def test_a_token_history_restores_with_its_own_gate_under_a_cascade_config(token
     restore_state(em, [])
     assert em.gate == "cascade" and [h.alpha for h in em.hooks.values()] == [0.6, 0.3]
     em.close()
+
+
+def test_an_edit_confirms_at_its_own_bar_and_the_bars_round_trip():
+    ctx, ((lin0, _), (lin1, hook1)) = _two_hooks()
+    x = torch.zeros(1, 3, 6)
+    x[0, :, 0] = 2.0
+    later = x.clone()
+    later[0, :, 0] = 0.6                                                        # score 0.3 at layer 1: below α 0.5
+    ctx.token_route = None
+    lin0(x)
+    lin1(later)
+    assert not ctx.token_route.any()
+    hook1.reset()
+    hook1.commit(torch.ones(4, 1) * 2, torch.eye(6, 1) / 4.0, torch.eye(6, 1) * 2.0, 0.5, bars=torch.tensor([0.25]))
+    ctx.token_route = None
+    lin0(x)
+    lin1(later)
+    assert ctx.token_route.all()                                                # 0.3 reaches the edit's own bar
+    delta = StepDelta((LayerDelta(1, torch.ones(4, 1), torch.eye(6, 1), torch.eye(6, 1), 0.5, torch.tensor([0.25])),
+                       LayerDelta(0, torch.ones(4, 1), torch.eye(6, 1), torch.eye(6, 1), 0.6)), (), "fp", "cfg",
+                      gate="cascade")
+    back = StepDelta.from_arrays(*delta.to_arrays())
+    assert torch.equal(back.layers[0].bars, torch.tensor([0.25])) and back.layers[1].bars is None
+
+
+def test_a_cascade_step_keeps_its_own_prompts_routed_through_every_layer(make_tiny, tiny_tokenizer, corpus_file, tmp_path):
+    from editor.config import EditConfig, StatsConfig
+    from editor.hook import CONFIRM_FLOOR
+    from editor.requests import EditRequest
+    from editor.stats import key_stats
+    from editor.step import compute_delta
+
+    # confirm_alpha 1.0: no bare prompt matches its key (a mean over contexts) fully in the deeper layers, so
+    # without per-edit bars no prompt would stay routed
+    cfg = EditConfig(layers=(1, 2, 3), v_steps=4, contexts=("{}", "In short, {}"), gate="cascade", confirm_alpha=1.0,
+                     stats=StatsConfig(corpus=str(corpus_file), n_tokens=500, seq_len=32))
+    em = EditableModel.for_config(make_tiny("llama"), tiny_tokenizer, cfg)
+    stats = key_stats(em, cfg.stats, tmp_path / "stats", progress=False)
+    requests = [EditRequest("Paris", "Paris is the capital of", "Italy"),
+                EditRequest("Toko Yasuda", "Toko Yasuda plays the", "piano")]
+    delta = compute_delta(em, requests, stats, cfg)
+    assert delta.gate == "cascade" and delta.layers[0].bars is None
+    for ld in delta.layers[1:]:
+        assert ld.bars.shape == (2,) and bool(((ld.bars >= CONFIRM_FLOOR) & (ld.bars <= ld.alpha)).all())
+    apply_delta(em, delta)
+    last = []
+    h = em.spec.projection_module(em.model, 3).register_forward_hook(
+        lambda m, i, o: last.append(em.context.token_route.clone()))
+    try:
+        with torch.no_grad(), em.mode(Mode.VALIDATED):
+            for r in requests:
+                em.model(input_ids=em.tokenizer(r.prompt, return_tensors="pt")["input_ids"])
+    finally:
+        h.remove()
+        em.close()
+    assert all(route.any() for route in last)                                   # each prompt still routed at layer 3
