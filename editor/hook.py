@@ -290,8 +290,9 @@ class HookLayer:
         a = max_j (v_jᵀx) / (v_jᵀk_j) reaches α there, and remembers the ``cascade_candidates`` best-matching
         edits that reach α; every later edited layer keeps the token only while its own input still matches
         one of those candidates, (v_eᵀx) / (v_eᵀk_e) ≥ e's bar at that layer (``confirm_bars``), and narrows
-        the candidates to the ones that do. A token dropped at a layer gets no Δ from there on, and the Δx the earlier layers added to
-        it is taken back from the residual stream."""
+        the candidates to the ones that do. A token dropped at a layer gets no Δ from there on, and the Δx
+        the earlier layers added to it is taken back from the residual stream. Only the first layer records
+        scores for α's adaptation: the later layers' bars are fixed per edit."""
         ctx = self.context
         route = ctx.token_route
         if route is None or route.shape != x.shape[:2]:
@@ -311,10 +312,6 @@ class HookLayer:
         ctx.token_edit = (edits, alive)
         keep = torch.zeros_like(route)
         keep[at] = still.any(-1)                                    # (B, T)
-        if ctx.records is not None and not ctx.incremental:
-            score = torch.full(route.shape, -torch.inf, device=s.device)   # (B, T)
-            score[at] = torch.where(alive[at], s, -torch.inf).amax(-1)
-            self._record(score)
         vetoed = route & ~keep                                      # (B, T)
         ctx.token_route = keep
         out = output
@@ -329,16 +326,12 @@ class HookLayer:
             ctx.token_added = ctx.token_added - back
         return out
 
-    def _record(self, score: torch.Tensor) -> None:
-        """Record each sequence's largest gate score (B, T) -> (B,), -inf where no real token has one."""
-        self.context.records.setdefault(self.layer, []).append(score.amax(dim=1))
-
     def _route_token(self, a: torch.Tensor) -> torch.Tensor:
         """The per-token gate: a real token routes when its score reaches α; (B, T) bool."""
         B, T = a.shape
         real = self.context.real_tokens(B, T, a.device)             # (B, T)
         if self.context.records is not None and not self.context.incremental:
-            self._record(torch.where(real, a, -torch.inf))
+            self.context.records.setdefault(self.layer, []).append(torch.where(real, a, -torch.inf).amax(dim=1))
         return real & (a >= self.alpha)
 
     def _route(self, dx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -329,7 +329,7 @@ def _adapted_alphas(em: EditableModel, batch: StepBatch, alpha_min: float = 0.0)
     alphas = {}
     for l, hook in em.hooks.items():
         if em.gate == "cascade" and l != em.layers[0]:
-            alphas[l] = hook.alpha                           # the cascade's later layers confirm at a fixed α
+            alphas[l] = hook.alpha                           # the cascade's later layers: fixed α, per-edit bars
             continue
         zmax = torch.cat(rec.get(l, [torch.tensor([])])).float()
         zmax = zmax[torch.isfinite(zmax)]
