@@ -262,7 +262,8 @@ class HookLayer:
         for _, V, inv_s in self._trial:
             Vs.append(V)
             inv.append(inv_s)
-        V, inv_s = torch.cat(Vs, 1), torch.cat(inv)                 # (d_in, r), (r,)
+        # serving has no trial: the committed factors as they are, no copy per forward pass
+        V, inv_s = (Vs[0], inv[0]) if len(Vs) == 1 else (torch.cat(Vs, 1), torch.cat(inv))   # (d_in, r), (r,)
         return torch.einsum("nd,dnk->nk", x.to(torch.float32), V[:, edits]) * inv_s[edits]
 
     def _forward_hook(self, module, inputs, output):

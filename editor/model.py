@@ -74,7 +74,8 @@ class EditableModel:
         first = min(self.hooks)
         for l, h in self.hooks.items():
             h.alpha0 = float(confirm_alpha if gate == "cascade" and l != first else alpha0)
-            h.alpha = h.alpha0 if not h.U else h.alpha
+            if not h.U:                                              # a committed history keeps its own α
+                h.alpha = h.alpha0
 
     def adopt_gate(self, gate: str) -> None:
         """Route with ``gate`` (a history is routed with the gate it was made with); only on the base model."""

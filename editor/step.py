@@ -19,7 +19,7 @@ import torch
 
 from .config import EditConfig
 from .errors import DeltaMismatch
-from .hook import Mode
+from .hook import CONFIRM_FLOOR, Mode
 from .model import EditableModel
 from .precision import choose_opt_dtype
 from .requests import EditRequest, StepBatch
@@ -290,7 +290,6 @@ def _confirm_bars(em: EditableModel, batch: StepBatch, alphas: dict[int, float],
     ``margin``, between ``CONFIRM_FLOOR`` and the layer's α. An edit whose own prompt sits far from its key in
     the deeper layers (a prompt that starts with its subject, whose key is a mean over contexts where the
     subject is mid-sentence) confirms its own prompt; every other edit keeps α."""
-    from .hook import CONFIRM_FLOOR
     ids, mask = batch.tensors(batch.plain, em.device)               # (n, T): one bare prompt per edit
     later = em.layers[1:]
     got: dict[int, torch.Tensor] = {}
@@ -300,7 +299,7 @@ def _confirm_bars(em: EditableModel, batch: StepBatch, alphas: dict[int, float],
     alpha = first.alpha
     try:
         em.context.gate, first.alpha = "token", alphas[em.layers[0]]   # route as the step will: layer 1 decides
-        with torch.no_grad(), em.mode(Mode.VALIDATED):
+        with em.mode(Mode.VALIDATED):
             em.forward_until(max(em.layers), ids, mask)
     finally:
         em.context.gate, first.alpha = gate, alpha

@@ -5,10 +5,10 @@ padding and no sequence axis. The token gate needs neither: token i routes when
 a_i = max_j (v_jᵀ x_i) / (v_jᵀ k_j) ≥ α at the first edited layer, and the later edited layers follow that
 decision (editor/hook.py, "token"). So one token's output depends only on its own input and the version:
 the same under continuous batching, chunked prefill and prefix caching. The cascade gate ("cascade") is
-per token too: the deciding layer routes a token and keeps its best-matching edits that reach α, each later
-edited layer keeps it while its own input still matches one of them at that edit's bar there, and a token dropped
-there gets the Δx the earlier layers added taken back. Pure torch, no vLLM import: the tests check it against kbsync's own hook in the
-main environment.
+per token too: the deciding layer routes a token and keeps its best-matching edits that reach α, each
+later edited layer keeps it while its own input still matches one of them at that edit's bar there, and a
+token dropped there gets the Δx the earlier layers added taken back. Pure torch, no vLLM import: the tests
+check it against kbsync's own hook in the main environment.
 """
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ class GateState:
         self._route: torch.Tensor | None = None
         self._edit: torch.Tensor | None = None                      # cascade: (n, k) the routed tokens' candidates
         self._alive: torch.Tensor | None = None                     # cascade: (n, k) which still match
-        self._added: torch.Tensor | None = None                     # cascade: (N, d_out) Δx added to each token
+        self._added: torch.Tensor | None = None                     # cascade: (n, d_out) Δx added to each routed token
         self._last_layer = float("inf")                             # the gated layer the pass in flight is at
 
     def swap(self, version: ServedVersion) -> None:
@@ -127,7 +127,6 @@ class GateState:
                 return None
             part = (x[rows].to(torch.float32) @ f.V) @ f.U.T        # (n, d_out)
         return torch.zeros(x.shape[0], f.U.shape[0], dtype=torch.float32, device=x.device).index_copy_(0, rows, part)
-
 
     def _confirm(self, f: LayerFactors, x: torch.Tensor) -> torch.Tensor | None:
         """A later layer of the cascade gate: the routed tokens whose input still matches one of their candidate
