@@ -120,7 +120,7 @@ class VerifyConfig:
 
     enabled: bool = True
     min_success: float = 0.7      # share of the step's prompts whose greedy next token starts their target
-    min_canary: float = 0.9       # share of canary prompts whose greedy next token is the unedited model's
+    min_canary: float = 0.9       # share of canary prompts whose greedy next token the step leaves as it was
     canaries: tuple[str, ...] = DEFAULT_CANARIES
 
     def __post_init__(self):

@@ -250,6 +250,7 @@ class Service:
         # A correction: the facts' earlier edits are taken out first, so the new step is solved on a model
         # that no longer carries the old targets (and then only the new target routes).
         masks = self.live.masks_for({e.change.key for e in good}, self.live.at_head()) or ()
+        canaries_before = self.verify.canary_answers(self.live.em)      # HEAD's answers, before this step
         try:
             if masks:
                 apply_delta(self.live.em, self._mask_step(masks))
@@ -266,7 +267,7 @@ class Service:
             raise
         try:
             apply_delta(self.live.em, delta)      # the gate looks at the edited model; not yet committed
-            refused = self.verify.refuses(self.live.em, requests)
+            refused = self.verify.refuses(self.live.em, requests, canaries_before)
             if not refused:
                 version = self._commit_one(delta, change_ids, actor, f"sync: {len(requests)} facts")
         except BaseException:
@@ -279,7 +280,7 @@ class Service:
             return StepReport(None, len(requests), "failed", time.perf_counter() - t, refused)
         self.live.served = version.id
         log.info("step.committed", version=version.id, facts=len(requests),
-                 seconds=round(time.perf_counter() - t, 2))
+                 seconds=round(time.perf_counter() - t, 2), canaries_drifted=self.verify.drifted)
         return StepReport(version.id, len(requests), "edit", time.perf_counter() - t)
 
     def _delete(self, entries, actor: str) -> StepReport:

@@ -4,6 +4,7 @@ import torch
 
 from daemon.config import AppConfig, ModelConfig, SyncConfig, VerifyConfig
 from daemon.service import Service
+from daemon.verify import VerifyGate
 from editor.config import EditConfig, StatsConfig
 from tests.conftest import DATA, ROOT
 
@@ -87,5 +88,35 @@ def test_rollback_revert_delete(default_model, counterfact, tmp_path):
         assert torch.equal(top(), at_corrected)
         svc.rollback(corrected)                          # rollback across the compaction is exact
         assert torch.equal(top(), at_corrected)
+    finally:
+        svc.close()
+
+
+def test_verify_gate_judges_each_step_by_what_it_changes(default_model, counterfact, tmp_path):
+    """A canary an earlier committed step moved does not refuse every later step (the gate once compared
+    with the unedited model, so a long history ended up refusing all new facts); a step that itself moves
+    too many canaries is still refused, and commits nothing."""
+    model, tok = default_model
+    a, b, c, d = counterfact[220:224]                  # tuning range
+    editor = EditConfig.from_toml(ROOT / "configs/models/smollm2-135m.toml").replace(
+        stats=StatsConfig(corpus=str(DATA / "wikitext2-valid.txt"), n_tokens=20_000, seq_len=256))
+    other = "The capital of France is"
+    cfg = AppConfig(state_dir=tmp_path, model=ModelConfig(), editor=editor, sync=SyncConfig(batch_size=2),
+                    verify=VerifyConfig(min_success=0.5, min_canary=0.6, canaries=(a["prompt"], b["prompt"], other)))
+    svc = Service(cfg, progress=False, preloaded=(model, tok))
+    try:
+        for case in (a, b):                            # each step moves its own canary: 2 of 3 kept
+            svc.store.add(case["subject"], case["prompt"], case["target_new"], source="test")
+            [report] = svc.sync()
+            assert report.kind == "edit" and report.version is not None, report.error
+        assert svc.verify.drifted == 2                 # 1 of 3 still the unedited model's answer
+        head = svc.ledger.head().id
+
+        svc.verify = VerifyGate(VerifyConfig(min_success=0.5, min_canary=0.6, canaries=(c["prompt"], d["prompt"], other)))
+        for case in (c, d):                            # one step of two facts moves two of its three canaries
+            svc.store.add(case["subject"], case["prompt"], case["target_new"], source="test")
+        [report] = svc.sync()
+        assert report.version is None and "changed the answer of 2 of 3 canary prompts" in report.error
+        assert svc.ledger.head().id == head and svc.store.counts().failed == 2
     finally:
         svc.close()
