@@ -85,10 +85,11 @@ def is_compact(svc, version_id: int | None) -> bool:
     return bool(chain) and chain[-1].metrics.get(MARK, {}).get("finished", False)
 
 
-def branch_tip(svc, head_id: int | None) -> int | None:
-    """The newest compaction version off HEAD's chain: the branch an unfinished compaction left (or None)."""
-    on_head = {v.id for v in svc.ledger.chain(head_id)}
-    tips = [v.id for v in svc.ledger.versions() if MARK in v.metrics and v.id not in on_head]
+def branch_tip(ledger, head_id: int | None) -> int | None:
+    """The newest compaction version off HEAD's chain whose weights are kept: the branch an unfinished
+    compaction left (or None)."""
+    skip = {v.id for v in ledger.chain(head_id)} | set(ledger.pruned())
+    tips = [v.id for v in ledger.versions() if MARK in v.metrics and v.id not in skip]
     return max(tips) if tips else None
 
 
@@ -100,7 +101,7 @@ def step(svc, actor: str) -> Progress:
     head = svc.ledger.head()
     head_id = head.id if head else None
     live = live_facts(svc, head_id)
-    tip = branch_tip(svc, head_id)
+    tip = branch_tip(svc.ledger, head_id)
     have = live_facts(svc, tip)
     same = {k for k, f in have.items() if k in live and live[k].change.id == f.change.id}
     stale = sorted(k for k in have if k not in same)                          # masked on the branch

@@ -20,11 +20,11 @@ import importlib
 _WHERE = {
     **dict.fromkeys(("DropFolder", "DropOutcome"), "drops"),
     **dict.fromkeys(("BlobError", "ChangeStateError", "FactNotFoundError", "InvalidFactsError", "KBError",
-                     "MigrationError", "ModelMismatchError", "VersionNotFoundError"), "errors"),
+                     "MigrationError", "ModelMismatchError", "VersionNotFoundError", "VersionPrunedError"), "errors"),
     "FactStore": "facts",
     **dict.fromkeys(("BLOB_FORMAT", "Ledger"), "ledger"),
     **dict.fromkeys(("BadRecord", "Batch", "BatchEntry", "Change", "Counts", "Fact", "HeadMove", "ImportResult",
-                     "LocalityProbe", "Provenance", "Version"), "records"),
+                     "LocalityProbe", "Provenance", "PruneReport", "Version"), "records"),
     **dict.fromkeys(("DIALECTS", "MAX_FIELD_CHARS", "ParsedFile", "parse_fact_file"), "validation"),
 }
 

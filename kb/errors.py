@@ -63,6 +63,15 @@ class BlobError(KBError):
         super().__init__(f"version {version_id}: {problem}; {way_out}")
 
 
+class VersionPrunedError(BlobError):
+    """The version's delta blob was deleted by ``kbsync prune``: its history row stays, its weights are gone."""
+
+    def __init__(self, version_id: int, at: str):
+        self.at = at
+        super().__init__(version_id, f"its weights were pruned at {at} (`kbsync prune`), so it cannot be served "
+                                     "or built on again; its facts are still in the knowledge base")
+
+
 class ModelMismatchError(BlobError):
     """A version's blob was computed for another model than the one it is loaded for (fingerprints differ)."""
 

@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING
 from .logger import get_logger
 from .blobs import BlobStore, deserialize, serialize
 from .changes import change_from_cursor
-from .errors import BlobError, ChangeStateError, ModelMismatchError, VersionNotFoundError
-from .records import Change, HeadMove, Version
+from .errors import BlobError, ChangeStateError, ModelMismatchError, VersionNotFoundError, VersionPrunedError
+from .records import Change, HeadMove, PruneReport, Version
 from .validation import now_iso
 
 if TYPE_CHECKING:
@@ -48,7 +48,10 @@ _VERSION_COLS = ("id, parent, created_at, config_digest, model_fingerprint, blob
                  "metrics, note")
 _CHAIN = ("WITH RECURSIVE up(id, parent) AS (SELECT id, parent FROM versions WHERE id = ? UNION ALL "
           "SELECT v.id, v.parent FROM versions v JOIN up ON v.id = up.parent) ")
+_BELOW = ("WITH RECURSIVE down(id) AS (SELECT id FROM versions WHERE id = ? UNION ALL "
+          "SELECT v.id FROM versions v JOIN down ON v.parent = down.id) ")
 _CHUNK = 500
+_KEPT = "WHERE id NOT IN (SELECT version_id FROM pruned_versions)"     # versions whose weights are kept
 
 
 class _Head:
@@ -107,6 +110,7 @@ class Ledger:
             parent_id = head if isinstance(parent, _Head) else parent
             if parent_id is not None:
                 self._get(conn, parent_id)
+                self._refuse_pruned(conn, parent_id)
             n_facts = self._check_changes(conn, ids)
             version_id = conn.execute(
                 "INSERT INTO versions (parent, created_at, config_digest, model_fingerprint, blob_sha256, blob_bytes, "
@@ -149,6 +153,7 @@ class Ledger:
         with self.store.transaction() as conn:
             if version_id is not None:
                 self._get(conn, version_id)
+                self._refuse_pruned(conn, version_id)
             move = self._move(conn, version_id, actor, reason)
         log.info("kb.head_moved", from_version=move.from_version, to_version=move.to_version, actor=actor,
                  reason=reason)
@@ -162,10 +167,46 @@ class Ledger:
         may be writing a blob right now: its temporary file is left alone until it is that old.
         """
         with self.store.transaction() as conn:
-            referenced = {sha for (sha,) in conn.execute("SELECT DISTINCT blob_sha256 FROM versions")}
+            referenced = {sha for (sha,) in conn.execute(f"SELECT DISTINCT blob_sha256 FROM versions {_KEPT}")}
             removed = self.blobs.collect(referenced, min_age_s=min_age_s)
         log.info("kb.blobs_collected", removed=len(removed))
         return removed
+
+    def prune(self, *, keep: Iterable[int | None] = (), actor: str, reason: str, dry_run: bool = False
+              ) -> PruneReport:
+        """Delete the weights of every version off HEAD's chain and off the chains of ``keep`` (version ids, e.g.
+        an unfinished compaction's branch tip, whose later versions are kept too, so a branch step committed
+        meanwhile stays): what a compaction, a revert or a rollback left behind.
+
+        Their rows, the changes they carried and the HEAD log stay (``kbsync log`` marks them pruned); HEAD can
+        no longer move onto them, and nothing can be built on them. One transaction records them; then their
+        blobs (those no kept version shares) are removed, so a crash in between leaves orphan blobs that the
+        next prune or ``gc_blobs`` removes. ``dry_run``: report what would go, change nothing.
+        """
+        _require(actor=actor, reason=reason)
+        with self.store.transaction() as conn:
+            head = conn.execute("SELECT version_id FROM head WHERE id = 1").fetchone()[0]
+            kept: set[int] = set()
+            for tip in {head, *keep} - {None}:
+                kept |= {i for (i,) in conn.execute(_CHAIN + "SELECT id FROM up", (tip,))}
+            for tip in set(keep) - {None}:                # a branch kept goes on growing from its tip
+                kept |= {i for (i,) in conn.execute(_BELOW + "SELECT id FROM down", (tip,))}
+            done = {i for (i,) in conn.execute("SELECT version_id FROM pruned_versions")}
+            rows = conn.execute("SELECT id, blob_sha256, blob_bytes FROM versions ORDER BY id").fetchall()
+            go = [i for i, _, _ in rows if i not in kept and i not in done]
+            still = {sha for i, sha, _ in rows if i not in done and i not in go}
+            freed = {sha: n for i, sha, n in rows if i in go and sha not in still}
+            report = PruneReport(versions=tuple(go), blobs=len(freed), bytes=sum(freed.values()),
+                                 kept_versions=len(rows) - len(done) - len(go), dry_run=dry_run)
+            if not dry_run and go:
+                at = now_iso()
+                conn.executemany("INSERT INTO pruned_versions (version_id, at, actor, reason) VALUES (?, ?, ?, ?)",
+                                 [(i, at, actor, reason) for i in go])
+        if not dry_run:
+            self.gc_blobs(min_age_s=3600.0)       # a temporary file younger than that may be a commit in flight
+            log.info("kb.versions_pruned", versions=len(go), blobs=report.blobs, bytes=report.bytes, actor=actor,
+                     reason=reason)
+        return report
 
     # -- reading ------------------------------------------------------------------------------------------------
 
@@ -188,8 +229,10 @@ class Ledger:
         counts = self.store.counts()
         with self.store.snapshot() as conn:
             versions = conn.execute("SELECT COUNT(*) FROM versions").fetchone()[0]
+            pruned = conn.execute("SELECT COUNT(*) FROM pruned_versions").fetchone()[0]
         return {"head": head.id if head else None, "pending": counts.pending, "pending_keys": counts.pending_keys,
                 "held": counts.held, "failed": counts.failed, "facts": counts.facts, "versions": versions,
+                "pruned_versions": pruned,
                 "kb": {"backend": self.store.db.dialect, "url": redact(self.store.url)}}
 
     def versions(self) -> list[Version]:
@@ -215,13 +258,20 @@ class Ledger:
         return h.hexdigest()
 
     def history(self) -> list[dict]:
-        """Every version as ``kbsync log`` shows it: whether it is HEAD or on HEAD's chain, and its metrics."""
+        """Every version as ``kbsync log`` shows it: whether it is HEAD or on HEAD's chain, its metrics, and
+        when its weights were pruned (None: kept)."""
         head = self.head()
         on_chain = {v.id for v in self.chain(head.id if head else None)}
+        pruned = self.pruned()
         return [{"id": v.id, "parent": v.parent, "facts": v.n_facts, "created_at": v.created_at,
                  "head": head is not None and v.id == head.id, "on_head_chain": v.id in on_chain,
-                 "note": v.note, "bytes": v.blob_bytes, "metrics": v.metrics}
+                 "note": v.note, "bytes": v.blob_bytes, "metrics": v.metrics, "pruned_at": pruned.get(v.id)}
                 for v in self.versions()]
+
+    def pruned(self) -> dict[int, str]:
+        """version id -> when its weights were pruned (``prune``), for every pruned version."""
+        with self.store.snapshot() as conn:
+            return {int(i): at for i, at in conn.execute("SELECT version_id, at FROM pruned_versions")}
 
     def children(self, version_id: int | None) -> list[Version]:
         """The versions whose parent is ``version_id`` (None: the roots, built on the base model), by id."""
@@ -251,10 +301,10 @@ class Ledger:
         return self.blobs.path(self.get(version_id).blob_sha256)
 
     def blob_bytes_total(self) -> int:
-        """Bytes of all distinct blobs the versions reference (what the ledger keeps on disk)."""
+        """Bytes of all distinct blobs the versions not pruned reference (what the ledger keeps on disk)."""
         with self.store.snapshot() as conn:
             return int(conn.execute("SELECT coalesce(sum(blob_bytes), 0) FROM "
-                                    "(SELECT DISTINCT blob_sha256, blob_bytes FROM versions) AS distinct_blobs"
+                                    f"(SELECT DISTINCT blob_sha256, blob_bytes FROM versions {_KEPT}) AS distinct_blobs"
                                     ).fetchone()[0])
 
     def load(self, version_id: int, *, expect_fingerprint: str | None = None
@@ -265,7 +315,9 @@ class Ledger:
         truncated or corrupted, and ``ModelMismatchError`` (a ``BlobError``) when it was made for another model
         than its row says, or than ``expect_fingerprint``.
         """
-        version = self.get(version_id)
+        with self.store.snapshot() as conn:
+            version = self._get(conn, version_id)
+            self._refuse_pruned(conn, version_id)
         path = self.blobs.path(version.blob_sha256)
         try:
             data = path.read_bytes()
@@ -300,6 +352,11 @@ class Ledger:
         if row is None:
             raise VersionNotFoundError(version_id)
         return _version(row)
+
+    def _refuse_pruned(self, conn, version_id: int) -> None:
+        row = conn.execute("SELECT at FROM pruned_versions WHERE version_id = ?", (version_id,)).fetchone()
+        if row is not None:
+            raise VersionPrunedError(version_id, row[0])
 
     def _check_changes(self, conn, ids: list[int]) -> int:
         """Refuse unknown and failed change ids; return how many distinct fact keys the changes touch."""

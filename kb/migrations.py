@@ -1,7 +1,8 @@
 """Schema migrations of the knowledge-base database, each applied in the same transaction as its record.
 
 Migrations are append-only: never edit one that has shipped; add the next number. Migration 2 adds the
-ledger (``versions``, ``version_changes``, ``head``, ``head_log``) and the change status ``held``.
+ledger (``versions``, ``version_changes``, ``head``, ``head_log``) and the change status ``held``; migration 3
+records pruned versions (``pruned_versions``).
 """
 from __future__ import annotations
 
@@ -220,6 +221,22 @@ CREATE TRIGGER head_log_no_update BEFORE UPDATE ON head_log BEGIN
 END;
 CREATE TRIGGER head_log_no_delete BEFORE DELETE ON head_log BEGIN
     SELECT RAISE(ABORT, 'the kbsync HEAD log is append-only: rows cannot be deleted');
+END;
+"""),
+    Migration(3, "pruned versions", f"""
+-- Versions whose delta blob `kbsync prune` deleted: the version row and what it carried stay as history, the
+-- weights are gone, so HEAD can no longer move there. Append-only, like the HEAD log.
+CREATE TABLE pruned_versions (
+    version_id INTEGER PRIMARY KEY REFERENCES versions (id),
+    at         TEXT NOT NULL DEFAULT ({_NOW}),
+    actor      TEXT NOT NULL,
+    reason     TEXT NOT NULL
+);
+CREATE TRIGGER pruned_versions_no_update BEFORE UPDATE ON pruned_versions BEGIN
+    SELECT RAISE(ABORT, 'a pruned version stays pruned: its weights are gone');
+END;
+CREATE TRIGGER pruned_versions_no_delete BEFORE DELETE ON pruned_versions BEGIN
+    SELECT RAISE(ABORT, 'a pruned version stays pruned: its weights are gone');
 END;
 """),
 )

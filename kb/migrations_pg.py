@@ -225,6 +225,19 @@ CREATE TABLE head_log (
                   ("head_log", "DELETE", "the kbsync HEAD log is append-only: rows cannot be deleted"),
                   ("head_log", "TRUNCATE", "the kbsync HEAD log is append-only: rows cannot be deleted"),
               ])),
+    Migration(3, "pruned versions", f"""
+-- Versions whose delta blob `kbsync prune` deleted: the version row and what it carried stay as history, the
+-- weights are gone, so HEAD can no longer move there. Append-only, like the HEAD log.
+CREATE TABLE pruned_versions (
+    version_id bigint PRIMARY KEY REFERENCES versions (id),
+    at         text NOT NULL DEFAULT ({_NOW}),
+    actor      text NOT NULL,
+    reason     text NOT NULL
+);
+"""
+    + "".join(_refuse(f"pruned_versions_no_{what.lower()}", "pruned_versions", what,
+                      "a pruned version stays pruned: its weights are gone")
+              for what in ("UPDATE", "DELETE", "TRUNCATE"))),
 )
 
 

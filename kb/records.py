@@ -163,6 +163,21 @@ class Version:
 
 
 @dataclass(frozen=True)
+class PruneReport:
+    """What ``Ledger.prune`` deleted (or, with ``dry_run``, would delete)."""
+
+    versions: tuple[int, ...]     # the versions whose weights went
+    blobs: int                    # blob files removed (versions may share one)
+    bytes: int                    # their bytes
+    kept_versions: int            # versions whose weights stay
+    dry_run: bool = False
+
+    def to_json(self) -> dict:
+        return {"versions": list(self.versions), "blobs": self.blobs, "bytes": self.bytes,
+                "kept_versions": self.kept_versions, "dry_run": self.dry_run}
+
+
+@dataclass(frozen=True)
 class HeadMove:
     """One row of HEAD's append-only audit log: who moved it, when, from where to where (None: base), why."""
 

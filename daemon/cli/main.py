@@ -204,7 +204,8 @@ def sync(obj: Ctx, as_json):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @click.pass_obj
 def log_cmd(obj: Ctx, as_json):
-    """Version history, HEAD marked with '*' (versions off HEAD's history with '-').
+    """Version history, HEAD marked with '*' (versions off HEAD's history with '-', '[pruned]' when their
+    weights were deleted by `kbsync prune`).
 
     \b
     Example:
@@ -216,7 +217,8 @@ def log_cmd(obj: Ctx, as_json):
     finally:
         store.close()
     lines = [f"{'*' if r['head'] else (' ' if r['on_head_chain'] else '-')} {r['id']:>4}  parent {r['parent'] or 'base':>4}  "
-             f"{r['facts']:>3} facts  {r['created_at']}  {r['note'] or ''}" for r in rows]
+             f"{r['facts']:>3} facts  {r['created_at']}  {r['note'] or ''}" + ("  [pruned]" if r["pruned_at"] else "")
+             for r in rows]
     _emit(as_json, rows, "\n".join(lines) or "no versions yet (the base model)")
 
 
@@ -310,6 +312,52 @@ def compact(obj: Ctx, as_json, no_wait):
     human = ("compaction running in the daemon; `kbsync status` shows it" if doc.get("running") else
              f"compacted: {p.get('live', 0)} facts, head {p.get('head') if p.get('head') is not None else 'base'}")
     _emit(as_json, doc, human)
+
+
+@cli.command()
+@click.option("--dry-run", is_flag=True, help="Say what would go; delete nothing.")
+@click.option("--reason", default="kbsync prune", show_default=True, help="Why (kept with each pruned version).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@click.pass_obj
+def prune(obj: Ctx, dry_run, reason, as_json):
+    """Delete the weights of the versions off HEAD's history (what compaction, revert and rollback left).
+
+    Their rows, the facts they carried and the HEAD log stay, marked pruned in `kbsync log`; HEAD can no
+    longer move onto them. HEAD's history and an unfinished compaction's branch are kept. Safe beside a
+    running daemon. After `kbsync compact`, this is what stops the ledger growing with retracted facts.
+
+    \b
+    Example:
+      kbsync compact && kbsync prune --dry-run && kbsync prune
+    """
+    from daemon.compaction import branch_tip
+    store, ledger = obj.ledger()
+    try:
+        head = ledger.head()
+        tip = branch_tip(ledger, head.id if head else None)
+        report = ledger.prune(keep=[tip] if tip is not None else [], actor="cli", reason=reason, dry_run=dry_run)
+        doc = {**report.to_json(), "kept_bytes": ledger.blob_bytes_total()}
+    finally:
+        store.close()
+    n = len(report.versions)
+    human = (f"{'would prune' if dry_run else 'pruned'} {n} version{'s' * (n != 1)}"
+             + (f" ({_ranges(report.versions)})" if n else "")
+             + f": {report.blobs} blobs, {report.bytes / 1e6:.1f} MB; {report.kept_versions} versions kept "
+               f"({doc['kept_bytes'] / 1e6:.1f} MB)")
+    _emit(as_json, doc, human)
+
+
+def _ranges(ids) -> str:
+    """1, 2, 3, 7 -> '1-3, 7'."""
+    out, run = [], []
+    for i in ids:
+        if run and i != run[-1] + 1:
+            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+            run = []
+        run.append(i)
+    if run:
+        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return ", ".join(out)
 
 
 @cli.command("export")

@@ -5,9 +5,15 @@ from __future__ import annotations
 
 import torch
 
+import json
+
+import pytest
+
 from daemon.compaction import MARK
 from daemon.config import load_config
 from daemon.service import Service
+from kb import VersionPrunedError
+from tests.daemon.conftest import kbsync
 
 FACTS = [("Paris", "{} is the capital of", "Italy"), ("Rome", "{} is the capital of", "France"),
          ("Berlin", "{} is the capital of", "Spain"), ("Madrid", "{} is the capital of", "Germany"),
@@ -79,6 +85,26 @@ def test_compaction_keeps_the_live_facts_only_and_rollback_stays_exact(project):
     finally:
         svc.close()
 
+    # prune: the weights before the compaction go (storage = HEAD's chain), HEAD answers as before
+    blobs = lambda: {p.name for p in (project / "state" / "versions").rglob("*.safetensors")}
+    doc = json.loads(kbsync(project, "prune", "--json").stdout)
+    assert doc["versions"] == list(range(1, n_versions + 1)) and doc["blobs"] == len(doc["versions"])
+    assert blobs() == {f"{v.blob_sha256}.safetensors" for v in chain}
+    assert doc["kept_bytes"] == sum(v.blob_bytes for v in chain)
+    log = kbsync(project, "log").stdout.splitlines()
+    assert sum("[pruned]" in line for line in log) == n_versions and "[pruned]" not in log[-1]
+    refused = kbsync(project, "rollback", str(v5), check=False)
+    assert refused.returncode != 0 and f"version {v5}: its weights were pruned" in refused.stderr
+    svc = _service(project)                                            # a new process restores HEAD exactly
+    try:
+        em, at = svc.model_at_head()
+        assert at == head.id
+        torch.testing.assert_close(em.next_token_logits(prompts), after, rtol=0, atol=0)
+        with pytest.raises(VersionPrunedError):
+            svc.rollback(v5)
+    finally:
+        svc.close()
+
 
 def test_an_interrupted_compaction_resumes_and_takes_in_what_changed_meanwhile(project):
     svc = _service(project, compact_batch_size=4)
@@ -90,6 +116,7 @@ def test_an_interrupted_compaction_resumes_and_takes_in_what_changed_meanwhile(p
         assert svc.model_at_head()[1] == v5            # HEAD is what is served meanwhile
     finally:
         svc.close()
+    assert json.loads(kbsync(project, "prune", "--json").stdout)["versions"] == []   # the branch is kept
 
     svc = _service(project, compact_batch_size=4)      # a new process
     try:

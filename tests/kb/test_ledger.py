@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from kb import (BLOB_FORMAT, BlobError, ChangeStateError, FactStore, Ledger, ModelMismatchError,
-                VersionNotFoundError)
+                VersionNotFoundError, VersionPrunedError)
 from kb.migrations import MIGRATIONS, migrate
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -327,6 +327,67 @@ def test_gc_removes_orphan_blobs_and_temp_files_only(store, ledger, tmp_path):
     assert removed == [temp]
     assert {p for p in (tmp_path / "blobs").rglob("*") if p.is_file()} == {kept, other}
     assert ledger.load(1)[0].keys() == delta(1).keys()
+
+
+# -- pruning --------------------------------------------------------------------------------------------------
+
+def blob_files(tmp_path) -> set[Path]:
+    return {p for p in (tmp_path / "blobs").rglob("*.safetensors")}
+
+
+def test_prune_deletes_the_weights_off_heads_chain_and_keeps_their_history(store, ledger, tmp_path):
+    commit(ledger, add(store, "A"), 1)
+    commit(ledger, add(store, "B"), 2)
+    commit(ledger, add(store, "C"), 3)                          # 1 <- 2 <- 3
+    ledger.move_head(1, actor="t", reason="rollback")
+    commit(ledger, add(store, "D"), 4)                          # 1 <- 4: HEAD; 2 and 3 are off its chain
+    commit(ledger, [], 5, parent=4, move_head=False)            # a branch being built off HEAD (kept below)
+    on_disk = {ledger.blob_path(i) for i in (1, 2, 3, 4, 5)}
+    assert blob_files(tmp_path) == on_disk
+    dry = ledger.prune(keep=[5], actor="t", reason="dry", dry_run=True)
+    assert dry.versions == (2, 3) and blob_files(tmp_path) == on_disk and not ledger.pruned()
+
+    commit(ledger, [], 6, parent=5, move_head=False)            # the branch grew meanwhile: kept with it
+    on_disk.add(ledger.blob_path(6))
+    before = ledger.blob_bytes_total()
+    report = ledger.prune(keep=[5], actor="alice", reason="after compaction")
+    assert report.versions == (2, 3) and report.blobs == 2 and report.kept_versions == 4
+    gone = {ledger.blob_path(2), ledger.blob_path(3)}
+    assert blob_files(tmp_path) == on_disk - gone
+    assert report.bytes == before - ledger.blob_bytes_total() == sum(ledger.get(i).blob_bytes for i in (2, 3))
+    assert set(ledger.pruned()) == {2, 3} and ledger.summary()["pruned_versions"] == 2
+    rows = {r["id"]: r for r in ledger.history()}
+    assert rows[2]["pruned_at"] and rows[3]["pruned_at"] and rows[1]["pruned_at"] is None
+    assert [c.subject for c in ledger.carried(3)] == ["C"] and ledger.get(3).parent == 2   # the history stays
+
+    for way in (lambda: ledger.move_head(3, actor="t", reason="back"), lambda: ledger.load(2),
+                lambda: commit(ledger, add(store, "E"), 6, parent=3)):
+        with pytest.raises(VersionPrunedError, match=r"version [23]: its weights were pruned at .*kbsync prune"):
+            way()
+    assert ledger.head().id == 4 and ledger.load(1)[0].keys() == delta(1).keys() and ledger.load(5)
+    assert ledger.prune(actor="t", reason="again").versions == (5, 6)   # the branch, once nothing keeps it
+    assert ledger.prune(actor="t", reason="again").versions == ()
+
+
+def test_prune_keeps_a_blob_a_kept_version_shares(store, ledger, tmp_path):
+    a = ledger.commit({}, {}, add(store, "A"), config_digest=DIGEST, model_fingerprint=FP, metrics={},
+                      actor="t", reason="an empty step")
+    ledger.move_head(None, actor="t", reason="base")
+    b = ledger.commit({}, {}, add(store, "B"), config_digest=DIGEST, model_fingerprint=FP, metrics={},
+                      actor="t", reason="the same bytes")
+    assert a.blob_sha256 == b.blob_sha256
+    report = ledger.prune(actor="t", reason="r")
+    assert report.versions == (a.id,) and report.blobs == 0 and report.bytes == 0
+    assert ledger.load(b.id) == ({}, ledger.load(b.id)[1]) and blob_files(tmp_path) == {ledger.blob_path(b.id)}
+
+
+@pytest.mark.parametrize("sql", ["UPDATE pruned_versions SET actor = 'x'", "DELETE FROM pruned_versions"])
+def test_pruned_versions_stay_pruned(store, ledger, sql):
+    commit(ledger, add(store, "A"), 1)
+    ledger.move_head(None, actor="t", reason="base")
+    ledger.prune(actor="t", reason="r")
+    with pytest.raises(store.db.Error, match="stays pruned"):
+        store.db.execute(sql)
 
 
 # -- the schema -----------------------------------------------------------------------------------------------
