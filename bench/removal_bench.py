@@ -12,7 +12,9 @@ first (--facts COUNTERFACT facts from case 5000, in steps of 10, the shipped con
 - a correction chain A -> B -> C -> B on one fact: the sync time of each step and which target wins;
 - compaction (`kbsync compact`): its time and rate against the editing rate, the next tokens of every
   prompt against the masked history's, HEAD's chain (versions, bytes) before and after, and rollback across
-  it.
+  it;
+- prune (`kbsync prune`): the weights off HEAD's history deleted, the ledger's bytes before and after, and
+  a fresh process restoring HEAD with the same next tokens.
 """
 from __future__ import annotations
 
@@ -153,8 +155,25 @@ def main() -> None:
                   "rollback_exact": exact_before and exact_after}
     print(json.dumps(compaction), flush=True)
 
+    # Prune: the weights off HEAD's history go; a fresh process restores HEAD and answers as before
+    from daemon.compaction import branch_tip
+    versions_after, bytes_after = len(svc.ledger.versions()), svc.ledger.blob_bytes_total()
+    t = time.perf_counter()
+    tip = branch_tip(svc.ledger, compact_head)
+    report = svc.ledger.prune(keep=[tip] if tip else [], actor="bench", reason="removal bench")
+    prune_s = time.perf_counter() - t
+    svc.close()
+    svc = Service(load_config(None, state), progress=False)
+    em, at = svc.model_at_head()
+    prune = {"seconds": round(prune_s, 3), "versions": len(report.versions), "blobs": report.blobs,
+             "bytes_freed": report.bytes, "blob_bytes_before": bytes_after,
+             "blob_bytes_after": svc.ledger.blob_bytes_total(),
+             "blob_files_after": sum(1 for _ in (state / "versions").rglob("*.safetensors")),
+             "head_restored_same_answers": at == compact_head and bool(torch.equal(nxt(), compacted))}
+    print(json.dumps(prune), flush=True)
+
     doc = {"facts": len(facts), "versions_before": n_versions, "blob_bytes_before": blob_bytes,
-           "versions_after": len(svc.ledger.versions()), "blob_bytes_after": svc.ledger.blob_bytes_total(),
+           "versions_after": versions_after, "blob_bytes_after": bytes_after, "prune": prune,
            "removals": removals,
            "removal_sync_seconds_max": max(r["sync_seconds"] for r in removals),
            "removed_answer_as_base": sum(r["answers_as_base"] for r in removals),
