@@ -208,17 +208,20 @@ class HookLayer:
         """Whether the forward pass reads the dense Δ: fewer bytes than the float32 factors (U, V)."""
         return 4 * self.rank * (self.d_in + self.d_out) >= self.delta_dtype.itemsize * self.d_in * self.d_out
 
-    def delta_out(self, x: torch.Tensor, scores: bool = False, top: int = 1):
+    def delta_out(self, x: torch.Tensor, scores: bool = False, top: int = 1, delta: bool = True):
         """Δx for x (..., d_in) -> (..., d_out) in float32, from factors or the dense copy, whichever is cheaper
         (the dense copy in ``delta_dtype``: bfloat16 halves the bytes each token reads). With ``scores``,
         also the token gate's score a = max_j (v_jᵀ x) / (v_jᵀ k_j), (...,), and the ``top`` best-matching
-        edits with their scores, (..., top) each (indices into the committed edits followed by the trial ones)."""
+        edits with their scores, (..., top) each (indices into the committed edits followed by the trial ones).
+        ``delta=False`` (with ``scores``): the scores alone, Δx is None."""
         xf = x.to(torch.float32)
         out, parts = None, []
         if self.U:
             Uc, Vc, inv_s = self._factors()                         # (d_out, r), (d_in, r), (r,)
             xV = xf @ Vc if scores or not self.dense_path else None # (..., r) shared by Δx and the gate
-            if not self.dense_path:
+            if not delta:
+                pass
+            elif not self.dense_path:
                 out = xV @ Uc.T                                     # (..., d_out)
             elif self.delta_dtype == torch.float32:
                 out = xf @ self.D.T                                 # (..., d_out)
@@ -230,8 +233,9 @@ class HookLayer:
                 parts.append(xV * inv_s)                            # (..., r)
         for U, V, inv_s in self._trial:
             xV = xf @ V                                             # (..., n)
-            part = xV @ U.T                                         # (..., d_out)
-            out = part if out is None else out + part
+            if delta:
+                part = xV @ U.T                                     # (..., d_out)
+                out = part if out is None else out + part
             if scores:
                 parts.append(xV * inv_s)                            # (..., n)
         if not scores:
@@ -297,11 +301,11 @@ class HookLayer:
         ctx = self.context
         route = ctx.token_route
         if route is None or route.shape != x.shape[:2]:
-            dx, a, (edits, best) = self.delta_out(x, scores=True, top=ctx.cascade_candidates)   # (B, T, d_out), (B, T), (B, T, k) x2
+            _, a, (edits, best) = self.delta_out(x, scores=True, top=ctx.cascade_candidates, delta=False)   # (B, T), (B, T, k) x2
             route = ctx.token_route = self._route_token(a)          # (B, T) bool
             ctx.token_edit = (edits, best >= self.alpha)            # the candidates and which still match
-            ctx.token_added = torch.where(route.unsqueeze(-1), dx, 0.0)   # (B, T, d_out)
-            return torch.where(route.unsqueeze(-1), output + dx.to(output.dtype), output)
+            ctx.token_added = self._routed_delta(x, route)          # (B, T, d_out), zero off the route
+            return output + ctx.token_added.to(output.dtype) if route.any() else None
         at = route.nonzero(as_tuple=True)                           # the tokens still routed
         if not at[0].numel():
             return None
@@ -317,8 +321,7 @@ class HookLayer:
         ctx.token_route = keep
         out = output
         if keep.any():
-            dx = self.delta_out(x)                                  # (B, T, d_out)
-            dx = torch.where(keep.unsqueeze(-1), dx, 0.0)
+            dx = self._routed_delta(x, keep)                        # (B, T, d_out)
             ctx.token_added = ctx.token_added + dx
             out = out + dx.to(output.dtype)
         if vetoed.any() and ctx.cascade_undo:
@@ -326,6 +329,14 @@ class HookLayer:
             out = out - back.to(output.dtype)
             ctx.token_added = ctx.token_added - back
         return out
+
+    def _routed_delta(self, x: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
+        """Δx of the routed tokens only, zero elsewhere; (B, T, d_out) float32. Ordinary text routes almost no
+        token, so this skips Δ's arithmetic for nearly all of it."""
+        dx = x.new_zeros((*x.shape[:2], self.d_out), dtype=torch.float32)
+        if route.any():
+            dx[route] = self.delta_out(x[route])                    # (N, d_out)
+        return dx
 
     def _route_token(self, a: torch.Tensor) -> torch.Tensor:
         """The per-token gate: a real token routes when its score reaches α; (B, T) bool."""
