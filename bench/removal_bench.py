@@ -97,6 +97,13 @@ def main() -> None:
     after = nxt()
     others = [i for i in range(len(facts)) if i not in chosen]
     kept = sum(bool(after[i] == before[i]) for i in others)
+    # where the changed ones sit: in a version with a removed fact (crosstalk inside a step) or elsewhere
+    version_of = {c.subject: v.id for v in svc.ledger.chain(head0) for c in svc.live.carried(v.id)}
+    removed_versions = {version_of.get(facts[i].subject) for i in chosen}
+    changed = [{"fact": i, "subject": facts[i].subject, "version": version_of.get(facts[i].subject),
+                "with_a_removed_fact": version_of.get(facts[i].subject) in removed_versions,
+                "was_edit": bool(before[i] != base[i]), "now_base": bool(after[i] == base[i])}
+               for i in others if after[i] != before[i]]
 
     svc.rollback(head0)
     exact_back = bool(torch.equal(nxt(), before))
@@ -177,7 +184,8 @@ def main() -> None:
            "removals": removals,
            "removal_sync_seconds_max": max(r["sync_seconds"] for r in removals),
            "removed_answer_as_base": sum(r["answers_as_base"] for r in removals),
-           "others_kept": kept, "others": len(others), "rollback_exact": exact_back and exact_forward,
+           "others_kept": kept, "others": len(others), "others_changed": changed,
+           "rollback_exact": exact_back and exact_forward,
            "corrections": corrections, "compaction": compaction}
     svc.close()
     args.json.parent.mkdir(parents=True, exist_ok=True)
