@@ -126,23 +126,27 @@ class LiveModel(LoadedModel):
     def deltas(self, version_id: int | None) -> list[StepDelta]:
         """The steps of ``version_id``'s chain, from the root, read from their blobs (and checked)."""
         fp = self.em.fingerprint()
-        out = []
-        for v in self.ledger.chain(version_id):
-            arrays, meta = self.ledger.load(v.id, expect_fingerprint=fp)
-            try:
-                out.append(StepDelta.from_arrays(arrays, meta))
-            except EditorError as exc:
-                raise ServiceError(f"version {v.id}: {exc}; roll back to an earlier version with "
-                                   f"`kbsync rollback {v.parent if v.parent is not None else 'base'}`") from None
-            d = out[-1]
-            self.columns[v.id] = StepColumns(bool(d.layers), d.columns, d.masked, d.targets)
-        return out
+        return [self._delta(v, fp) for v in self.ledger.chain(version_id)]
+
+    def _delta(self, v, fingerprint: str) -> StepDelta:
+        """One version's step, read from its blob (and checked); its ``columns`` are kept."""
+        arrays, meta = self.ledger.load(v.id, expect_fingerprint=fingerprint)
+        try:
+            d = StepDelta.from_arrays(arrays, meta)
+        except EditorError as exc:
+            raise ServiceError(f"version {v.id}: {exc}; roll back to an earlier version with "
+                               f"`kbsync rollback {v.parent if v.parent is not None else 'base'}`") from None
+        self.columns[v.id] = StepColumns(bool(d.layers), d.columns, d.masked, d.targets)
+        return d
 
     def _chain_with_columns(self, version_id: int | None) -> list:
-        """``version_id``'s chain, with every version's ``columns`` read (from the blobs, once)."""
+        """``version_id``'s chain, with every version's ``columns`` read (from the blobs, each once)."""
         chain = self.ledger.chain(version_id)
-        if any(v.id not in self.columns for v in chain):
-            self.deltas(version_id)
+        fp = None
+        for v in chain:
+            if v.id not in self.columns:
+                fp = fp or self.em.fingerprint()
+                self._delta(v, fp)
         return chain
 
     def live_columns(self, version_id: int | None) -> dict[tuple[str, str], list[tuple[int, int]]] | None:
