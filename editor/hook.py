@@ -219,13 +219,11 @@ class HookLayer:
         if self.U:
             Uc, Vc, inv_s = self._factors()                         # (d_out, r), (d_in, r), (r,)
             xV = xf @ Vc if scores or not self.dense_path else None # (..., r) shared by Δx and the gate
-            if not delta:
-                pass
-            elif not self.dense_path:
+            if delta and not self.dense_path:
                 out = xV @ Uc.T                                     # (..., d_out)
-            elif self.delta_dtype == torch.float32:
+            elif delta and self.delta_dtype == torch.float32:
                 out = xf @ self.D.T                                 # (..., d_out)
-            else:
+            elif delta:
                 if self._D_fwd is None:
                     self._D_fwd = self.D.to(self.delta_dtype)           # (d_out, d_in)
                 out = (x.to(self.delta_dtype) @ self._D_fwd.T).to(torch.float32)   # (..., d_out)
