@@ -194,8 +194,9 @@ class Ledger:
             done = {i for (i,) in conn.execute("SELECT version_id FROM pruned_versions")}
             rows = conn.execute("SELECT id, blob_sha256, blob_bytes FROM versions ORDER BY id").fetchall()
             go = [i for i, _, _ in rows if i not in kept and i not in done]
-            still = {sha for i, sha, _ in rows if i not in done and i not in go}
-            freed = {sha: n for i, sha, n in rows if i in go and sha not in still}
+            going = set(go)
+            still = {sha for i, sha, _ in rows if i not in done and i not in going}
+            freed = {sha: n for i, sha, n in rows if i in going and sha not in still}
             report = PruneReport(versions=tuple(go), blobs=len(freed), bytes=sum(freed.values()),
                                  kept_versions=len(rows) - len(done) - len(go), dry_run=dry_run)
             if not dry_run and go:
