@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 import structlog
 import torch
 
-from editor.step import apply_delta, compute_delta
+from editor.step import apply_delta, compute_delta, taking_out
 from kb.records import Change, version_label
 
 from .errors import ServiceError
@@ -123,7 +123,7 @@ def step(svc, actor: str) -> Progress:
                 apply_delta(em, svc._mask_step(masks))
             requests = [request_for(f.change) for f in chunk]
             delta = replace(compute_delta(em, requests, svc.live.stats, svc.cfg.editor,
-                                          known=[f.target for f in chunk]), masked=masks)
+                                          known=[f.target for f in chunk]), **taking_out(em.gate, masks))
         else:
             delta = svc._mask_step(masks)
         plan = svc._plan(delta, [f.change.id for f in chunk],

@@ -83,7 +83,7 @@ class StepColumns:
 
     has_factors: bool
     columns: tuple
-    masked: tuple
+    masked: tuple           # taken out: masked or unrouted (StepDelta.taken_out)
     targets: torch.Tensor | None = None     # (n, d)
 
 
@@ -136,7 +136,7 @@ class LiveModel(LoadedModel):
         except EditorError as exc:
             raise ServiceError(f"version {v.id}: {exc}; roll back to an earlier version with "
                                f"`kbsync rollback {v.parent if v.parent is not None else 'base'}`") from None
-        self.columns[v.id] = StepColumns(bool(d.layers), d.columns, d.masked, d.targets)
+        self.columns[v.id] = StepColumns(bool(d.layers), d.columns, d.taken_out, d.targets)
         return d
 
     def _chain_with_columns(self, version_id: int | None) -> list:

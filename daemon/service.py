@@ -20,7 +20,7 @@ import torch
 
 from editor.errors import EditorError
 from editor.requests import EditRequest, StepBatch
-from editor.step import StepDelta, apply_delta, compute_delta
+from editor.step import StepDelta, apply_delta, compute_delta, taking_out
 from kb import FactStore, KBError
 from kb.ledger import Ledger, PlannedVersion
 
@@ -255,7 +255,7 @@ class Service:
             if masks:
                 apply_delta(self.live.em, self._mask_step(masks))
             delta = replace(compute_delta(self.live.em, requests, self.live.stats, self.cfg.editor),
-                            masked=masks)
+                            **taking_out(self.live.em.gate, masks))
         except (EditorError, torch.linalg.LinAlgError) as exc:   # this batch cannot be edited: do not retry it forever
             if masks:
                 self.live.back_to_head()
@@ -284,9 +284,10 @@ class Service:
         return StepReport(version.id, len(requests), "edit", time.perf_counter() - t)
 
     def _delete(self, entries, actor: str) -> StepReport:
-        """Take facts out. Fast path: one version that masks their edits' columns (they stop routing and
-        adding anything, at once; every other edit is untouched). A chain from before columns were recorded
-        is rebuilt instead: back to the parent of the first version carrying a fact, the rest replayed."""
+        """Take facts out. Fast path: one version that takes their edits out at once (``taking_out``: with the
+        per-token gates they stop routing and their Δ stays, so every other edit answers exactly as before;
+        compaction re-solves them away). A chain from before columns were recorded is rebuilt instead: back
+        to the parent of the first version carrying a fact, the rest replayed."""
         t = time.perf_counter()
         keys = {e.change.key for e in entries}
         del_ids = [i for e in entries for i in e.change_ids]
@@ -296,7 +297,7 @@ class Service:
             try:
                 apply_delta(self.live.em, delta)
                 version = self._commit_one(delta, del_ids, actor, f"remove {len(keys)} facts "
-                                                                 f"({len(masks)} edits masked)")
+                                                                 f"({len(masks)} edits taken out)")
             except BaseException:
                 self.live.back_to_head()
                 raise
@@ -310,7 +311,7 @@ class Service:
         """A version with no factors of its own that takes the edits ``masks`` out."""
         em = self.live.em
         return StepDelta((), (), em.fingerprint(), self.cfg.editor.replace(opt_dtype=self.live.precision.dtype).digest(),
-                         gate=em.gate, masked=tuple(masks))
+                         gate=em.gate, **taking_out(em.gate, masks))
 
     def _delete_by_rebuild(self, entries, actor: str) -> StepReport:
         head = self.ledger.head()

@@ -29,7 +29,8 @@ PEFT_CONFIG = "adapter_config.json"
 
 def stacked_factors(deltas: list[StepDelta]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Per edited layer the factors of every step side by side: U (d_out, r), V (d_in, r), float32, with
-    Σ_t U_t V_tᵀ = U Vᵀ; the columns of removed facts (masked) are left out."""
+    Σ_t U_t V_tᵀ = U Vᵀ; the columns of removed facts (masked or unrouted) are left out: an export
+    applies Δ to every token, so an edit that routes nothing must not be in it."""
     parts: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     for d in deltas:
         for ld in d.layers:
@@ -38,7 +39,7 @@ def stacked_factors(deltas: list[StepDelta]) -> dict[int, tuple[torch.Tensor, to
     for l, p in sorted(parts.items()):
         U, V = torch.cat([u for u, _ in p], 1), torch.cat([v for _, v in p], 1)
         keep = torch.ones(U.shape[1], dtype=torch.bool)
-        keep[masked_indices(deltas)] = False
+        keep[masked_indices(deltas) + masked_indices(deltas, unrouted=True)] = False
         out[l] = (U[:, keep].contiguous(), V[:, keep].contiguous())
     return out
 

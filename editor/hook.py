@@ -104,7 +104,8 @@ class HookLayer:
         self.K: list[torch.Tensor] = []   # each (d_in, r_t) float32, the steps' keys
         self.S: list[torch.Tensor] = []   # each (r_t,) float32: v_jᵀ k_j, edit j's response to its own key
         self.bars: list[torch.Tensor | None] = []   # cascade: each (r_t,) the edits' confirmation bars, None = α
-        self.masked: set[tuple[int, int]] = set()   # (step, column) of edits taken out (removed facts)
+        self.masked: set[tuple[int, int]] = set()   # (step, column) of edits taken out whole: no Δ, no route
+        self.unrouted: set[tuple[int, int]] = set() # (step, column) of edits that route no token (Δ kept)
         self.alpha = self.alpha0
         self._cat: tuple[torch.Tensor, torch.Tensor] | None = None
         self._bars: torch.Tensor | None = None
@@ -137,26 +138,29 @@ class HookLayer:
         return self._KK
 
     def _factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """U, V and 1 / v_jᵀ k_j (the token gate's scale per edit), concatenated over the steps. A masked
-        edit's column of U and its gate scale are zero: it adds nothing and never routes a token."""
+        """U, V and 1 / v_jᵀ k_j (the token gate's scale per edit), concatenated over the steps. An edit taken
+        out has a zero gate scale, so it never routes a token; a masked one's column of U is zero as well (it
+        adds nothing), an unrouted one's stays (what every later edit was solved on top of)."""
         if self._cat is None:
             U, V = torch.cat(self.U, 1), torch.cat(self.V, 1)                      # (d_out, r), (d_in, r)
             inv_s = 1.0 / torch.cat(self.S).clamp(min=1e-12)                      # (r,)
-            if self.masked:
+            if self.masked or self.unrouted:
                 starts = [0]
                 for u in self.U[:-1]:
                     starts.append(starts[-1] + u.shape[1])
-                idx = torch.tensor([starts[s] + c for s, c in sorted(self.masked)], device=U.device)
-                U[:, idx] = 0.0
-                inv_s[idx] = 0.0
+                index = lambda cols: torch.tensor([starts[s] + c for s, c in sorted(cols)],   # noqa: E731
+                                                  dtype=torch.long, device=U.device)
+                U[:, index(self.masked)] = 0.0
+                inv_s[index(self.masked | self.unrouted)] = 0.0
             self._cat = (U, V, inv_s)
         return self._cat
 
-    def mask(self, step: int, column: int) -> None:
-        """Take edit ``column`` of committed step ``step`` (counted over the steps this hook holds) out."""
+    def mask(self, step: int, column: int, keep_delta: bool = False) -> None:
+        """Take edit ``column`` of committed step ``step`` (counted over the steps this hook holds) out: it
+        routes no token from now on, and unless ``keep_delta`` its part of Δ goes too (see ``_factors``)."""
         if not (0 <= step < len(self.U) and 0 <= column < self.U[step].shape[1]):
             raise IndexError(f"layer {self.layer}: no edit {column} in step {step} (it holds {len(self.U)} steps)")
-        self.masked.add((step, column))
+        (self.unrouted if keep_delta else self.masked).add((step, column))
         self._cat = None
         self._bars = None
         self._D = None

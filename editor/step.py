@@ -49,12 +49,22 @@ class StepDelta:
     gate: str = "zscore"     # the routing gate the step was made with (and is served with)
     # Edits of earlier steps this step takes out, as (step, column): ``step`` counts the steps that carry
     # factors, from the root of the chain; ``column`` is the edit's column in that step's factors.
+    # ``masked``: the edit routes no token and its part of Δ goes (the per-sequence gate routes on ‖Δx‖, so
+    # only this takes an edit out there; every removal before unrouted existed). ``unrouted``: the edit
+    # routes no token and its part of Δ stays, so the edits solved after it keep exactly the Δ they were
+    # solved on (facts with a small margin flip when it goes); compaction re-solves it away.
     masked: tuple[tuple[int, int], ...] = ()
+    unrouted: tuple[tuple[int, int], ...] = ()
     # Per column, the (subject, prompt template) of the fact it writes: how a removal finds its columns.
     columns: tuple[tuple[str, str], ...] = ()
     # Per column, the target residual z after block L it was solved for, (n, d): a fact can be solved again
     # (compaction, replay) without optimising its target again. None in versions from before it was kept.
     targets: torch.Tensor | None = None
+
+    @property
+    def taken_out(self) -> tuple[tuple[int, int], ...]:
+        """Every edit this step takes out, masked or unrouted."""
+        return self.masked + self.unrouted
 
     def __post_init__(self):
         if self.requests and not self.columns:
@@ -71,8 +81,9 @@ class StepDelta:
             arrays[f"{ld.layer}.alpha"] = np.array([ld.alpha], dtype=np.float64)
             if ld.bars is not None:
                 arrays[f"{ld.layer}.bars"] = np.ascontiguousarray(ld.bars.detach().cpu().float().numpy())
-        if self.masked:
-            arrays["masked"] = np.array(self.masked, dtype=np.int64).reshape(-1, 2)
+        for name in ("masked", "unrouted"):
+            if getattr(self, name):
+                arrays[name] = np.array(getattr(self, name), dtype=np.int64).reshape(-1, 2)
         if self.targets is not None:
             arrays["targets"] = np.ascontiguousarray(self.targets.detach().cpu().float().numpy())
         meta = {"layers": ",".join(str(ld.layer) for ld in self.layers), "gate": self.gate,
@@ -93,11 +104,12 @@ class StepDelta:
         except (KeyError, ValueError, IndexError) as exc:
             raise DeltaMismatch(f"stored delta is incomplete ({exc!r} missing or malformed)") from None
         gate = meta.get("gate", "zscore")                 # versions from before the gate was recorded: the paper's
-        masked = tuple((int(a), int(b)) for a, b in arrays["masked"]) if "masked" in arrays else ()
+        masked, unrouted = (tuple((int(a), int(b)) for a, b in arrays[name]) if name in arrays else ()
+                            for name in ("masked", "unrouted"))
         columns = tuple(tuple(c) for c in json.loads(meta["columns"])) if "columns" in meta else ()
         targets = torch.from_numpy(arrays["targets"]) if "targets" in arrays else None
         return cls(layers, tuple(requests), meta["model_fingerprint"], meta["config_digest"], gate=gate,
-                   masked=masked, columns=columns, targets=targets)
+                   masked=masked, unrouted=unrouted, columns=columns, targets=targets)
 
 
 def compute_delta(em: EditableModel, requests: list[EditRequest], stats: KeyStats, cfg: EditConfig,
@@ -193,7 +205,7 @@ def restore_state(em: EditableModel, deltas: list[StepDelta]) -> None:
         raise DeltaMismatch(f"the versions mix routing gates {sorted(gates)}; one history routes one way")
     steps = 0
     for d in deltas:
-        bad = [m for m in d.masked if not 0 <= m[0] < steps]
+        bad = [m for m in d.taken_out if not 0 <= m[0] < steps]
         if bad:
             raise DeltaMismatch(f"a step masks edits {bad} of steps that are not before it ({steps} are)")
         steps += bool(d.layers)
@@ -207,29 +219,37 @@ def restore_state(em: EditableModel, deltas: list[StepDelta]) -> None:
 
 
 def _mask(em: EditableModel, delta: StepDelta) -> None:
-    for step, column in delta.masked:
-        for h in em.hooks.values():
-            if h.U:
-                h.mask(step, column)
+    for cols, keep_delta in ((delta.masked, False), (delta.unrouted, True)):
+        for step, column in cols:
+            for h in em.hooks.values():
+                if h.U:
+                    h.mask(step, column, keep_delta=keep_delta)
 
 
 def _check_masks(em: EditableModel, delta: StepDelta) -> None:
     held = max((len(h.U) for h in em.hooks.values()), default=0)
-    for step, column in delta.masked:
+    for step, column in delta.taken_out:
         if not 0 <= step < held or any(h.U and column >= h.U[step].shape[1] for h in em.hooks.values()):
             raise DeltaMismatch(f"the step masks edit {column} of step {step}, which the model does not hold "
                                 f"({held} steps committed)")
 
 
-def masked_indices(deltas: list[StepDelta]) -> list[int]:
-    """The masked edits of a chain as indices into its factors concatenated step by step (the order the
-    hooks, the exports and the vLLM plugin stack them in)."""
+def masked_indices(deltas: list[StepDelta], unrouted: bool = False) -> list[int]:
+    """The masked edits of a chain (with ``unrouted``: the unrouted ones) as indices into its factors
+    concatenated step by step (the order the hooks, the exports and the vLLM plugin stack them in)."""
     starts, total = [], 0
     for d in deltas:
         if d.layers:
             starts.append(total)
             total += d.layers[0].U.shape[1]
-    return sorted({starts[s] + c for d in deltas for s, c in d.masked})
+    return sorted({starts[s] + c for d in deltas for s, c in (d.unrouted if unrouted else d.masked)})
+
+
+def taking_out(gate: str, columns) -> dict[str, tuple[tuple[int, int], ...]]:
+    """The ``StepDelta`` field that takes the (step, column) edits ``columns`` out under ``gate``: the per-token
+    gates stop routing them and keep their Δ (``unrouted``); the per-sequence gate routes on ‖Δx‖, so there
+    their Δ goes (``masked``)."""
+    return {"masked" if gate == "zscore" else "unrouted": tuple(columns)}
 
 
 def check_delta(em: EditableModel, delta: StepDelta) -> None:

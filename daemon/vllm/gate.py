@@ -72,7 +72,8 @@ def served_version(version: int | None, digest: str, deltas: list[StepDelta], de
                           for u, _, _, b in ps]).to(device)         # (r,)
         inv_s = 1.0 / S.clamp(min=1e-12)                            # (r,)
         masked = masked_indices(deltas)                             # removed facts: no Δ, never route
-        U[:, masked], inv_s[masked] = 0.0, 0.0
+        unrouted = masked_indices(deltas, unrouted=True)            # removed facts: never route, Δ kept
+        U[:, masked], inv_s[masked + unrouted] = 0.0, 0.0
         layers[layer] = LayerFactors(U.contiguous(), V.contiguous(), inv_s, alphas[layer], bars)
     return ServedVersion(version, digest, layers, gate)
 

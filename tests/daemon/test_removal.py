@@ -46,7 +46,8 @@ def test_remove_and_correct_cost_one_version_at_any_depth_and_roll_back_exactly(
         v5 = svc.ledger.head().id
         assert svc.ledger.get(v5).parent == v4
         em, _ = svc.model_at_head()
-        assert em.hooks[1].masked == {(0, 0), (0, 1)}                # Paris and the old Rome edit are out
+        # Paris and the old Rome edit are out: they route nothing (their Δ stays until compaction)
+        assert em.hooks[1].unrouted == {(0, 0), (0, 1)} and not em.hooks[1].masked
         at_v5 = logits()
 
         for version, expected in ((v3, at_v3), (v4, at_v4), (v5, at_v5), (None, base), (v5, at_v5)):

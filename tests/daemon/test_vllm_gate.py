@@ -39,8 +39,9 @@ def _plugin(em) -> GateState:
     return state
 
 
+@pytest.mark.parametrize("taken_out", ["unrouted", "masked"])   # today's removals; those of older ledgers
 @pytest.mark.parametrize("history", ["token_history", "cascade_history"])
-def test_the_plugin_gives_kbsyncs_logits_whole_and_in_chunks(history, request):
+def test_the_plugin_gives_kbsyncs_logits_whole_and_in_chunks(history, taken_out, request):
     em, text, deltas = request.getfixturevalue(history)
     gate = deltas[0].gate
     ours = _logits(em.model, text)
@@ -48,9 +49,10 @@ def test_the_plugin_gives_kbsyncs_logits_whole_and_in_chunks(history, request):
         base = _logits(em.model, text)
     restore_state(em, deltas[:1])
     ours_v1 = _logits(em.model, text)
-    removal = StepDelta((), (), em.fingerprint(), "test", gate=gate, masked=((0, 1),))
+    removal = StepDelta((), (), em.fingerprint(), "test", gate=gate, **{taken_out: ((0, 1),)})
     restore_state(em, [*deltas, removal])
     ours_removed = _logits(em.model, text)
+    assert not torch.allclose(ours_removed, ours)                   # the removal changes what is served
     restore_state(em, deltas)
     assert (ours - base).abs().amax(dim=-1).gt(1e-3).any()         # some tokens route
     assert (ours - base).abs().amax(dim=-1).lt(1e-6).any()         # and some do not

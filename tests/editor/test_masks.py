@@ -1,12 +1,13 @@
-"""Taking edits out by masking their columns: the rest of the history is untouched, the masked edit adds
-nothing and routes nothing, and a masked history stores, restores and exports exactly."""
+"""Taking edits out: a masked edit adds nothing and routes nothing, an unrouted one routes nothing and keeps
+its Δ (what the per-token gates' removals do); the rest of the history is untouched, and a history with
+either stores, restores and exports exactly."""
 import pytest
 import torch
 
 from editor.errors import DeltaMismatch
 from editor.hook import Mode
 from editor.model import EditableModel
-from editor.step import StepDelta, apply_delta, masked_indices, restore_state
+from editor.step import StepDelta, apply_delta, masked_indices, restore_state, taking_out
 from editor.export import stacked_factors
 
 
@@ -17,6 +18,10 @@ def _logits(em, ids):
 
 def _mask(em, masked):
     return StepDelta((), (), em.fingerprint(), "test", gate="token", masked=tuple(masked))
+
+
+def _unroute(em, columns):
+    return StepDelta((), (), em.fingerprint(), "test", gate="token", **taking_out("token", columns))
 
 
 def _dropped(delta: StepDelta, column: int) -> StepDelta:
@@ -69,3 +74,31 @@ def test_a_mask_of_an_edit_that_is_not_there_is_refused(token_history):
         apply_delta(em, _mask(em, [(0, 5)]))
     with pytest.raises(DeltaMismatch, match="not before it"):
         restore_state(em, [_mask(em, [(0, 0)]), *deltas])
+
+
+def test_an_unrouted_edit_routes_nothing_and_keeps_its_delta(token_history):
+    em, text, deltas = token_history
+    before = _logits(em, text)
+    D = {l: h.D.clone() for l, h in em.hooks.items()}
+
+    apply_delta(em, _unroute(em, [(0, 1)]))                         # step 0's edit at token 9: stops routing
+    after = _logits(em, text)
+    for l, h in em.hooks.items():                                   # Δ itself is untouched
+        torch.testing.assert_close(h.D, D[l], rtol=0, atol=0)
+    # token 9 no longer takes Δ; every token before it (the other edits' routes included) is exactly as before
+    torch.testing.assert_close(after[:9], before[:9], rtol=0, atol=0)
+    assert (after[9] - before[9]).abs().max() > 1e-4
+    # stored and restored exactly; an export (Δ on every token) leaves the unrouted edit out
+    stored = [StepDelta.from_arrays(*d.to_arrays()) for d in (*deltas, _unroute(em, [(0, 1)]))]
+    assert stored[-1].unrouted == ((0, 1),) and stored[-1].masked == ()
+    assert masked_indices(stored, unrouted=True) == [1] and masked_indices(stored) == []
+    restore_state(em, stored)
+    torch.testing.assert_close(_logits(em, text), after, rtol=0, atol=0)
+    U, V = stacked_factors(stored)[1]
+    assert U.shape[1] == 2                                          # 3 edits, 1 unrouted
+
+
+def test_the_per_sequence_gate_takes_an_edit_out_with_its_delta():
+    # the z-score gate routes on ‖Δx‖: an edit can only stop answering by losing its part of Δ
+    assert taking_out("zscore", [(0, 1)]) == {"masked": ((0, 1),)}
+    assert taking_out("cascade", [(0, 1)]) == {"unrouted": ((0, 1),)}
