@@ -47,20 +47,8 @@ def main() -> None:
     from editor.hook import Mode
 
     if not (args.state / "kb.sqlite").exists():          # make the history: --facts cases from 5000, steps of 10
-        from editor.loading import model_directory
-        args.state.mkdir(parents=True, exist_ok=True)
-        (args.state / "config.toml").write_text(
-            f"[model]\nsource = '{model_directory('embedded', STATE)}'\ndevice = 'cpu'\ndtype = 'float32'\n")
-        maker = Service(load_config(None, args.state), progress=False)
-        for c in json.loads((DATA / "counterfact-edit.json").read_text())[5000:5000 + args.facts]:
-            maker.store.add(c["subject"], c["prompt"].replace(c["subject"], "{}", 1), c["target_new"])
-        t = time.perf_counter()
-        while maker.store.counts().pending:
-            maker.sync()
-        print(json.dumps({"history": str(args.state), "facts": args.facts,
-                          "versions": len(maker.ledger.versions()), "seconds": round(time.perf_counter() - t, 1)}),
-              flush=True)
-        maker.close()
+        from make_history import make_history
+        print(json.dumps(make_history(args.state, 5000, 5000 + args.facts)), flush=True)
     if args.build_only:
         return
     state = Path(tempfile.mkdtemp(prefix="removal-")) / "state"

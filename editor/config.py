@@ -46,6 +46,8 @@ class EditConfig:
     confirm_alpha: float = 0.4             # cascade gate: the share of its edit's key a routed token must still carry
                                            # at every edited layer after the first (fixed, not adapted)
     confirm_margin: float = 0.8            # cascade gate: an edit's bar is at most this x its own prompt's score there
+    route_margin: float = 0.0              # cascade gate: an edit's bar at the first layer is at least this x its own
+                                           # prompt's score there (0: α alone decides there)
     massive_ratio: float = 0.0             # ρ: tokens with ‖x‖ > ρ x their sequence's median are never routed (0 = off)
     v_lr: float = 0.5                      # Adam learning rate of the target residuals δ_j (z_j = h_L + δ_j)
     v_steps: int = 25                      # at most this many optimisation steps per batch (early_stop_nll may end sooner)
@@ -83,6 +85,8 @@ class EditConfig:
                               f"paper's, per sequence), got {self.gate!r}")
         if not 0.0 < self.confirm_margin <= 1.0:
             raise EditorError(f"editor config: `confirm_margin` must be in (0, 1], got {self.confirm_margin}")
+        if not 0.0 <= self.route_margin <= 1.0:
+            raise EditorError(f"editor config: `route_margin` must be in [0, 1] (0 = off), got {self.route_margin}")
         if not 0.0 < self.confirm_alpha <= 1.0:
             raise EditorError(f"editor config: `confirm_alpha` must be in (0, 1] (a share of an edit's own key), got {self.confirm_alpha}")
         if not 0.0 < self.token_alpha_min <= self.token_alpha0:

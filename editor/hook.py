@@ -103,12 +103,13 @@ class HookLayer:
         self.V: list[torch.Tensor] = []   # each (d_in, r_t) float32
         self.K: list[torch.Tensor] = []   # each (d_in, r_t) float32, the steps' keys
         self.S: list[torch.Tensor] = []   # each (r_t,) float32: v_jᵀ k_j, edit j's response to its own key
-        self.bars: list[torch.Tensor | None] = []   # cascade: each (r_t,) the edits' confirmation bars, None = α
+        self.bars: list[torch.Tensor | None] = []   # cascade: each (r_t,) the edits' bars here (first layer: route_bars, later: confirm_bars), None = α
         self.masked: set[tuple[int, int]] = set()   # (step, column) of edits taken out whole: no Δ, no route
         self.unrouted: set[tuple[int, int]] = set() # (step, column) of edits that route no token (Δ kept)
         self.alpha = self.alpha0
         self._cat: tuple[torch.Tensor, torch.Tensor] | None = None
         self._bars: torch.Tensor | None = None
+        self._route_bars: torch.Tensor | None = None
         self._D: torch.Tensor | None = None
         self._D_fwd: torch.Tensor | None = None
         self._KK = torch.zeros(self.d_in, self.d_in, dtype=torch.float64, device=self.device)
@@ -163,6 +164,7 @@ class HookLayer:
         (self.unrouted if keep_delta else self.masked).add((step, column))
         self._cat = None
         self._bars = None
+        self._route_bars = None
         self._D = None
         self._D_fwd = None
 
@@ -185,6 +187,7 @@ class HookLayer:
         self.alpha = float(alpha)
         self._cat = None
         self._bars = None
+        self._route_bars = None
         self._D = None
         self._D_fwd = None
 
@@ -212,11 +215,13 @@ class HookLayer:
         """Whether the forward pass reads the dense Δ: fewer bytes than the float32 factors (U, V)."""
         return 4 * self.rank * (self.d_in + self.d_out) >= self.delta_dtype.itemsize * self.d_in * self.d_out
 
-    def delta_out(self, x: torch.Tensor, scores: bool = False, top: int = 1, delta: bool = True):
+    def delta_out(self, x: torch.Tensor, scores: bool = False, top: int = 1, delta: bool = True,
+                  bars: torch.Tensor | None = None):
         """Δx for x (..., d_in) -> (..., d_out) in float32, from factors or the dense copy, whichever is cheaper
         (the dense copy in ``delta_dtype``: bfloat16 halves the bytes each token reads). With ``scores``,
         also the token gate's score a = max_j (v_jᵀ x) / (v_jᵀ k_j), (...,), and the ``top`` best-matching
-        edits with their scores, (..., top) each (indices into the committed edits followed by the trial ones).
+        edits with their scores, (..., top) each (indices into the committed edits followed by the trial ones;
+        with ``bars`` (r_all,), only edits scoring at least their bar count, the others score -inf there).
         ``delta=False`` (with ``scores``): the scores alone, Δx is None."""
         xf = x.to(torch.float32)
         out, parts = None, []
@@ -243,8 +248,22 @@ class HookLayer:
         if not scores:
             return out
         every = parts[0] if len(parts) == 1 else torch.cat(parts, -1)   # (..., r_all)
+        a = every.amax(dim=-1)                                          # (...,)
+        if bars is not None:
+            every = every.masked_fill(every < bars, -torch.inf)         # (..., r_all)
         best, edits = every.topk(min(top, every.shape[-1]), dim=-1)     # (..., top), (..., top)
-        return out, best[..., 0], (edits, best)
+        return out, a, (edits, best)
+
+    def route_bars(self) -> torch.Tensor:
+        """The cascade's first-layer bar per edit, (r_all,): max(α, the edit's stored bar), α where a step
+        stored none, and α for the trial edits (a step's own prompts route as α lets them while it is made)."""
+        if self._route_bars is None:
+            self._route_bars = torch.cat([b if b is not None else torch.zeros(u.shape[1], device=self.device)
+                                          for u, b in zip(self.U, self.bars)]) if self.U else torch.zeros(0, device=self.device)
+        stored = self._route_bars.clamp(min=self.alpha)             # α itself may move (a step adapts it)
+        if not self._trial:
+            return stored
+        return torch.cat([stored, *(torch.full((v.shape[1],), self.alpha, device=self.device) for _, v, _ in self._trial)])
 
     def confirm_bars(self) -> torch.Tensor:
         """The cascade's bar per edit, (r_all,): committed edits' stored bars (α where a step has none), then
@@ -293,9 +312,10 @@ class HookLayer:
         return torch.where(route.unsqueeze(-1), output + dx.to(output.dtype), output)
 
     def _forward_cascade(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        """The cascade gate. The first edited layer of the pass routes a token when its best score
-        a = max_j (v_jᵀx) / (v_jᵀk_j) reaches α there, and remembers the ``cascade_candidates`` best-matching
-        edits that reach α; every later edited layer keeps the token only while its own input still matches
+        """The cascade gate. The first edited layer of the pass routes a token when its score
+        (v_jᵀx) / (v_jᵀk_j) against some edit j reaches j's bar there (``route_bars``: α, or higher where the
+        edit's step set one), and remembers the ``cascade_candidates`` best-matching edits that reach their
+        bars; every later edited layer keeps the token only while its own input still matches
         one of those candidates, (v_eᵀx) / (v_eᵀk_e) ≥ e's bar at that layer (``confirm_bars``), and narrows
         the candidates to the ones that do. A token dropped at a layer gets no Δ from there on, and the Δx
         the earlier layers added to it is taken back from the residual stream. Only the first layer records
@@ -303,9 +323,11 @@ class HookLayer:
         ctx = self.context
         route = ctx.token_route
         if route is None or route.shape != x.shape[:2]:
-            _, a, (edits, best) = self.delta_out(x, scores=True, top=ctx.cascade_candidates, delta=False)   # (B, T), (B, T, k) x2
-            route = ctx.token_route = self._route_token(a)          # (B, T) bool
-            ctx.token_edit = (edits, best >= self.alpha)            # the candidates and which still match
+            _, a, (edits, best) = self.delta_out(x, scores=True, top=ctx.cascade_candidates, delta=False,
+                                                 bars=self.route_bars())   # (B, T), (B, T, k) x2
+            alive = best > -torch.inf                               # (B, T, k) edits at or above their bar
+            route = ctx.token_route = self._route_token(a) & alive[..., 0]   # (B, T) bool
+            ctx.token_edit = (edits, alive)                         # the candidates and which still match
             ctx.token_added = self._routed_delta(x, route)          # (B, T, d_out), zero off the route
             return output + ctx.token_added.to(output.dtype) if route.any() else None
         at = route.nonzero(as_tuple=True)                           # the tokens still routed

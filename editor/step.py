@@ -167,7 +167,8 @@ def compute_delta(em: EditableModel, requests: list[EditRequest], stats: KeyStat
             out.append((l, U, V, K.to(torch.float32)))
         t = time.perf_counter()
         alphas = _adapted_alphas(em, batch, cfg.alpha_min_for(em.gate)) if route is Mode.VALIDATED else {l: h.alpha for l, h in em.hooks.items()}
-        bars = _confirm_bars(em, batch, alphas, cfg.confirm_margin) if route is Mode.VALIDATED and em.gate == "cascade" else {}
+        bars = _confirm_bars(em, batch, alphas, cfg.confirm_margin, cfg.route_margin) \
+            if route is Mode.VALIDATED and em.gate == "cascade" else {}
         times["routing_s"] = time.perf_counter() - t
     layers = tuple(LayerDelta(l, U, V, K, alphas[l], bars.get(l)) for l, U, V, K in out)
     times["total_s"] = time.perf_counter() - t0
@@ -304,17 +305,23 @@ def _keys_and_residual(em: EditableModel, batch: StepBatch, layer: int, cfg: Edi
 
 
 @torch.no_grad()
-def _confirm_bars(em: EditableModel, batch: StepBatch, alphas: dict[int, float], margin: float) -> dict[int, torch.Tensor]:
+def _confirm_bars(em: EditableModel, batch: StepBatch, alphas: dict[int, float], margin: float,
+                  route_margin: float = 0.0) -> dict[int, torch.Tensor]:
     """The cascade gate's bar for each new edit at each later edited layer, {layer: (n,)}: its own bare
     prompt's best score against it there (routed through every layer, the step's trial deltas on) times
     ``margin``, between ``CONFIRM_FLOOR`` and the layer's α. An edit whose own prompt sits far from its key in
     the deeper layers (a prompt that starts with its subject, whose key is a mean over contexts where the
-    subject is mid-sentence) confirms its own prompt; every other edit keeps α."""
+    subject is mid-sentence) confirms its own prompt; every other edit keeps α. With ``route_margin`` > 0,
+    also a bar at the first layer: ``route_margin`` x its own prompt's score there, which the gate raises to
+    α where it is lower. A token that carries α of the edit's key but much less than its own prompt does (a
+    shared last sub-word, another subject's prompt start) is then not routed at all: routed and dropped at a
+    later layer, it would still have changed what attends to it in between."""
     ids, mask = batch.tensors(batch.plain, em.device)               # (n, T): one bare prompt per edit
     later = em.layers[1:]
+    scored = list(em.layers) if route_margin > 0 else later
     got: dict[int, torch.Tensor] = {}
     handles = [em.spec.projection_module(em.model, l).register_forward_hook(
-        lambda m, i, o, l=l: got.__setitem__(l, i[0].detach())) for l in later]
+        lambda m, i, o, l=l: got.__setitem__(l, i[0].detach())) for l in scored]
     gate, first = em.context.gate, em.hooks[em.layers[0]]
     alpha = first.alpha
     try:
@@ -327,13 +334,16 @@ def _confirm_bars(em: EditableModel, batch: StepBatch, alphas: dict[int, float],
             h.remove()
     n, out = len(batch), {}
     real = mask.bool()                                              # (n, T)
-    for l in later:
+    for l in scored:
         hook = em.hooks[l]
         own = hook.rank + torch.arange(n, device=em.device)         # each prompt's own edit: the trial's columns
         x = got[l]                                                  # (n, T, d_in)
         s = hook.edit_scores(x.reshape(-1, x.shape[-1]), own.repeat_interleave(x.shape[1])[:, None]).view(n, -1)
         best = s.masked_fill(~real, -torch.inf).amax(dim=1)         # (n,)
-        out[l] = (best * margin).clamp(min=CONFIRM_FLOOR, max=alphas[l]).float().cpu()
+        if l == em.layers[0]:
+            out[l] = (best * route_margin).float().cpu()
+        else:
+            out[l] = (best * margin).clamp(min=CONFIRM_FLOOR, max=alphas[l]).float().cpu()
     return out
 
 

@@ -29,7 +29,8 @@ class LayerFactors:
     V: torch.Tensor        # (d_in, r) float32
     inv_s: torch.Tensor    # (r,) float32
     alpha: float
-    bars: torch.Tensor | None = None   # (r,) the cascade's per-edit confirmation bars (α where a step has none)
+    bars: torch.Tensor | None = None   # (r,) the cascade's per-edit bars: at the deciding layer max(α, the stored
+                                       # bar), later the confirmation bars (α where a step has none)
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,8 @@ def served_version(version: int | None, digest: str, deltas: list[StepDelta], de
         S = torch.cat([self_response(v, k) for _, v, k, _ in ps]).to(device)   # (r,)
         bars = torch.cat([b.float() if b is not None else torch.full((u.shape[1],), alphas[layer])
                           for u, _, _, b in ps]).to(device)         # (r,)
+        if layer == min(parts):                                     # the deciding layer: no edit's bar below α
+            bars = bars.clamp(min=alphas[layer])
         inv_s = 1.0 / S.clamp(min=1e-12)                            # (r,)
         masked = masked_indices(deltas)                             # removed facts: no Δ, never route
         unrouted = masked_indices(deltas, unrouted=True)            # removed facts: never route, Δ kept
@@ -109,6 +112,8 @@ class GateState:
         if layer == self._pass.decider:                             # scores need every token's x V
             xV = x.to(torch.float32) @ f.V                          # (N, r)
             scores = xV * f.inv_s                                   # (N, r)
+            if cascade:                                             # an edit counts from its own bar (≥ α) up
+                scores = scores.masked_fill(scores < f.bars, -torch.inf)
             self._route = scores.amax(dim=-1) >= f.alpha            # (N,) bool
             rows = self._route.nonzero().squeeze(-1)                # (n,) the routed tokens
             if not len(rows):
@@ -116,7 +121,7 @@ class GateState:
             part = xV[rows] @ f.U.T                                 # (n, d_out)
             if cascade:
                 best, self._edit = scores[rows].topk(min(CASCADE_CANDIDATES, scores.shape[1]), dim=-1)   # (n, k)
-                self._alive, self._added = best >= f.alpha, part
+                self._alive, self._added = best > -torch.inf, part
         elif cascade:
             return self._confirm(f, x)
         else:                                                       # later layers: the routed tokens only

@@ -94,3 +94,29 @@ def test_the_cascade_history_drops_a_token_and_keeps_one_by_its_second_candidate
     assert routes[1][12] and not routes[2][12]
     assert routes[1][4] and routes[2][4]
     assert routes[1][9] and not routes[2][9]                      # its edit's bar (5) is out of reach
+
+
+def test_the_plugin_keeps_the_first_layers_per_edit_bars(cascade_history):
+    """A first-layer bar per edit (``route_margin``): the second step's edit keyed on token 12 gets a bar no
+    token reaches, so token 12 is never routed, in kbsync's hooks and in the plugin alike."""
+    from dataclasses import replace
+    em, text, deltas = cascade_history
+    first = deltas[1].layers[0]
+    barred = replace(deltas[1], layers=(replace(first, bars=torch.tensor([5.0, 0.0])), *deltas[1].layers[1:]))
+    history = [deltas[0], barred]
+    restore_state(em, history)
+    routes = {}
+    h = em.spec.projection_module(em.model, 1).register_forward_hook(
+        lambda m, i, o: routes.__setitem__(1, em.context.token_route[0].clone()))
+    try:
+        ours = _logits(em.model, text)
+    finally:
+        h.remove()
+    assert not routes[1][12] and routes[1][4]                     # token 12 out from the first layer; 4 kept
+    restore_state(em, deltas)
+    assert not torch.allclose(_logits(em.model, text), ours)       # the bar changes what is served
+    state = _plugin(em)
+    state.swap(served_version(2, "digest", history, "cpu", "cascade"))
+    torch.testing.assert_close(_logits(em.model, text), ours, rtol=0, atol=1e-4)
+    for size in (1, 5):
+        torch.testing.assert_close(_chunked_logits(em.model, text, size), ours, rtol=0, atol=1e-4)

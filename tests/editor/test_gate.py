@@ -235,7 +235,29 @@ def test_an_edit_confirms_at_its_own_bar_and_the_bars_round_trip():
     assert torch.equal(back.layers[0].bars, torch.tensor([0.25])) and back.layers[1].bars is None
 
 
-def test_a_cascade_step_keeps_its_own_prompts_routed_through_every_layer(make_tiny, tiny_tokenizer, corpus_file, tmp_path):
+def test_a_first_layer_bar_keeps_a_token_that_only_reaches_alpha_out_of_the_route():
+    ctx, ((lin0, hook0), (lin1, _)) = _two_hooks()
+    x = torch.zeros(1, 3, 6)
+    x[0, :, 0] = torch.tensor([2.0, 1.4, 0.8])                                 # scores 1.0, 0.7, 0.4 (α 0.5)
+    ctx.token_route = None
+    lin0(x)
+    assert ctx.token_route[0].tolist() == [True, True, False]                  # no bar: α decides
+    hook0.reset()
+    hook0.commit(torch.ones(4, 1), torch.eye(6, 1) * 2.0 / 8.0, torch.eye(6, 1) * 2.0, 0.5, bars=torch.tensor([0.9]))
+    ctx.token_route = None
+    d0 = lin0(x) - x @ lin0.weight.T
+    assert ctx.token_route[0].tolist() == [True, False, False]                 # 0.7 is below the edit's bar 0.9
+    torch.testing.assert_close(d0[0, 1], torch.zeros(4))                      # and gets nothing at all
+    hook0.reset()
+    hook0.commit(torch.ones(4, 1), torch.eye(6, 1) * 2.0 / 8.0, torch.eye(6, 1) * 2.0, 0.5, bars=torch.tensor([0.2]))
+    ctx.token_route = None
+    lin0(x)
+    assert ctx.token_route[0].tolist() == [True, True, False]                  # a bar below α: α still holds
+
+
+@pytest.mark.parametrize("route_margin", [0.0, 0.8])
+def test_a_cascade_step_keeps_its_own_prompts_routed_through_every_layer(route_margin, make_tiny, tiny_tokenizer,
+                                                                         corpus_file, tmp_path):
     from editor.config import EditConfig, StatsConfig
     from editor.hook import CONFIRM_FLOOR
     from editor.requests import EditRequest
@@ -254,6 +276,11 @@ def test_a_cascade_step_keeps_its_own_prompts_routed_through_every_layer(make_ti
     assert delta.gate == "cascade" and delta.layers[0].bars is None
     for ld in delta.layers[1:]:
         assert ld.bars.shape == (2,) and bool(((ld.bars >= CONFIRM_FLOOR) & (ld.bars <= ld.alpha)).all())
+    # with route_margin, a first-layer bar per edit too, below each own prompt's score there: it still routes
+    if route_margin:
+        delta = compute_delta(em, requests, stats, cfg.replace(route_margin=route_margin))
+        first = delta.layers[0].bars
+        assert first is not None and first.shape == (2,) and bool((first > 0).all())
     apply_delta(em, delta)
     last = []
     h = em.spec.projection_module(em.model, 3).register_forward_hook(
