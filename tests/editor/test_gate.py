@@ -171,8 +171,14 @@ def test_without_undo_a_vetoed_token_keeps_what_the_earlier_layers_added():
     torch.testing.assert_close(d1, torch.zeros(1, 3, 4))
 
 
-def test_cascade_full_forward_and_kv_cached_decoding_give_identical_logits(cascade_history):
-    em, text, _ = cascade_history
+@pytest.mark.parametrize("first_layer_bars", [False, True])
+def test_cascade_full_forward_and_kv_cached_decoding_give_identical_logits(cascade_history, first_layer_bars):
+    em, text, deltas = cascade_history
+    if first_layer_bars:                 # the second step's first edit needs 0.9 at layer 1 (route_margin)
+        from dataclasses import replace
+        first = deltas[1].layers[0]
+        restore_state(em, [deltas[0], replace(deltas[1], layers=(replace(first, bars=torch.tensor([0.9, 0.0])),
+                                                                 *deltas[1].layers[1:]))])
     with torch.no_grad():
         full = em.model(input_ids=text).logits                                  # (1, T, V)
         with em.mode(Mode.OFF):
