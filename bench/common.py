@@ -53,3 +53,17 @@ def projection_inputs(em):
     finally:
         for h in handles:
             h.remove()
+
+
+def service_on_copy(state: Path, prefix: str):
+    """A ``Service`` on a fresh copy of the state directory ``state`` (its lock files left behind), so a
+    benchmark can change the copy, or read it beside a process that holds the original."""
+    import os
+    import shutil
+    import tempfile
+    os.environ.setdefault("KBSYNC_CACHE_DIR", str(STATE))
+    from daemon.config import load_config
+    from daemon.service import Service
+    copy = Path(tempfile.mkdtemp(prefix=prefix)) / "state"
+    shutil.copytree(state, copy, ignore=shutil.ignore_patterns("*.lock"))
+    return Service(load_config(None, copy), progress=False)

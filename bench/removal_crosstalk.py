@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import statistics
-import tempfile
 from pathlib import Path
 
 import torch
 
-from common import STATE
+from common import service_on_copy
 
 
 def main() -> None:
@@ -29,13 +26,7 @@ def main() -> None:
     ap.add_argument("--state", type=Path, required=True)
     ap.add_argument("--result", type=Path, required=True)
     args = ap.parse_args()
-    os.environ.setdefault("KBSYNC_CACHE_DIR", str(STATE))
-    from daemon.config import load_config
-    from daemon.service import Service
-
-    copy = Path(tempfile.mkdtemp(prefix="crosstalk-")) / "state"
-    shutil.copytree(args.state, copy)
-    svc = Service(load_config(None, copy), progress=False)
+    svc = service_on_copy(args.state, "crosstalk-")
     em, head = svc.model_at_head()
     facts = svc.store.facts()
     live = svc.live.live_columns(head)

@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import statistics
-import tempfile
 from pathlib import Path
 
 import torch
 
-from common import STATE
+from common import service_on_copy
 
 
 def main() -> None:
@@ -29,14 +26,9 @@ def main() -> None:
     ap.add_argument("--removals", type=int, default=10)
     ap.add_argument("--json", type=Path, required=True)
     args = ap.parse_args()
-    os.environ.setdefault("KBSYNC_CACHE_DIR", str(STATE))
-    from daemon.config import load_config
-    from daemon.service import Service
+    svc = service_on_copy(args.state, "removal-variants-")
     from editor.hook import Mode
 
-    copy = Path(tempfile.mkdtemp(prefix="removal-variants-")) / "state"
-    shutil.copytree(args.state, copy, ignore=shutil.ignore_patterns("*.lock"))
-    svc = Service(load_config(None, copy), progress=False)
     em, head = svc.model_at_head()
     facts = svc.store.facts()
     prompts = [f.prompt for f in facts]

@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from common import DATA, STATE
+from common import DATA, service_on_copy
 
 
 @torch.no_grad()
@@ -65,17 +62,12 @@ def main() -> None:
     ap.add_argument("--margins", default="0,0.6,0.7,0.8")
     ap.add_argument("--json", type=Path, required=True)
     args = ap.parse_args()
-    os.environ.setdefault("KBSYNC_CACHE_DIR", str(STATE))
-    from daemon.config import load_config
-    from daemon.service import Service
+    svc = service_on_copy(args.state, "route-margin-")
     from editor.hook import Mode
     from editor.metrics import case_probes, generated, generation_metrics, perplexity, probe_metrics, score_probes
     from evaluation.cases import load_cases
     from evaluation.harness import heldout_texts
 
-    copy = Path(tempfile.mkdtemp(prefix="route-margin-")) / "state"
-    shutil.copytree(args.state, copy, ignore=shutil.ignore_patterns("*.lock"))
-    svc = Service(load_config(None, copy), progress=False)
     em, head = svc.model_at_head()
     a, b = (int(x) for x in args.cases.split(":"))
     cases = load_cases("counterfact", DATA / "counterfact-edit.json", (a, b))

@@ -83,7 +83,7 @@ class StepColumns:
 
     has_factors: bool
     columns: tuple
-    masked: tuple           # taken out: masked or unrouted (StepDelta.taken_out)
+    taken_out: tuple        # masked or unrouted (StepDelta.taken_out)
     targets: torch.Tensor | None = None     # (n, d)
 
 
@@ -155,18 +155,18 @@ class LiveModel(LoadedModel):
         rebuild can take a fact out)."""
         chain = self._chain_with_columns(version_id)
         where: dict[tuple[str, str], list[tuple[int, int]]] = {}
-        masked: set[tuple[int, int]] = set()
+        out: set[tuple[int, int]] = set()       # taken out by a version of the chain
         step = 0
         for v in chain:
             sc = self.columns[v.id]
-            masked.update(sc.masked)
+            out.update(sc.taken_out)
             if sc.has_factors:
                 if not sc.columns:
                     return None
                 for c, key in enumerate(sc.columns):
                     where.setdefault(tuple(key), []).append((step, c))
                 step += 1
-        return {k: [m for m in ms if m not in masked] for k, ms in where.items()}
+        return {k: [m for m in ms if m not in out] for k, ms in where.items()}
 
     def masks_for(self, keys, version_id: int | None) -> tuple[tuple[int, int], ...] | None:
         """The (step, column) edits that write ``keys`` in ``version_id``'s model (None: see live_columns)."""

@@ -39,7 +39,7 @@ def stacked_factors(deltas: list[StepDelta]) -> dict[int, tuple[torch.Tensor, to
     for l, p in sorted(parts.items()):
         U, V = torch.cat([u for u, _ in p], 1), torch.cat([v for _, v in p], 1)
         keep = torch.ones(U.shape[1], dtype=torch.bool)
-        keep[masked_indices(deltas) + masked_indices(deltas, unrouted=True)] = False
+        keep[masked_indices(deltas, "taken_out")] = False
         out[l] = (U[:, keep].contiguous(), V[:, keep].contiguous())
     return out
 

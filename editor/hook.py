@@ -248,11 +248,12 @@ class HookLayer:
         if not scores:
             return out
         every = parts[0] if len(parts) == 1 else torch.cat(parts, -1)   # (..., r_all)
-        a = every.amax(dim=-1)                                          # (...,)
-        if bars is not None:
+        a = None
+        if bars is not None:                                            # the raw best score, before the bars
+            a = every.amax(dim=-1)                                      # (...,)
             every = every.masked_fill(every < bars, -torch.inf)         # (..., r_all)
         best, edits = every.topk(min(top, every.shape[-1]), dim=-1)     # (..., top), (..., top)
-        return out, a, (edits, best)
+        return out, best[..., 0] if a is None else a, (edits, best)
 
     def route_bars(self) -> torch.Tensor:
         """The cascade's first-layer bar per edit, (r_all,): max(α, the edit's stored bar), α where a step

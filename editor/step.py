@@ -235,15 +235,16 @@ def _check_masks(em: EditableModel, delta: StepDelta) -> None:
                                 f"({held} steps committed)")
 
 
-def masked_indices(deltas: list[StepDelta], unrouted: bool = False) -> list[int]:
-    """The masked edits of a chain (with ``unrouted``: the unrouted ones) as indices into its factors
-    concatenated step by step (the order the hooks, the exports and the vLLM plugin stack them in)."""
+def masked_indices(deltas: list[StepDelta], which: str = "masked") -> list[int]:
+    """The edits a chain takes out, ``which`` of them ("masked", "unrouted" or both: "taken_out"), as indices
+    into its factors concatenated step by step (the order the hooks, the exports and the vLLM plugin stack
+    them in)."""
     starts, total = [], 0
     for d in deltas:
         if d.layers:
             starts.append(total)
             total += d.layers[0].U.shape[1]
-    return sorted({starts[s] + c for d in deltas for s, c in (d.unrouted if unrouted else d.masked)})
+    return sorted({starts[s] + c for d in deltas for s, c in getattr(d, which)})
 
 
 def taking_out(gate: str, columns) -> dict[str, tuple[tuple[int, int], ...]]:

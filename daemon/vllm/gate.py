@@ -64,6 +64,7 @@ def served_version(version: int | None, digest: str, deltas: list[StepDelta], de
         for ld in d.layers:
             parts.setdefault(ld.layer, []).append((ld.U.float(), ld.V.float(), ld.K.float(), ld.bars))
             alphas[ld.layer] = ld.alpha                             # α after the layer's latest step
+    masked, taken_out = masked_indices(deltas), masked_indices(deltas, "taken_out")   # the same in every layer
     layers = {}
     for layer, ps in sorted(parts.items()):
         U = torch.cat([u for u, _, _, _ in ps], 1).to(device)       # (d_out, r)
@@ -74,9 +75,8 @@ def served_version(version: int | None, digest: str, deltas: list[StepDelta], de
         if layer == min(parts):                                     # the deciding layer: no edit's bar below α
             bars = bars.clamp(min=alphas[layer])
         inv_s = 1.0 / S.clamp(min=1e-12)                            # (r,)
-        masked = masked_indices(deltas)                             # removed facts: no Δ, never route
-        unrouted = masked_indices(deltas, unrouted=True)            # removed facts: never route, Δ kept
-        U[:, masked], inv_s[masked + unrouted] = 0.0, 0.0
+        U[:, masked] = 0.0                                          # masked removals: no Δ
+        inv_s[taken_out] = 0.0                                      # every removal: never routes
         layers[layer] = LayerFactors(U.contiguous(), V.contiguous(), inv_s, alphas[layer], bars)
     return ServedVersion(version, digest, layers, gate)
 

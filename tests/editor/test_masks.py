@@ -91,7 +91,7 @@ def test_an_unrouted_edit_routes_nothing_and_keeps_its_delta(token_history):
     # stored and restored exactly; an export (Δ on every token) leaves the unrouted edit out
     stored = [StepDelta.from_arrays(*d.to_arrays()) for d in (*deltas, _unroute(em, [(0, 1)]))]
     assert stored[-1].unrouted == ((0, 1),) and stored[-1].masked == ()
-    assert masked_indices(stored, unrouted=True) == [1] and masked_indices(stored) == []
+    assert masked_indices(stored, "unrouted") == [1] and masked_indices(stored) == []
     restore_state(em, stored)
     torch.testing.assert_close(_logits(em, text), after, rtol=0, atol=0)
     U, V = stacked_factors(stored)[1]
