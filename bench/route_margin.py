@@ -60,6 +60,8 @@ def main() -> None:
     ap.add_argument("--cases", default="0:1000")
     ap.add_argument("--every", type=int, default=1, help="score every k-th edited case")
     ap.add_argument("--margins", default="0,0.6,0.7,0.8")
+    ap.add_argument("--gate", default=None, help="serve the history with this per-token gate instead of its own "
+                    "(cascade -> prefix: the same routes, Δ only up to the matched edit's step)")
     ap.add_argument("--json", type=Path, required=True)
     args = ap.parse_args()
     svc = service_on_copy(args.state, "route-margin-")
@@ -69,6 +71,8 @@ def main() -> None:
     from evaluation.harness import heldout_texts
 
     em, head = svc.model_at_head()
+    if args.gate:
+        em.context.gate = args.gate
     a, b = (int(x) for x in args.cases.split(":"))
     cases = load_cases("counterfact", DATA / "counterfact-edit.json", (a, b))
     first = next(iter(em.hooks.values()))

@@ -53,6 +53,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch", type=int, default=10)
     ap.add_argument("--eval-every", type=int, default=10)
+    ap.add_argument("--gen-every", type=int, default=1, help="generation metrics on every k-th edit only")
     ap.add_argument("--gate", choices=["z", "norm"], default="z", help="z: the paper's rule; norm: the prototype")
     ap.add_argument("--quantile", type=float, default=0.98, help="norm gate: τ = this quantile of M on reference text")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="change the [editor] config")
@@ -72,7 +73,8 @@ def main() -> None:
     cases = load_cases("counterfact", DATA / "counterfact-edit.json", (a, b))
     heldout = heldout_texts(DATA / "wikitext2-valid.txt")
     ref = [em.tokenizer(t, return_tensors="pt")["input_ids"][:, :256] for t in reference_texts()]
-    kw = dict(steps=args.steps, batch=args.batch, eval_every=args.eval_every, heldout=heldout)
+    kw = dict(steps=args.steps, batch=args.batch, eval_every=args.eval_every, heldout=heldout,
+              gen_every=args.gen_every)
 
     def tick(method, s, total, last):
         taus = {l: round(getattr(h, "tau", float("nan")), 2) for l, h in em.hooks.items()}

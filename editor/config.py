@@ -37,8 +37,8 @@ class EditConfig:
 
     layers: tuple[int, ...] = (1, 2, 3, 4, 5)
     mom2_weight: float = 15000.0           # λ
-    gate: str = "cascade"                  # routing: "cascade" or "token" (per token, stateless), "zscore" (the paper's,
-                                           # per sequence); editor/hook.py
+    gate: str = "prefix"                   # routing: "prefix", "cascade" or "token" (per token, stateless), "zscore" (the
+                                           # paper's, per sequence); editor/hook.py
     alpha0: float = 2.2                    # α0 of the zscore gate (a z-score)
     alpha_min: float = 0.0                 # floor of α's adaptation (0 = the paper's rule: α only decreases)
     token_alpha0: float = 0.6              # α0 of the token gate (a share of an edit's own key, 1 = the key)
@@ -80,9 +80,9 @@ class EditConfig:
             raise EditorError(f"editor config: `massive_ratio` must be 0 (off) or above 1 (6 separates SmolLM2's attention sinks), got {self.massive_ratio}")
         if not 0.0 <= self.alpha_min <= self.alpha0:
             raise EditorError(f"editor config: `alpha_min` must be between 0 and alpha0 ({self.alpha0}), got {self.alpha_min}")
-        if self.gate not in ("zscore", "token", "cascade"):
-            raise EditorError(f"editor config: `gate` must be \"cascade\" or \"token\" (per token) or \"zscore\" (the "
-                              f"paper's, per sequence), got {self.gate!r}")
+        if self.gate not in ("zscore", "token", "cascade", "prefix"):
+            raise EditorError(f"editor config: `gate` must be \"prefix\", \"cascade\" or \"token\" (per token) or "
+                              f"\"zscore\" (the paper's, per sequence), got {self.gate!r}")
         if not 0.0 < self.confirm_margin <= 1.0:
             raise EditorError(f"editor config: `confirm_margin` must be in (0, 1], got {self.confirm_margin}")
         if not 0.0 <= self.route_margin <= 1.0:
@@ -98,11 +98,11 @@ class EditConfig:
 
     def alpha0_for(self, gate: str | None = None) -> float:
         """α0 of ``gate`` (default: the configured one)."""
-        return self.token_alpha0 if (gate or self.gate) in ("token", "cascade") else self.alpha0
+        return self.token_alpha0 if (gate or self.gate) in ("token", "cascade", "prefix") else self.alpha0
 
     def alpha_min_for(self, gate: str | None = None) -> float:
         """The floor of α for ``gate`` (default: the configured one)."""
-        return self.token_alpha_min if (gate or self.gate) in ("token", "cascade") else self.alpha_min
+        return self.token_alpha_min if (gate or self.gate) in ("token", "cascade", "prefix") else self.alpha_min
 
     @property
     def last_layer(self) -> int:

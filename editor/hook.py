@@ -18,6 +18,11 @@ For input x (B, T, d_in) the base projection gives P = W0 x. The hook adds (Wh -
        α of one of its best-matching edits' keys, and a token dropped at a layer gets the Δx the earlier
        layers added taken back. Tokens that resemble an edited subject at layer 1 alone (a shared last
        sub-word, the attention sink) stop there (docs/editor.md, "Routing gates").
+    "prefix" (per token, stateless): the cascade's routes, but a routed token takes Δ only up to the step of
+       the edit it matches best (its best candidate still confirmed at this layer): Σ_{t ≤ s} U_t V_tᵀ x, the Δ
+       that edit was solved against. Later steps never reach it, so committing a step changes nothing for
+       tokens routed to older edits (under "cascade" each later step's write on an old key, ΣKKᵀ keeps it
+       small but not zero, adds up: reach of the target falls from 0.79 at commit to 0.51 after 1,000 edits).
 Massive activations: with ``massive_ratio`` ρ > 0, a token whose input norm ‖x_i‖ exceeds ρ x the median
 ‖x‖ of its sequence (the attention-sink tokens of Llama-family models, ~10-30x the median in SmolLM2's
 layers 1-2) takes no part in the statistics and is never routed. A huge ‖x‖ can give a huge M and so own
@@ -34,7 +39,8 @@ import torch
 from torch import nn
 
 
-GATES = ("zscore", "token", "cascade")
+GATES = ("zscore", "token", "cascade", "prefix")
+CASCADE_GATES = ("cascade", "prefix")   # the gates that confirm a token's route at every edited layer
 CASCADE_CANDIDATES = 4      # cascade gate: how many best-matching edits a token keeps after its first layer
 CONFIRM_FLOOR = 0.05        # cascade gate: the lowest bar an edit confirms at (and a step's own bar while it is made)
 
@@ -65,6 +71,7 @@ class RoutingContext:
     token_added: torch.Tensor | None = None      # cascade gate: (B, T, d_out) Δx added so far to each routed token
     cascade_undo: bool = True                    # cascade gate: a vetoed token's earlier Δx is taken back
     cascade_candidates: int = CASCADE_CANDIDATES # cascade gate: edits a token may match after its first layer
+    token_upto: torch.Tensor | None = None       # prefix gate: (B, T) the end column of Δ each routed token takes
 
     def keep_rows(self, rows: torch.Tensor, batch: int) -> None:
         """A KV-cached decode dropped finished rows: keep the carried statistics of ``rows`` (of ``batch``)."""
@@ -110,6 +117,7 @@ class HookLayer:
         self._cat: tuple[torch.Tensor, torch.Tensor] | None = None
         self._bars: torch.Tensor | None = None
         self._route_bars: torch.Tensor | None = None
+        self._ends: torch.Tensor | None = None
         self._D: torch.Tensor | None = None
         self._D_fwd: torch.Tensor | None = None
         self._KK = torch.zeros(self.d_in, self.d_in, dtype=torch.float64, device=self.device)
@@ -165,6 +173,7 @@ class HookLayer:
         self._cat = None
         self._bars = None
         self._route_bars = None
+        self._ends = None
         self._D = None
         self._D_fwd = None
 
@@ -188,6 +197,7 @@ class HookLayer:
         self._cat = None
         self._bars = None
         self._route_bars = None
+        self._ends = None
         self._D = None
         self._D_fwd = None
 
@@ -298,7 +308,7 @@ class HookLayer:
         x = inputs[0]                                               # (B, T, d_in)
         if self.mode is Mode.TEMPORARY:
             return output + self.delta_out(x).to(output.dtype)
-        if self.context.gate == "cascade":
+        if self.context.gate in CASCADE_GATES:
             return self._forward_cascade(x, output)
         if self.context.gate == "token":
             route = self.context.token_route                        # decided by an earlier layer of this pass
@@ -329,7 +339,8 @@ class HookLayer:
             alive = best > -torch.inf                               # (B, T, k) edits at or above their bar
             route = ctx.token_route = self._route_token(a) & alive[..., 0]   # (B, T) bool
             ctx.token_edit = (edits, alive)                         # the candidates and which still match
-            ctx.token_added = self._routed_delta(x, route)          # (B, T, d_out), zero off the route
+            upto = ctx.token_upto = self._upto(edits, alive) if ctx.gate == "prefix" else None   # (B, T)
+            ctx.token_added = self._routed_delta(x, route, upto)    # (B, T, d_out), zero off the route
             return output + ctx.token_added.to(output.dtype) if route.any() else None
         at = route.nonzero(as_tuple=True)                           # the tokens still routed
         if not at[0].numel():
@@ -346,7 +357,8 @@ class HookLayer:
         ctx.token_route = keep
         out = output
         if keep.any():
-            dx = self._routed_delta(x, keep)                        # (B, T, d_out)
+            upto = ctx.token_upto = self._upto(edits, alive) if ctx.gate == "prefix" else None   # (B, T)
+            dx = self._routed_delta(x, keep, upto)                  # (B, T, d_out)
             ctx.token_added = ctx.token_added + dx
             out = out + dx.to(output.dtype)
         if vetoed.any() and ctx.cascade_undo:
@@ -355,13 +367,50 @@ class HookLayer:
             ctx.token_added = ctx.token_added - back
         return out
 
-    def _routed_delta(self, x: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
+    def _routed_delta(self, x: torch.Tensor, route: torch.Tensor, upto: torch.Tensor | None = None) -> torch.Tensor:
         """Δx of the routed tokens only, zero elsewhere; (B, T, d_out) float32. Ordinary text routes almost no
-        token, so this skips Δ's arithmetic for nearly all of it."""
+        token, so this skips Δ's arithmetic for nearly all of it. ``upto`` (B, T): each token's Δ ends at that
+        column (the prefix gate), None: all of Δ."""
         dx = x.new_zeros((*x.shape[:2], self.d_out), dtype=torch.float32)
         if route.any():
-            dx[route] = self.delta_out(x[route])                    # (N, d_out)
+            dx[route] = self.delta_out(x[route]) if upto is None else self.delta_upto(x[route], upto[route])   # (N, d_out)
         return dx
+
+    def delta_upto(self, x: torch.Tensor, upto: torch.Tensor) -> torch.Tensor:
+        """Σ over the columns c < upto_i of u_c v_cᵀ x_i, for x (N, d_in), upto (N,) -> (N, d_out) float32: each
+        row's own prefix of Δ (committed columns, then the trial ones), from the factors."""
+        xf = x.to(torch.float32)
+        out = xf.new_zeros((x.shape[0], self.d_out))
+        at = 0
+        parts = ([self._factors()[:2]] if self.U else []) + [(U, V) for U, V, _ in self._trial]
+        for U, V in parts:
+            n = V.shape[1]
+            cols = at + torch.arange(n, device=x.device)                       # (n,)
+            xV = (xf @ V).masked_fill(cols[None] >= upto[:, None], 0.0)        # (N, n)
+            out = out + xV @ U.T                                               # (N, d_out)
+            at += n
+        return out
+
+    def step_ends(self) -> torch.Tensor:
+        """(r_all,) long: per edit, the end column of its step (committed edits), or of everything (trial ones):
+        the Δ prefix the prefix gate gives a token routed to that edit."""
+        if self._ends is None:
+            ends, at = [], 0
+            for u in self.U:
+                at += u.shape[1]
+                ends.append(torch.full((u.shape[1],), at, dtype=torch.long, device=self.device))
+            self._ends = torch.cat(ends) if ends else torch.zeros(0, dtype=torch.long, device=self.device)
+        if not self._trial:
+            return self._ends
+        total = self.rank + sum(v.shape[1] for _, v, _ in self._trial)
+        return torch.cat([self._ends, torch.full((total - self.rank,), total, dtype=torch.long, device=self.device)])
+
+    def _upto(self, edits: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
+        """(B, T) the prefix gate's end column per token: its best candidate still matching (candidates come
+        best first; a token with none gets 0, and is not routed)."""
+        first = alive.to(torch.uint8).argmax(dim=-1, keepdim=True)            # (B, T, 1) the first True
+        best = edits.gather(-1, first)[..., 0]                                 # (B, T)
+        return torch.where(alive.any(-1), self.step_ends()[best], 0)
 
     def _route_token(self, a: torch.Tensor) -> torch.Tensor:
         """The per-token gate: a real token routes when its score reaches α; (B, T) bool."""

@@ -8,7 +8,7 @@ import json
 import torch
 from torch import nn
 
-from .hook import GATES, HookLayer, Mode, RoutingContext
+from .hook import CASCADE_GATES, GATES, HookLayer, Mode, RoutingContext
 from .registry import spec_for
 
 
@@ -73,7 +73,7 @@ class EditableModel:
         """α0 per hook: ``alpha0`` everywhere, but the cascade gate's later layers confirm at ``confirm_alpha``."""
         first = min(self.hooks)
         for l, h in self.hooks.items():
-            h.alpha0 = float(confirm_alpha if gate == "cascade" and l != first else alpha0)
+            h.alpha0 = float(confirm_alpha if gate in CASCADE_GATES and l != first else alpha0)
             if not h.U:                                              # a committed history keeps its own α
                 h.alpha = h.alpha0
 

@@ -19,7 +19,7 @@ import torch
 
 from .config import EditConfig
 from .errors import DeltaMismatch
-from .hook import CONFIRM_FLOOR, Mode
+from .hook import CASCADE_GATES, CONFIRM_FLOOR, Mode
 from .model import EditableModel
 from .precision import choose_opt_dtype
 from .requests import EditRequest, StepBatch
@@ -168,7 +168,7 @@ def compute_delta(em: EditableModel, requests: list[EditRequest], stats: KeyStat
         t = time.perf_counter()
         alphas = _adapted_alphas(em, batch, cfg.alpha_min_for(em.gate)) if route is Mode.VALIDATED else {l: h.alpha for l, h in em.hooks.items()}
         bars = _confirm_bars(em, batch, alphas, cfg.confirm_margin, cfg.route_margin) \
-            if route is Mode.VALIDATED and em.gate == "cascade" else {}
+            if route is Mode.VALIDATED and em.gate in CASCADE_GATES else {}
         times["routing_s"] = time.perf_counter() - t
     layers = tuple(LayerDelta(l, U, V, K, alphas[l], bars.get(l)) for l, U, V, K in out)
     times["total_s"] = time.perf_counter() - t0
@@ -358,7 +358,7 @@ def _adapted_alphas(em: EditableModel, batch: StepBatch, alpha_min: float = 0.0)
         em.forward_until(max(em.layers), ids, mask)
     alphas = {}
     for l, hook in em.hooks.items():
-        if em.gate == "cascade" and l != em.layers[0]:
+        if em.gate in CASCADE_GATES and l != em.layers[0]:
             alphas[l] = hook.alpha                           # the cascade's later layers: fixed α, per-edit bars
             continue
         zmax = torch.cat(rec.get(l, [torch.tensor([])])).float()

@@ -50,11 +50,14 @@ def _counts(value: str) -> tuple[int, ...]:
                    "its editing hyper-parameters still come from [model] hparams.")
 @click.option("--device", default=None, help="Device instead of [model] device (auto, cpu, cuda, cuda:N).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the JSON report here (each evaluation also goes to PATH.partial.jsonl as soon as it exists, until the report is written).")
+@click.option("--checkpoint", "checkpoint", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Save every step and evaluation in this folder; started again with the same options, the run "
+                   "goes on from its last saved step (a 5,000-edit run is hours of CPU).")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write a PNG plot here.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @click.pass_obj
 def eval_cmd(obj, dataset, data_path, span, steps, batch, eval_every, methods, heldout, gen_every, speed_at, model_source,
-             device, json_path, plot_path, progress):
+             device, json_path, checkpoint, plot_path, progress):
     """Run a consecutive-editing benchmark on the configured model (not the daemon's state: a fresh,
     unedited copy) and report efficacy, paraphrase efficacy, specificity, reliability, generality,
     locality, perplexity and speed.
@@ -118,7 +121,9 @@ def eval_cmd(obj, dataset, data_path, span, steps, batch, eval_every, methods, h
     try:
         report = evaluate(worker.em, cases, stats, worker.cfg.editor, methods=names, steps=steps, batch=batch,
                           eval_every=eval_every, heldout=texts, speed_at=_counts(speed_at), stats_seconds=stats_s,
-                          progress=tick, gen_every=gen_every)
+                          progress=tick, gen_every=gen_every, checkpoint=checkpoint)
+    except EditorError as e:
+        raise click.UsageError(str(e)) from None
     finally:
         if bar:
             bar.close()

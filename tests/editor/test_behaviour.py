@@ -16,8 +16,8 @@ def test_three_consecutive_steps_edit_and_keep_unrelated(default_model, counterf
     model, tok = default_model
     cfg = EditConfig.from_toml(ROOT / "configs" / "models" / "smollm2-135m.toml")
     cfg = cfg.replace(stats=StatsConfig(corpus=str(DATA / "wikitext2-valid.txt"), n_tokens=20_000, seq_len=256))
-    em = EditableModel.for_config(model, tok, cfg)     # the shipped gate (cascade)
-    assert em.gate == "cascade"
+    em = EditableModel.for_config(model, tok, cfg)     # the shipped gate (prefix)
+    assert em.gate == "prefix"
     try:
         stats = key_stats(em, cfg.stats, ROOT / ".cache" / "state" / "stats", progress=False)
         cases = counterfact[100:115]                 # tuning range (0-1999), not the sweep's cases

@@ -136,14 +136,43 @@ def test_the_gate_comes_from_the_config_of_the_run(setup):
 
 def test_a_method_can_name_another_gate_and_runs_beside_the_configured_one(setup):
     em, cfg, stats = setup
-    assert cfg.gate == "cascade"
-    report = evaluate(em, CASES, stats, cfg, methods=("comeba-hk", "comeba-hk@token", "comeba-hk@zscore"),
+    assert cfg.gate == "prefix"
+    report = evaluate(em, CASES, stats, cfg, methods=("comeba-hk", "comeba-hk@cascade", "comeba-hk@zscore"),
                       steps=1, batch=2)
     gates = {m: run["gate"] for m, run in report["methods"].items()}
-    assert gates == {"comeba-hk": "cascade", "comeba-hk@token": "token", "comeba-hk@zscore": "zscore"}
+    assert gates == {"comeba-hk": "prefix", "comeba-hk@cascade": "cascade", "comeba-hk@zscore": "zscore"}
     assert report["methods"]["comeba-hk@zscore"]["alpha"]["1"] > 1.0          # a z-score α (α0 2.2)
     assert report["methods"]["comeba-hk"]["alpha"]["2"] == cfg.confirm_alpha   # the cascade confirms at its α
-    with pytest.raises(EditorError, match="comeba-hk@GATE with GATE one of zscore, token, cascade"):
+    with pytest.raises(EditorError, match="comeba-hk@GATE with GATE one of zscore, token, cascade, prefix"):
         method("memit@token")
     with pytest.raises(EditorError, match="unknown editing method 'comeba-hk@nope'"):
         method("comeba-hk@nope")
+
+
+def test_a_checkpointed_run_stopped_midway_goes_on_to_the_same_report(setup, tmp_path):
+    em, cfg, stats = setup
+    kw = dict(steps=2, batch=2, eval_every=1, heldout=["Some held-out text about a city and its river. " * 4],
+              gen_every=2)
+    whole = evaluate(em, CASES, stats, cfg, **kw)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first_step(method, s, total, last):
+        if s == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        evaluate(em, CASES, stats, cfg, checkpoint=tmp_path / "ck", progress=stop_after_first_step, **kw)
+    assert (tmp_path / "ck" / "comeba-hk" / "step-00001.safetensors").exists()
+    assert not (tmp_path / "ck" / "comeba-hk" / "step-00002.safetensors").exists()
+    steps_seen = []
+    resumed = evaluate(em, CASES, stats, cfg, checkpoint=tmp_path / "ck",
+                       progress=lambda m, s, total, last: steps_seen.append(s), **kw)
+    assert steps_seen == [2]                                    # only the second step was edited again
+    a, b = whole["methods"]["comeba-hk"], resumed["methods"]["comeba-hk"]
+    assert a["history"] == b["history"] and a["perplexity"] == b["perplexity"] and a["alpha"] == b["alpha"]
+    assert [r["step"] for r in b["history"]] == [1, 2] and "gen_success" in b["history"][0]
+    assert whole["base"] == resumed["base"]
+    with pytest.raises(EditorError, match="belongs to another run .*batch.*new --checkpoint folder"):
+        evaluate(em, CASES, stats, cfg, checkpoint=tmp_path / "ck", **{**kw, "steps": 1, "batch": 4})
