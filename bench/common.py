@@ -67,3 +67,20 @@ def service_on_copy(state: Path, prefix: str):
     copy = Path(tempfile.mkdtemp(prefix=prefix)) / "state"
     shutil.copytree(state, copy, ignore=shutil.ignore_patterns("*.lock"))
     return Service(load_config(None, copy), progress=False)
+
+
+def edited_cases(svc, head, em, cases) -> list[tuple[int, int, int, object]]:
+    """The ``cases`` whose facts the model at ``head`` holds, as (column in the hooks' concatenated factors,
+    step, column in that step, case), each at its latest live edit, in the order of ``cases``."""
+    starts, at = [], 0
+    for u in em.hooks[em.layers[0]].U:
+        starts.append(at)
+        at += u.shape[1]
+    live = svc.live.live_columns(head)
+    out = []
+    for c in cases:
+        cols = live.get((c.subject, c.prompt.replace(c.subject, "{}", 1)))
+        if cols:
+            s, j = cols[-1]
+            out.append((starts[s] + j, s, j, c))
+    return out

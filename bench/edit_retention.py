@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from common import DATA, service_on_copy
+from common import DATA, edited_cases, service_on_copy
 from route_margin import own_scores, set_route_bars
 
 
@@ -27,28 +27,21 @@ from route_margin import own_scores, set_route_bars
 def probe(em, cfg, cases) -> dict[str, torch.Tensor]:
     """h_L at each case's subject's last token (N, d), and whether the last edited layer routes it (N,)."""
     from editor.requests import StepBatch
+    from editor.step import _keys_and_residual
     batch = StepBatch(em.tokenizer, [c.request for c in cases], ("{}",), cfg.kl_template)
-    rows = batch.keys
-    ids, mask = batch.tensors(rows, em.device)                                # (N, T)
-    idx = torch.arange(len(rows))
-    lookup = torch.tensor([r.lookup for r in rows])                           # (N,)
+    lookup = torch.tensor([r.lookup for r in batch.keys])                    # (N,)
     got: dict[str, torch.Tensor] = {}
 
     def grab_route(module, inputs, output):
         route = em.context.token_route
-        got["routed"] = route[idx, lookup].clone() if route is not None else torch.zeros(len(rows), dtype=torch.bool)
+        got["routed"] = route[torch.arange(len(lookup)), lookup].clone() if route is not None \
+            else torch.zeros(len(lookup), dtype=torch.bool)
 
-    def grab_h(module, inputs, output):
-        h = output[0] if isinstance(output, tuple) else output
-        got["h"] = h[idx, lookup].float()                                     # (N, d)
-
-    handles = [em.spec.projection_module(em.model, max(em.layers)).register_forward_hook(grab_route),
-               em.spec.blocks(em.model)[cfg.last_layer].register_forward_hook(grab_h)]
+    handle = em.spec.projection_module(em.model, max(em.layers)).register_forward_hook(grab_route)
     try:
-        em.forward_until(cfg.last_layer, ids, mask)
+        _, got["h"] = _keys_and_residual(em, batch, max(em.layers), cfg)     # (N, d) h_L at the lookup
     finally:
-        for h in handles:
-            h.remove()
+        handle.remove()
     return got
 
 
@@ -83,18 +76,7 @@ def main() -> None:
     deltas = [d for d in svc.live.deltas(head) if d.layers]
     a, b = (int(x) for x in args.cases.split(":"))
     cases = load_cases("counterfact", DATA / "counterfact-edit.json", (a, b))
-    live = svc.live.live_columns(head)
-    starts, at = [], 0
-    for d in deltas:
-        starts.append(at)
-        at += d.layers[0].U.shape[1]
-    rows = []                                                                 # (global column, step, column, case)
-    for c in cases:
-        cols = live.get((c.subject, c.prompt.replace(c.subject, "{}", 1)))
-        if cols:
-            s, j = cols[-1]
-            rows.append((starts[s] + j, s, j, c))
-    rows = rows[::args.every]
+    rows = edited_cases(svc, head, em, cases)[::args.every]                  # (column, step, column in it, case)
     own = own_scores(em, [(g, c.prompt) for g, _, _, c in rows])
     bars = own * args.margin if args.margin > 0 else None
     sub = [c for *_, c in rows]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from common import DATA, service_on_copy
+from common import DATA, edited_cases, service_on_copy
 
 
 @torch.no_grad()
@@ -75,18 +75,7 @@ def main() -> None:
         em.context.gate = args.gate
     a, b = (int(x) for x in args.cases.split(":"))
     cases = load_cases("counterfact", DATA / "counterfact-edit.json", (a, b))
-    first = next(iter(em.hooks.values()))
-    starts, at = [], 0
-    for u in first.U:
-        starts.append(at)
-        at += u.shape[1]
-    live = svc.live.live_columns(head)
-    edited = []
-    for c in cases:
-        cols = live.get((c.subject, c.prompt.replace(c.subject, "{}", 1)))
-        if cols:
-            edited.append((starts[cols[-1][0]] + cols[-1][1], c))
-    edited = edited[::args.every]
+    edited = [(col, c) for col, _, _, c in edited_cases(svc, head, em, cases)][::args.every]
     t = time.perf_counter()
     own = own_scores(em, [(col, c.prompt) for col, c in edited])
     sub = [c for _, c in edited]

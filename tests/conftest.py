@@ -223,3 +223,12 @@ def cascade_history(make_tiny, tiny_tokenizer):
     em, text, deltas = _gated_history(make_tiny, tiny_tokenizer, "cascade")
     yield em, text, deltas
     em.close()
+
+
+@pytest.fixture
+def prefix_history(make_tiny, tiny_tokenizer):
+    """Like ``token_history``, with the prefix gate (every α 0.5): tokens 4 and 9 route to the first step's
+    edits and take its Δ alone, token 12 to the second step's and takes both steps' Δ."""
+    em, text, deltas = _gated_history(make_tiny, tiny_tokenizer, "prefix")
+    yield em, text, deltas
+    em.close()

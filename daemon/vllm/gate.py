@@ -7,17 +7,19 @@ decision (editor/hook.py, "token"). So one token's output depends only on its ow
 the same under continuous batching, chunked prefill and prefix caching. The cascade gate ("cascade") is
 per token too: the deciding layer routes a token and keeps its best-matching edits that reach α, each
 later edited layer keeps it while its own input still matches one of them at that edit's bar there, and a
-token dropped there gets the Δx the earlier layers added taken back. Pure torch, no vLLM import: the tests
-check it against kbsync's own hook in the main environment.
+token dropped there gets the Δx the earlier layers added taken back. The prefix gate ("prefix") routes as
+the cascade does, and a routed token takes Δ only up to the end of the step of its best candidate still
+matching. Pure torch, no vLLM import: the tests check it against kbsync's own hook in the main environment.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from editor.hook import CASCADE_CANDIDATES, self_response
+from editor.hook import CASCADE_CANDIDATES, CASCADE_GATES, self_response
 from editor.step import StepDelta, masked_indices
 
 
@@ -31,6 +33,7 @@ class LayerFactors:
     alpha: float
     bars: torch.Tensor | None = None   # (r,) the cascade's per-edit bars: at the deciding layer max(α, the stored
                                        # bar), later the confirmation bars (α where a step has none)
+    ends: torch.Tensor | None = None   # (r,) long, per edit the end column of its step: the prefix gate's Δ prefix
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,7 @@ class ServedVersion:
 
 
 BASE = ServedVersion(None, "", {})
-SERVED_GATES = ("token", "cascade")
+SERVED_GATES = ("token", *CASCADE_GATES)
 
 
 def served_version(version: int | None, digest: str, deltas: list[StepDelta], device, gate: str) -> ServedVersion:
@@ -57,7 +60,7 @@ def served_version(version: int | None, digest: str, deltas: list[StepDelta], de
     if gate not in SERVED_GATES:
         raise ValueError(f"version {version} routes with the {gate!r} gate; the vLLM plugin serves the per-token "
                          "gates only (the per-sequence one needs whole sequences, which vLLM never has in one "
-                         "piece). Rebuild the history with gate = \"cascade\" (configs/models/*.toml)")
+                         "piece). Rebuild the history with gate = \"prefix\" (configs/models/*.toml)")
     parts: dict[int, list] = {}
     alphas: dict[int, float] = {}
     for d in deltas:
@@ -65,6 +68,9 @@ def served_version(version: int | None, digest: str, deltas: list[StepDelta], de
             parts.setdefault(ld.layer, []).append((ld.U.float(), ld.V.float(), ld.K.float(), ld.bars))
             alphas[ld.layer] = ld.alpha                             # α after the layer's latest step
     masked, taken_out = masked_indices(deltas), masked_indices(deltas, "taken_out")   # the same in every layer
+    sizes = [d.layers[0].U.shape[1] for d in deltas if d.layers]
+    ends = torch.cat([torch.full((n,), end, dtype=torch.long) for n, end in zip(sizes, itertools.accumulate(sizes))]) \
+        if sizes else torch.zeros(0, dtype=torch.long)             # (r,) the same in every layer
     layers = {}
     for layer, ps in sorted(parts.items()):
         U = torch.cat([u for u, _, _, _ in ps], 1).to(device)       # (d_out, r)
@@ -77,7 +83,7 @@ def served_version(version: int | None, digest: str, deltas: list[StepDelta], de
         inv_s = 1.0 / S.clamp(min=1e-12)                            # (r,)
         U[:, masked] = 0.0                                          # masked removals: no Δ
         inv_s[taken_out] = 0.0                                      # every removal: never routes
-        layers[layer] = LayerFactors(U.contiguous(), V.contiguous(), inv_s, alphas[layer], bars)
+        layers[layer] = LayerFactors(U.contiguous(), V.contiguous(), inv_s, alphas[layer], bars, ends.to(device))
     return ServedVersion(version, digest, layers, gate)
 
 
@@ -108,7 +114,7 @@ class GateState:
         f = self._pass.layers.get(layer)
         if f is None:
             return None
-        cascade = self._pass.gate == "cascade"
+        cascade = self._pass.gate in CASCADE_GATES
         if layer == self._pass.decider:                             # scores need every token's x V
             xV = x.to(torch.float32) @ f.V                          # (N, r)
             scores = xV * f.inv_s                                   # (N, r)
@@ -118,10 +124,12 @@ class GateState:
             rows = self._route.nonzero().squeeze(-1)                # (n,) the routed tokens
             if not len(rows):
                 return None
-            part = xV[rows] @ f.U.T                                 # (n, d_out)
             if cascade:
                 best, self._edit = scores[rows].topk(min(CASCADE_CANDIDATES, scores.shape[1]), dim=-1)   # (n, k)
-                self._alive, self._added = best > -torch.inf, part
+                self._alive = best > -torch.inf
+            part = self._upto(f, xV[rows]) @ f.U.T                  # (n, d_out)
+            if cascade:
+                self._added = part
         elif cascade:
             return self._confirm(f, x)
         else:                                                       # later layers: the routed tokens only
@@ -148,11 +156,22 @@ class GateState:
         e = self._edit                                              # (n, k)
         alive = self._alive & (torch.einsum("nd,dnk->nk", xr, f.V[:, e]) * f.inv_s[e] >= f.bars[e])   # (n, k)
         keep = alive.any(-1)                                        # (n,) bool
-        part = torch.where(keep[:, None], (xr @ f.V) @ f.U.T, -self._added)   # (n, d_out)
+        self._alive = alive
+        part = torch.where(keep[:, None], self._upto(f, xr @ f.V) @ f.U.T, -self._added)   # (n, d_out)
         self._route = torch.zeros_like(route).index_fill_(0, rows[keep], True)
         self._added = (self._added + part)[keep]                    # the rows still routed, in order
         self._edit, self._alive = e[keep], alive[keep]
         return torch.zeros(x.shape[0], f.U.shape[0], dtype=torch.float32, device=x.device).index_copy_(0, rows, part)
+
+    def _upto(self, f: LayerFactors, xV: torch.Tensor) -> torch.Tensor:
+        """x V of the routed tokens, (n, r), with the prefix gate's columns past each token's prefix zeroed: the
+        end of the step of its best candidate still matching (candidates come best first). Other gates: as is."""
+        if self._pass.gate != "prefix":
+            return xV
+        first = self._alive.to(torch.uint8).argmax(dim=-1, keepdim=True)     # (n, 1) the first still matching
+        upto = f.ends[self._edit.gather(-1, first)[:, 0]]                   # (n,)
+        cols = torch.arange(xV.shape[1], device=xV.device)                   # (r,)
+        return xV.masked_fill(cols[None] >= upto[:, None], 0.0)
 
 
 def gate_projection(module: nn.Module, layer: int, state: GateState) -> None:

@@ -40,7 +40,7 @@ def _plugin(em) -> GateState:
 
 
 @pytest.mark.parametrize("taken_out", ["unrouted", "masked"])   # today's removals; those of older ledgers
-@pytest.mark.parametrize("history", ["token_history", "cascade_history"])
+@pytest.mark.parametrize("history", ["token_history", "cascade_history", "prefix_history"])
 def test_the_plugin_gives_kbsyncs_logits_whole_and_in_chunks(history, taken_out, request):
     em, text, deltas = request.getfixturevalue(history)
     gate = deltas[0].gate
@@ -75,7 +75,7 @@ def test_the_plugin_gives_kbsyncs_logits_whole_and_in_chunks(history, taken_out,
 def test_a_per_sequence_history_is_refused_with_the_fix(token_history):
     em, text, deltas = token_history
     zscore = [d.__class__(d.layers, d.requests, d.model_fingerprint, d.config_digest, gate="zscore") for d in deltas]
-    with pytest.raises(ValueError, match='per-token gates only.*gate = "cascade"'):
+    with pytest.raises(ValueError, match='per-token gates only.*gate = "prefix"'):
         served_version(2, "digest", zscore, "cpu", "zscore")
 
 

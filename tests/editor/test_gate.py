@@ -171,9 +171,10 @@ def test_without_undo_a_vetoed_token_keeps_what_the_earlier_layers_added():
     torch.testing.assert_close(d1, torch.zeros(1, 3, 4))
 
 
-@pytest.mark.parametrize("first_layer_bars", [False, True])
-def test_cascade_full_forward_and_kv_cached_decoding_give_identical_logits(cascade_history, first_layer_bars):
-    em, text, deltas = cascade_history
+@pytest.mark.parametrize("history,first_layer_bars", [("cascade_history", False), ("cascade_history", True),
+                                                      ("prefix_history", False)])
+def test_cascade_full_forward_and_kv_cached_decoding_give_identical_logits(history, first_layer_bars, request):
+    em, text, deltas = request.getfixturevalue(history)
     if first_layer_bars:                 # the second step's first edit needs 0.9 at layer 1 (route_margin)
         from dataclasses import replace
         first = deltas[1].layers[0]
@@ -299,3 +300,27 @@ def test_a_cascade_step_keeps_its_own_prompts_routed_through_every_layer(route_m
         h.remove()
         em.close()
     assert all(route.any() for route in last)                                   # each prompt still routed at layer 3
+
+
+
+def test_the_prefix_gate_gives_a_token_the_delta_up_to_its_edits_step():
+    ctx = RoutingContext(gate="prefix")
+    ctx.attention_mask, ctx.incremental = torch.ones(1, 3), False
+    lin = torch.nn.Linear(6, 4, bias=False)
+    hook = HookLayer(lin, 0, 6, 4, ctx, 0.5)
+    e = torch.eye(6)
+    hook.commit(torch.ones(4, 1), e[:, :1] / 4.0, e[:, :1] * 2.0, 0.5)        # step 1: key 2·e0, Δx = x₀ / 4
+    hook.commit(torch.full((4, 1), 10.0), e[:, 1:2] / 4.0 + e[:, :1] / 40.0, e[:, 1:2] * 2.0, 0.5)   # step 2: key 2·e1
+    x = torch.zeros(1, 3, 6)
+    x[0, 0, 0] = 2.0                                                            # step 1's key
+    x[0, 1, 1] = 2.0                                                            # step 2's key
+    x[0, 2, 2] = 2.0                                                            # neither
+    ctx.token_route = None
+    d = lin(x) - x @ lin.weight.T                                               # (1, 3, 4)
+    assert ctx.token_route[0].tolist() == [True, True, False]
+    torch.testing.assert_close(d[0, 0], torch.full((4,), 0.5))                # step 1's Δ alone: 2 / 4
+    torch.testing.assert_close(d[0, 1], torch.full((4,), 5.0))                # both steps' Δ: 0 + 10 · 2 / 4
+    torch.testing.assert_close(d[0, 2], torch.zeros(4))
+    ctx.gate, ctx.token_route = "cascade", None                                 # the cascade: all of Δ
+    d = lin(x) - x @ lin.weight.T
+    torch.testing.assert_close(d[0, 0], torch.full((4,), 0.5 + 10 * 2 / 40))  # step 2's write on step 1's key
