@@ -31,10 +31,10 @@ def heldout_texts(path: str | Path, n: int = 24, min_chars: int = 1200) -> list[
 def run_method(em: EditableModel, cases: list[Case], stats: KeyStats, cfg: EditConfig, *, method_name: str,
                steps: int, batch: int, eval_every: int, base_loc, texts: list[str], speed_at=(),
                speed_prompts: list[str] = (), progress=None, base_loc_text: list[str] | None = None,
-               gen_every: int = 1, checkpoint: RunCheckpoint | None = None) -> dict:
+               gen_every: int = 1, score_every: int = 1, checkpoint: RunCheckpoint | None = None) -> dict:
     """One method, from the base model: ``steps`` steps of ``batch`` cases each, evaluated every
-    ``eval_every`` steps and at the end over every edit so far (teacher-forced on every edit, greedy on every
-    ``gen_every``-th, perplexity). ``em`` is reset before and after. With ``checkpoint``, every step is saved
+    ``eval_every`` steps and at the end over the edits so far (teacher-forced on every ``score_every``-th,
+    whose unedited predictions ``base_loc`` holds, greedy on every ``gen_every``-th, perplexity). ``em`` is reset before and after. With ``checkpoint``, every step is saved
     and a run saved before goes on from its last step."""
     how = method(method_name)
     live = how.mode
@@ -49,13 +49,14 @@ def run_method(em: EditableModel, cases: list[Case], stats: KeyStats, cfg: EditC
             restore_state(em, saved)
             history, speed, split, edit_s = record["history"], record["speed"], record["split"], record["edit_s"]
             start = len(saved)
-    probes = case_probes(cases)
+    probes = case_probes(cases[::score_every])
     try:
         for s in range(start, steps + 1):
             done = s * batch
             if s and (s % eval_every == 0 or s == steps) and not (history and history[-1]["step"] == s):
                 with em.mode(live):
-                    row = {"step": s, "edits": done, **probe_metrics(score_probes(em, probes[:6 * done]), base_loc)}
+                    n = len(range(0, done, score_every))                # the scored edits so far
+                    row = {"step": s, "edits": done, **probe_metrics(score_probes(em, probes[:6 * n]), base_loc[:n])}
                     if base_loc_text is not None:
                         row.update(generation_metrics(em, cases[:done:gen_every], base_loc_text[:done:gen_every]))
                     if texts:
@@ -100,7 +101,7 @@ def _record(history, speed, split, edit_s) -> dict:
 
 
 def evaluate(em: EditableModel, cases: list[Case], stats: KeyStats, cfg: EditConfig, *, methods=("comeba-hk",),
-             gen_every: int = 1,
+             gen_every: int = 1, score_every: int = 1,
              steps: int, batch: int, eval_every: int = 0, heldout: list[str] = (), speed_at=(),
              stats_seconds: float | None = None, progress=None, checkpoint: Path | None = None) -> dict:
     """The whole report: the unedited model's metrics and perplexity, then each method side by side. With
@@ -116,15 +117,16 @@ def evaluate(em: EditableModel, cases: list[Case], stats: KeyStats, cfg: EditCon
     if checkpoint is not None:
         ck = RunCheckpoint(checkpoint, {"cases": [c.case_id for c in cases[:1]] + [c.case_id for c in cases[-1:]],
                                         "n_cases": len(cases), "steps": steps, "batch": batch,
-                                        "eval_every": eval_every, "gen_every": gen_every, "methods": list(methods),
+                                        "eval_every": eval_every, "gen_every": gen_every,
+                                        "score_every": score_every, "methods": list(methods),
                                         "config": cfg.digest(), "model": em.fingerprint()})
     saved_base = ck.base() if ck is not None else None
     if saved_base is not None:
         base, base_loc, base_loc_text = saved_base
     else:
         with em.mode(Mode.OFF):
-            base_scores = score_probes(em, case_probes(cases))
-            base_loc = [base_scores[6 * i + 4][1] for i in range(len(cases))]
+            base_scores = score_probes(em, case_probes(cases[::score_every]))
+            base_loc = [base_scores[6 * i + 4][1] for i in range(len(base_scores) // 6)]
             base_loc_text = [None] * len(cases)               # greedy answers of the unedited model, every gen_every-th
             base_loc_text[::gen_every] = generated(em, [c.loc_prompt for c in cases[::gen_every]])
             base = {"final": {**probe_metrics(base_scores, base_loc),
@@ -138,7 +140,8 @@ def evaluate(em: EditableModel, cases: list[Case], stats: KeyStats, cfg: EditCon
         runs[m] = run_method(em, cases, stats, cfg, method_name=m, steps=steps, batch=batch,
                              eval_every=eval_every or steps, base_loc=base_loc, texts=list(heldout),
                              speed_at=set(speed_at), speed_prompts=speed_prompts, progress=progress,
-                             base_loc_text=base_loc_text, gen_every=gen_every, checkpoint=ck)
+                             base_loc_text=base_loc_text, gen_every=gen_every, score_every=score_every,
+                             checkpoint=ck)
     first = runs[methods[0]]
     return {"edits": steps * batch, "steps": steps, "batch": batch, "seconds": round(time.perf_counter() - t0, 2),
             "method": methods[0], "final": first["final"], "perplexity": first["perplexity"],

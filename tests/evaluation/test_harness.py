@@ -176,3 +176,12 @@ def test_a_checkpointed_run_stopped_midway_goes_on_to_the_same_report(setup, tmp
     assert whole["base"] == resumed["base"]
     with pytest.raises(EditorError, match="belongs to another run .*batch.*new --checkpoint folder"):
         evaluate(em, CASES, stats, cfg, checkpoint=tmp_path / "ck", **{**kw, "steps": 1, "batch": 4})
+
+
+def test_score_every_scores_every_kth_edit_only(setup):
+    em, cfg, stats = setup
+    sampled = evaluate(em, CASES, stats, cfg, steps=1, batch=4, score_every=2)
+    alone = evaluate(em, CASES[::2], stats, cfg, steps=1, batch=2)
+    keys = ("efficacy", "paraphrase_efficacy", "specificity", "reliability", "generality")
+    assert {k: sampled["base"]["final"][k] for k in keys} == {k: alone["base"]["final"][k] for k in keys}
+    assert sampled["methods"]["comeba-hk"]["history"][-1]["edits"] == 4
