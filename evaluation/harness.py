@@ -61,6 +61,7 @@ def run_method(em: EditableModel, cases: list[Case], stats: KeyStats, cfg: EditC
                         row.update(generation_metrics(em, cases[:done:gen_every], base_loc_text[:done:gen_every]))
                     if texts:
                         row["perplexity"] = round(perplexity(em, texts), 4)
+                row["edit_seconds"] = round(edit_s, 1)                  # editing time so far: step time by depth
                 history.append(row)
                 if checkpoint is not None:
                     checkpoint.save_record(method_name, s, _record(history, speed, split, edit_s))
