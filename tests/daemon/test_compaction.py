@@ -136,3 +136,27 @@ def test_an_interrupted_compaction_resumes_and_takes_in_what_changed_meanwhile(p
         assert ("Paris", "{} is the capital of") not in live           # removed before: never on the branch
     finally:
         svc.close()
+
+
+def test_a_compaction_moves_a_cascade_history_onto_the_configured_gate(project):
+    tiny = project / "tiny.toml"
+    tiny.write_text(tiny.read_text().replace("[editor]\n", "[editor]\ngate = 'cascade'\n", 1))
+    svc = _service(project)
+    try:
+        _history(svc)
+        assert svc.live.em.gate == "cascade"
+        assert {d.gate for d in svc.live.deltas(svc.ledger.head().id) if d.layers} == {"cascade"}
+    finally:
+        svc.close()
+    tiny.write_text(tiny.read_text().replace("gate = 'cascade'", "gate = 'prefix'"))
+    svc = _service(project)
+    try:
+        em, _ = svc.model_at_head()
+        assert em.gate == "cascade"                             # a history keeps the gate it was made with
+        assert svc.compact()["finished"]
+        em, head = svc.model_at_head()
+        assert em.gate == "prefix"
+        assert {d.gate for d in svc.live.deltas(head) if d.layers} == {"prefix"}
+        assert sorted(k[0] for k in svc.live.live_columns(head)) == ["Berlin", "Lisbon", "Madrid", "Rome", "Vienna"]
+    finally:
+        svc.close()
