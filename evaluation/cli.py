@@ -125,8 +125,6 @@ def eval_cmd(obj, dataset, data_path, span, steps, batch, eval_every, methods, h
         report = evaluate(worker.em, cases, stats, worker.cfg.editor, methods=names, steps=steps, batch=batch,
                           eval_every=eval_every, heldout=texts, speed_at=_counts(speed_at), stats_seconds=stats_s,
                           progress=tick, gen_every=gen_every, score_every=score_every, checkpoint=checkpoint)
-    except EditorError as e:
-        raise click.UsageError(str(e)) from None
     finally:
         if bar:
             bar.close()
