@@ -7,6 +7,8 @@
 #   .venv/bin/python bench/report_tables.py --merge bench/out/eval-1000-3.json \
 #       bench/out/eval-1000.json bench/out/eval-1000-no-hook.json bench/out/eval-1000-memit.json --plot docs/img/eval-1000-3.png
 #   bash bench/eval_runs.sh zsre    # 20 steps x 10 on zsRE, three methods
+#   bash bench/eval_runs.sh 5000    # 500 steps x 10, the shipped method, every 5th edit scored, every 10th decoded;
+#                                   # checkpointed: run it again after a stop and it goes on (~2.5 h on 2 cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 KBSYNC=".venv/bin/kbsync --state-dir ${STATE:-.cache/state}"
@@ -21,8 +23,11 @@ case "${1:-200}" in
         m="${1#1000-}"
         $KBSYNC eval --dataset counterfact --cases 5000:6000 --steps 100 --batch 10 --eval-every 50 \
           --method "$m" --json "bench/out/eval-1000-$m.json" --plot "bench/out/eval-1000-$m.png" ;;
+  5000) $KBSYNC eval --dataset counterfact --cases 5000:10000 --steps 500 --batch 10 --eval-every 100 \
+          --gen-every 10 --score-every 5 --method comeba-hk --checkpoint bench/out/ckpt-5000-prefix \
+          --json bench/out/eval-5000-prefix.json --plot docs/img/eval-5000-prefix.png ;;
   zsre) $KBSYNC eval --dataset zsre --cases 0:200 --steps 20 --batch 10 --eval-every 5 \
           --method comeba-hk,no-hook,memit \
           --json bench/out/eval-zsre-200.json --plot docs/img/eval-zsre-200.png ;;
-  *) echo "usage: bash bench/eval_runs.sh 200|1000|1000-no-hook|1000-memit|zsre" >&2; exit 2 ;;
+  *) echo "usage: bash bench/eval_runs.sh 200|1000|1000-no-hook|1000-memit|5000|zsre" >&2; exit 2 ;;
 esac
