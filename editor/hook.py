@@ -71,7 +71,6 @@ class RoutingContext:
     token_added: torch.Tensor | None = None      # cascade gate: (B, T, d_out) Δx added so far to each routed token
     cascade_undo: bool = True                    # cascade gate: a vetoed token's earlier Δx is taken back
     cascade_candidates: int = CASCADE_CANDIDATES # cascade gate: edits a token may match after its first layer
-    token_upto: torch.Tensor | None = None       # prefix gate: (B, T) the end column of Δ each routed token takes
 
     def keep_rows(self, rows: torch.Tensor, batch: int) -> None:
         """A KV-cached decode dropped finished rows: keep the carried statistics of ``rows`` (of ``batch``)."""
@@ -339,7 +338,7 @@ class HookLayer:
             alive = best > -torch.inf                               # (B, T, k) edits at or above their bar
             route = ctx.token_route = self._route_token(a) & alive[..., 0]   # (B, T) bool
             ctx.token_edit = (edits, alive)                         # the candidates and which still match
-            upto = ctx.token_upto = self._upto(edits, alive) if ctx.gate == "prefix" else None   # (B, T)
+            upto = self._upto(edits, alive) if ctx.gate == "prefix" else None   # (B, T)
             ctx.token_added = self._routed_delta(x, route, upto)    # (B, T, d_out), zero off the route
             return output + ctx.token_added.to(output.dtype) if route.any() else None
         at = route.nonzero(as_tuple=True)                           # the tokens still routed
@@ -357,7 +356,7 @@ class HookLayer:
         ctx.token_route = keep
         out = output
         if keep.any():
-            upto = ctx.token_upto = self._upto(edits, alive) if ctx.gate == "prefix" else None   # (B, T)
+            upto = self._upto(edits, alive) if ctx.gate == "prefix" else None   # (B, T)
             dx = self._routed_delta(x, keep, upto)                  # (B, T, d_out)
             ctx.token_added = ctx.token_added + dx
             out = out + dx.to(output.dtype)
