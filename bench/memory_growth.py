@@ -1,12 +1,16 @@
 """Resident memory of the service across edit steps on a long history, with and without returning freed
-heap pages to the OS after each step (daemon/memory.py; benchmarks only).
+heap pages to the OS after each step (daemon/memory.py), and with the CPU kernel caches bounded as shipped
+(editor/kernel_caches.py) or at the libraries' own 1,024 entries.
 
     .venv/bin/python bench/memory_growth.py --state /tmp/history-1000 --steps 8 --json docs/results/memory_growth.json
+    .venv/bin/python bench/memory_growth.py --state /tmp/history-1000 --steps 12 \
+        --variants trim,trim+caches1024,trim+caches16 --json docs/results/memory_growth_caches.json
 
 --state is a state directory with a history (bench/removal_bench.py --build-only makes one); it is copied, and
 --steps steps of 10 new COUNTERFACT facts (cases 7000 on) are synced on the copy, once as shipped and once
 with the trim turned off, one after the other in this process order. After each step: the process's RSS and
-the bytes of every live tensor (gc), so growth in RSS with flat tensors is the allocator's, not a leak.
+the bytes of every live tensor (gc), so growth in RSS with flat tensors is the allocator's, not a leak, and
+the seconds the step took (the kernel caches' capacity must not slow a step).
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from common import DATA, ROOT, STATE
@@ -42,6 +47,10 @@ def tensor_mb() -> float:
 
 def one(args) -> list[dict]:
     os.environ.setdefault("KBSYNC_CACHE_DIR", str(STATE))
+    if args.kernel_cache:                  # before editor is imported (it sets the shipped bound otherwise)
+        from editor.kernel_caches import VARIABLES
+        for name in VARIABLES:
+            os.environ[name] = str(args.kernel_cache)
     import daemon.service
     from daemon.config import load_config
     from daemon.service import Service
@@ -60,9 +69,12 @@ def one(args) -> list[dict]:
     for s in range(args.steps):
         for c in cases[10 * s:10 * s + 10]:
             svc.store.add(c["subject"], c["prompt"].replace(c["subject"], "{}", 1), c["target_new"], source="bench")
+        t = time.perf_counter()
         kinds = [r.kind for r in svc.sync()]
+        seconds = time.perf_counter() - t
         gc.collect()
-        out.append({"step": s + 1, "kinds": kinds, "rss_mb": round(rss_mb()), "tensor_mb": round(tensor_mb())})
+        out.append({"step": s + 1, "kinds": kinds, "seconds": round(seconds, 2), "rss_mb": round(rss_mb()),
+                    "tensor_mb": round(tensor_mb())})
         print(json.dumps(out[-1]), file=sys.stderr, flush=True)
     svc.close()
     shutil.rmtree(state.parent, ignore_errors=True)
@@ -75,7 +87,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--no-trim", action="store_true", help="(internal) one run with the trim turned off")
     ap.add_argument("--mmap-threshold", type=int, default=0, help="(internal) glibc M_MMAP_THRESHOLD in bytes")
-    ap.add_argument("--variants", default="trim,no-trim", help="trim, no-trim, trim+mmap1m")
+    ap.add_argument("--kernel-cache", type=int, default=0, help="(internal) oneDNN and ideep cache capacity")
+    ap.add_argument("--variants", default="trim,no-trim",
+                    help="trim (as shipped), no-trim, trim+mmap1m, trim+cachesN (kernel caches of N entries)")
     ap.add_argument("--one", action="store_true", help="(internal) run one variant and print its rows")
     ap.add_argument("--json", type=Path, default=ROOT / "bench" / "out" / "memory_growth.json")
     args = ap.parse_args()
@@ -85,14 +99,17 @@ def main() -> None:
     doc = {"state": str(args.state), "steps": args.steps}
     flags = {"trim": [], "no-trim": ["--no-trim"], "trim+mmap1m": ["--mmap-threshold", str(1 << 20)]}
     for name in args.variants.split(","):                                          # a fresh process each
-        extra = flags[name]
+        extra = flags[name] if name in flags else ["--kernel-cache", name.removeprefix("trim+caches")]
         proc = subprocess.run([sys.executable, __file__, "--one", "--state", str(args.state), "--steps",
                                str(args.steps), *extra], capture_output=True, text=True, check=True,
                               cwd=Path(__file__).parent)
         doc[name] = json.loads(proc.stdout.strip().splitlines()[-1])
         rows = doc[name]
-        print(f"{name:15} RSS {rows[0]['rss_mb']} -> {rows[-1]['rss_mb']} MB, tensors {rows[0]['tensor_mb']} -> "
-              f"{rows[-1]['tensor_mb']} MB over {len(rows)} steps", flush=True)
+        slope = (rows[-1]["rss_mb"] - rows[0]["rss_mb"]) / max(len(rows) - 1, 1)
+        seconds = sum(r["seconds"] for r in rows[1:]) / max(len(rows) - 1, 1)
+        print(f"{name:16} RSS {rows[0]['rss_mb']} -> {rows[-1]['rss_mb']} MB ({slope:.0f} MB per step), tensors "
+              f"{rows[0]['tensor_mb']} -> {rows[-1]['tensor_mb']} MB over {len(rows)} steps, "
+              f"{seconds:.1f} s per step after the first", flush=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(doc, indent=2) + "\n")
 

@@ -18,6 +18,7 @@ import torch
 from editor.errors import EditorError
 from editor.loading import load_model
 from editor.model import EditableModel
+from editor.kernel_caches import bound_kernel_caches
 from editor.precision import PrecisionChoice, choose_opt_dtype
 from editor.stats import KeyStats, key_stats
 from editor.step import StepDelta, restore_state
@@ -55,7 +56,8 @@ class LoadedModel:
                  model_dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
                  fingerprint=self.em.fingerprint(), seconds=round(time.perf_counter() - t, 2))
         log.info("precision.chosen", opt_dtype=self.precision.dtype, setting=self.precision.setting,
-                 hardware=self.precision.hardware, reason=self.precision.reason)
+                 hardware=self.precision.hardware, reason=self.precision.reason,
+                 kernel_caches=bound_kernel_caches())
 
     @property
     def stats(self) -> KeyStats:
