@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from daemon.memory import release_freed_memory
 from editor.config import EditConfig
 from editor.errors import EditorError
 from editor.hook import Mode
@@ -78,6 +79,8 @@ def run_method(em: EditableModel, cases: list[Case], stats: KeyStats, cfg: EditC
                 split[k] += delta.metrics.get(k, 0.0)
             if checkpoint is not None:
                 checkpoint.save_step(method_name, s + 1, delta, _record(history, speed, split, edit_s))
+            del delta
+            release_freed_memory()          # or a long run's heap fragments: +45 MB RSS per step at 4,000 edits
             if progress is not None:
                 progress(method_name, s + 1, steps, history[-1] if history else None)
         ppl = history[-1].get("perplexity") if history and history[-1]["step"] == steps else None
