@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -394,11 +395,7 @@ class HookLayer:
         """(r_all,) long: per edit, the end column of its step (committed edits), or of everything (trial ones):
         the Δ prefix the prefix gate gives a token routed to that edit."""
         if self._ends is None:
-            ends, at = [], 0
-            for u in self.U:
-                at += u.shape[1]
-                ends.append(torch.full((u.shape[1],), at, dtype=torch.long, device=self.device))
-            self._ends = torch.cat(ends) if ends else torch.zeros(0, dtype=torch.long, device=self.device)
+            self._ends = step_ends([u.shape[1] for u in self.U]).to(self.device)
         if not self._trial:
             return self._ends
         total = self.rank + sum(v.shape[1] for _, v, _ in self._trial)
@@ -444,6 +441,15 @@ class HookLayer:
             zmax = torch.where(real, z, -torch.inf).amax(dim=1)    # (B,); nan where z is undefined
             self.context.records.setdefault(self.layer, []).append(zmax)
         return real & (z >= self.alpha)
+
+
+def step_ends(sizes: list[int]) -> torch.Tensor:
+    """(Σ sizes,) long: for each edit of steps holding ``sizes`` edits each, the end column of its step (the
+    prefix gate's Δ prefix for a token routed to that edit)."""
+    if not sizes:
+        return torch.zeros(0, dtype=torch.long)
+    return torch.repeat_interleave(torch.tensor(list(itertools.accumulate(sizes)), dtype=torch.long),
+                                   torch.tensor(sizes, dtype=torch.long))
 
 
 def self_response(V: torch.Tensor, K: torch.Tensor) -> torch.Tensor:

@@ -13,13 +13,12 @@ matching. Pure torch, no vLLM import: the tests check it against kbsync's own ho
 """
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from editor.hook import CASCADE_CANDIDATES, CASCADE_GATES, self_response
+from editor.hook import CASCADE_CANDIDATES, CASCADE_GATES, self_response, step_ends
 from editor.step import StepDelta, masked_indices
 
 
@@ -69,8 +68,7 @@ def served_version(version: int | None, digest: str, deltas: list[StepDelta], de
             alphas[ld.layer] = ld.alpha                             # α after the layer's latest step
     masked, taken_out = masked_indices(deltas), masked_indices(deltas, "taken_out")   # the same in every layer
     sizes = [d.layers[0].U.shape[1] for d in deltas if d.layers]
-    ends = torch.cat([torch.full((n,), end, dtype=torch.long) for n, end in zip(sizes, itertools.accumulate(sizes))]) \
-        if sizes else torch.zeros(0, dtype=torch.long)             # (r,) the same in every layer
+    ends = step_ends(sizes)                                         # (r,) the same in every layer
     layers = {}
     for layer, ps in sorted(parts.items()):
         U = torch.cat([u for u, _, _, _ in ps], 1).to(device)       # (d_out, r)

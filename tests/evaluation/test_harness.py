@@ -80,16 +80,19 @@ def test_metrics_follow_their_definitions(setup):
 
 def test_memit_forgets_earlier_keys_comeba_hk_keeps_them(setup):
     em, cfg, stats = setup
-    assert set(METHODS) == {"comeba-hk", "no-hook", "memit"}
+    assert set(METHODS) == {"comeba-hk", "no-hook", "memit", "comeba-hk-fresh"}
     assert method("comeba-hk").mode is Mode.VALIDATED and method("memit").mode is Mode.TEMPORARY
-    with pytest.raises(EditorError, match="unknown editing method 'rome'; choose one of comeba-hk, no-hook, memit"):
+    assert method("comeba-hk-fresh").mode is Mode.VALIDATED
+    with pytest.raises(EditorError, match="unknown editing method 'rome'; choose one of comeba-hk, no-hook, memit, "
+                                          "comeba-hk-fresh"):
         method("rome")
     apply_delta(em, compute_delta(em, [CASES[0].request], stats, cfg))
     second = [CASES[1].request]
     hk = compute_delta(em, second, stats, cfg, **method("comeba-hk").step_options())
     memit = compute_delta(em, second, stats, cfg, **method("memit").step_options())
-    # MEMIT solves with C = λ E[k kᵀ] only: its V satisfies (C + K Kᵀ) V = K without the earlier keys
-    for ld in memit.layers:
+    fresh = compute_delta(em, second, stats, cfg, **method("comeba-hk-fresh").step_options())
+    # MEMIT and the fresh solve use C = λ E[k kᵀ] only: V satisfies (C + K Kᵀ) V = K without the earlier keys
+    for ld in memit.layers + fresh.layers:
         C = cfg.mom2_weight * stats.for_layer(ld.layer).double()
         K, V = ld.K.double(), ld.V.double()
         assert torch.allclose((C + K @ K.T) @ V, K, atol=1e-6)
