@@ -3,6 +3,7 @@ and how KV-cached decoding routes tokens that mention an edited subject again.
 
     .venv/bin/python bench/serve_bench.py                    # all parts, JSON to bench/out/serve.json
     .venv/bin/python bench/serve_bench.py --parts throughput,latency
+    .venv/bin/python bench/serve_bench.py --parts routed --checkpoint bench/out/ckpt-5000-prefix --rounds 8
 
 Parts:
 - ``throughput``: the serving decoder (``editor.decoding.decode``), 8 prompts x 100 new tokens, the hooked
@@ -15,6 +16,10 @@ Parts:
   completions: one client after another, then 8 clients at once (batched by the server).
 - ``inbox``: a daemon with a 10 s interval; a fact file lands in the inbox; the time until the served
   model answers with the new target (polling /v1/completions every 0.25 s).
+- ``routed``: a real history restored from a ``kbsync eval --checkpoint`` folder (``--checkpoint``, e.g. the
+  5,000-edit run), 8 (``--rows``) of its edit prompts, each naming an edited subject, decoded hooked against
+  the base model in paired rounds as in ``throughput``: the cost when tokens do route (the prefix gate's Δx
+  from the factors), with the share of tokens the last edited layer routed.
 - ``decode``: 20 COUNTERFACT facts edited (2 steps x 10); a neutral lead-in is prefilled, then the edit
   prompt is fed token by token through the KV cache (as generated text would be). The next token is
   compared with the new target and with a full (uncached) forward of the same text, with the prompt's
@@ -72,27 +77,92 @@ def part_throughput(model, tok, rounds: int, new_tokens: int, levels=(0, 100, 10
                 for h in em.hooks.values():               # one step of 10 edits: rank-10 factors, real shapes
                     K = torch.randn(h.d_in, 10, generator=g)        # V = K: each edit scores 1 on its own key
                     h.commit(torch.randn(h.d_out, 10, generator=g) * 0.01, K, K, alpha=2.2)
-            for _, mode, dt in sides:
-                timed(mode, dt)                            # warm-up (and the dense Δ is built)
-            times = {name: [] for name, _, _ in sides}
-            for r in range(rounds):                        # the order rotates by round (ABBA for two sides)
-                k = r % len(sides)
-                for name, mode, dt in sides[k:] + sides[:k]:
-                    times[name].append(timed(mode, dt))
-            tokens = batch * new_tokens
-            res = {"base_tokens_per_s": round(tokens / min(times["base"]), 1), "rounds": rounds, "rows": batch}
-            for name, _, _ in sides[1:]:
-                paired = sorted(b / h for b, h in zip(times["base"], times[name]))   # per round, hooked / base speed
-                q = statistics.quantiles(paired, n=4) if len(paired) >= 2 else [paired[0]] * 3
-                res[name] = {"tokens_per_s": round(tokens / min(times[name]), 1),
-                             "ratio_best": round(min(times["base"]) / min(times[name]), 4),
-                             "paired_ratio_median": round(statistics.median(paired), 4),
-                             "paired_ratio_iqr": [round(q[0], 4), round(q[2], 4)]}
-            out[str(edits)] = res
+            out[str(edits)] = _paired_rounds(sides, timed, rounds, batch * new_tokens) | {"rows": batch}
+            res = out[str(edits)]
             print(f"throughput {edits} edits: {res}", flush=True)
     finally:
         em.close()
     return out
+
+
+def _paired_rounds(sides, timed, rounds: int, tokens: int) -> dict:
+    """``timed(mode, dtype)`` for every side (name, mode, dtype), once to warm up, then ``rounds`` rounds in an
+    order that rotates by round (ABBA for two sides); each hooked side's speed against the first (base)
+    side's, as per-round paired ratios."""
+    for _, mode, dt in sides:
+        timed(mode, dt)                            # warm-up (and the dense Δ is built)
+    times = {name: [] for name, _, _ in sides}
+    for r in range(rounds):
+        k = r % len(sides)
+        for name, mode, dt in sides[k:] + sides[:k]:
+            times[name].append(timed(mode, dt))
+    base = sides[0][0]
+    res = {"base_tokens_per_s": round(tokens / min(times[base]), 1), "rounds": rounds}
+    for name, _, _ in sides[1:]:
+        paired = sorted(b / h for b, h in zip(times[base], times[name]))   # per round, hooked / base speed
+        q = statistics.quantiles(paired, n=4) if len(paired) >= 2 else [paired[0]] * 3
+        res[name] = {"tokens_per_s": round(tokens / min(times[name]), 1),
+                     "ratio_best": round(min(times[base]) / min(times[name]), 4),
+                     "paired_ratio_median": round(statistics.median(paired), 4),
+                     "paired_ratio_iqr": [round(q[0], 4), round(q[2], 4)]}
+    return res
+
+
+# ----- routed tokens on a real history -------------------------------------------------------------------
+def part_routed(model, tok, checkpoint: Path, rounds: int, new_tokens: int, batch: int) -> dict:
+    """Decoding edit prompts of a restored history (each names an edited subject), hooked against base."""
+    from editor.decoding import Continuation, Sampling, decode
+    from editor.hook import Mode
+    from editor.model import EditableModel
+    from editor.step import restore_state
+    from evaluation.cases import load_cases
+    from evaluation.checkpoint import RunCheckpoint
+
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    cfg = hparams()
+    em = EditableModel.for_config(model, tok, cfg)
+    em.configure_gate(cfg.gate, cfg.alpha0_for(cfg.gate), cfg.confirm_alpha)
+    saved, _ = RunCheckpoint(checkpoint, manifest).steps(manifest["methods"][0])
+    restore_state(em, saved)
+    edits = len(saved) * manifest["batch"]
+    cases = load_cases("counterfact", DATA / "counterfact-edit.json", (5000, 5000 + edits))
+    if cases[0].case_id != manifest["cases"][0]:
+        raise SystemExit(f"{checkpoint} does not hold COUNTERFACT cases from 5000 on")
+    prompts = [cases[i].prompt for i in range(0, edits, max(edits // batch, 1))][:batch]   # spread over the history
+    routed = {"tokens": 0, "routed": 0, "on": False}
+
+    def count(module, inputs, output):
+        route = em.context.token_route
+        if routed["on"] and route is not None:
+            routed["tokens"] += route.numel()
+            routed["routed"] += int(route.sum())
+    handle = em.spec.projection_module(model, max(em.layers)).register_forward_hook(count)
+    eos = tok.eos_token_id
+
+    def timed(mode, dtype) -> float:
+        rows = [Continuation(tok(p)["input_ids"], Sampling(max_tokens=new_tokens, temperature=0), lambda e: None,
+                             index=i) for i, p in enumerate(prompts)]
+        routed["on"] = mode == Mode.VALIDATED
+        with em.mode(mode), _no_eos(model, eos):
+            t = time.perf_counter()
+            decode(em, rows)
+            return time.perf_counter() - t
+
+    try:
+        with em.mode(Mode.VALIDATED):
+            answers = [em.tokenizer.decode(model.generate(**tok(p, return_tensors="pt"), max_new_tokens=4,
+                                                          do_sample=False)[0, -4:]) for p in prompts]
+        routed.update(tokens=0, routed=0)
+        res = _paired_rounds([("base", Mode.OFF, "float32"), ("hooked", Mode.VALIDATED, "float32")], timed,
+                             rounds, batch * new_tokens)
+        share = routed["routed"] / max(routed["tokens"], 1)            # over every hooked pass (prefill and decode)
+        res |= {"edits": edits, "gate": em.gate, "rows": batch, "new_tokens": new_tokens,
+                "routed_share": round(share, 4), "prompts": prompts, "answers_hooked": answers}
+    finally:
+        handle.remove()
+        em.close()
+    print(f"routed {edits} edits: {res}", flush=True)
+    return res
 
 
 @contextlib.contextmanager
@@ -285,6 +355,8 @@ def main() -> None:
     ap.add_argument("--delta-dtypes", default="float32", help="throughput: dtypes of the dense Δ to compare, e.g. float32,bfloat16")
     ap.add_argument("--rows", type=int, default=len(PROMPTS), help="throughput: prompts decoded together (1-8)")
     ap.add_argument("--new-tokens", type=int, default=100)
+    ap.add_argument("--checkpoint", type=Path, default=ROOT / "bench/out/ckpt-5000-prefix",
+                    help="routed: a `kbsync eval --checkpoint` folder whose history to restore")
     ap.add_argument("--requests", type=int, default=20)
     ap.add_argument("--out", type=Path, default=ROOT / "bench/out/serve.json")
     args = ap.parse_args()
@@ -297,6 +369,9 @@ def main() -> None:
         report[key] = part_throughput(model, tok, args.rounds, args.new_tokens,
                                       tuple(int(e) for e in args.edits.split(",")),
                                       tuple(args.delta_dtypes.split(",")), args.rows)
+    if "routed" in parts:
+        key = "routed" if args.rows == len(PROMPTS) else f"routed_rows{args.rows}"
+        report[key] = part_routed(model, tok, args.checkpoint, args.rounds, args.new_tokens, args.rows)
     if "latency" in parts:
         report["latency"] = part_latency(model, tok, args.requests, args.new_tokens)
     if "inbox" in parts:
