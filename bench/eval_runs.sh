@@ -9,6 +9,8 @@
 #   bash bench/eval_runs.sh zsre    # 20 steps x 10 on zsRE, three methods
 #   bash bench/eval_runs.sh 5000    # 500 steps x 10, the shipped method, every 5th edit scored, every 10th decoded;
 #                                   # checkpointed: run it again after a stop and it goes on (~2.5 h on 2 cores)
+#   bash bench/eval_runs.sh 5000-fresh  # the same, each step solved without Σ K Kᵀ (method comeba-hk-fresh)
+#   bash bench/eval_runs.sh tune-fresh  # 1,000 tuning edits (cases 0-999), shipped and comeba-hk-fresh side by side
 set -euo pipefail
 cd "$(dirname "$0")/.."
 KBSYNC=".venv/bin/kbsync --state-dir ${STATE:-.cache/state}"
@@ -26,8 +28,16 @@ case "${1:-200}" in
   5000) $KBSYNC eval --dataset counterfact --cases 5000:10000 --steps 500 --batch 10 --eval-every 100 \
           --gen-every 10 --score-every 5 --method comeba-hk --checkpoint bench/out/ckpt-5000-prefix \
           --json bench/out/eval-5000-prefix.json --plot docs/img/eval-5000-prefix.png ;;
+  5000-fresh)
+        $KBSYNC eval --dataset counterfact --cases 5000:10000 --steps 500 --batch 10 --eval-every 100 \
+          --gen-every 10 --score-every 5 --method comeba-hk-fresh --checkpoint bench/out/ckpt-5000-fresh \
+          --json bench/out/eval-5000-fresh.json --plot docs/img/eval-5000-fresh.png ;;
+  tune-fresh)
+        $KBSYNC eval --dataset counterfact --cases 0:1000 --steps 100 --batch 10 --eval-every 50 --gen-every 5 \
+          --score-every 2 --method comeba-hk,comeba-hk-fresh --checkpoint bench/out/ckpt-1000-tune-fresh \
+          --json bench/out/eval-1000-tune-fresh.json --plot docs/img/eval-1000-tune-fresh.png ;;
   zsre) $KBSYNC eval --dataset zsre --cases 0:200 --steps 20 --batch 10 --eval-every 5 \
           --method comeba-hk,no-hook,memit \
           --json bench/out/eval-zsre-200.json --plot docs/img/eval-zsre-200.png ;;
-  *) echo "usage: bash bench/eval_runs.sh 200|1000|1000-no-hook|1000-memit|5000|zsre" >&2; exit 2 ;;
+  *) echo "usage: bash bench/eval_runs.sh 200|1000|1000-no-hook|1000-memit|5000|5000-fresh|tune-fresh|zsre" >&2; exit 2 ;;
 esac

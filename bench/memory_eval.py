@@ -14,13 +14,12 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from common import DATA, ROOT
-from memory_growth import rss_mb, tensor_mb
+from memory_growth import rss_mb, rss_slope, tensor_mb, variant_rows
 
 
 class _Mallinfo2(ctypes.Structure):
@@ -75,12 +74,9 @@ def main() -> None:
         return
     doc = {"checkpoint": str(args.checkpoint), "depth_steps": args.depth, "steps": args.steps}
     for name in args.variants.split(","):                                          # a fresh process each
-        proc = subprocess.run([sys.executable, __file__, "--one", "--checkpoint", str(args.checkpoint), "--depth",
-                               str(args.depth), "--steps", str(args.steps), *(["--no-trim"] if name == "no-trim" else [])],
-                              capture_output=True, text=True, check=True, cwd=Path(__file__).parent)
-        rows = doc[name] = json.loads(proc.stdout.strip().splitlines()[-1])
-        slope = (rows[-1]["rss_mb"] - rows[0]["rss_mb"]) / max(len(rows) - 1, 1)
-        print(f"{name:8} RSS {rows[0]['rss_mb']} -> {rows[-1]['rss_mb']} MB ({slope:.0f} MB per step), heap in use "
+        rows = doc[name] = variant_rows(__file__, ["--checkpoint", str(args.checkpoint), "--depth", str(args.depth),
+                                                   "--steps", str(args.steps), *(["--no-trim"] if name == "no-trim" else [])])
+        print(f"{name:8} RSS {rows[0]['rss_mb']} -> {rows[-1]['rss_mb']} MB ({rss_slope(rows):.0f} MB per step), heap in use "
               f"{rows[0]['heap_in_use_mb']} -> {rows[-1]['heap_in_use_mb']} MB, free in heap "
               f"{rows[0]['heap_free_mb']} -> {rows[-1]['heap_free_mb']} MB, tensors {rows[0]['tensor_mb']} -> "
               f"{rows[-1]['tensor_mb']} MB", flush=True)

@@ -45,6 +45,18 @@ def tensor_mb() -> float:
     return total / 2**20
 
 
+def variant_rows(script: str, argv: list[str]) -> list[dict]:
+    """``script --one ARGV`` in a fresh process (one variant): the rows it prints last."""
+    proc = subprocess.run([sys.executable, script, "--one", *argv], capture_output=True, text=True, check=True,
+                          cwd=Path(script).parent)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def rss_slope(rows: list[dict]) -> float:
+    """MB of RSS per step, first row to last."""
+    return (rows[-1]["rss_mb"] - rows[0]["rss_mb"]) / max(len(rows) - 1, 1)
+
+
 def one(args) -> list[dict]:
     os.environ.setdefault("KBSYNC_CACHE_DIR", str(STATE))
     if args.kernel_cache:                  # before editor is imported (it sets the shipped bound otherwise)
@@ -100,12 +112,8 @@ def main() -> None:
     flags = {"trim": [], "no-trim": ["--no-trim"], "trim+mmap1m": ["--mmap-threshold", str(1 << 20)]}
     for name in args.variants.split(","):                                          # a fresh process each
         extra = flags[name] if name in flags else ["--kernel-cache", name.removeprefix("trim+caches")]
-        proc = subprocess.run([sys.executable, __file__, "--one", "--state", str(args.state), "--steps",
-                               str(args.steps), *extra], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).parent)
-        doc[name] = json.loads(proc.stdout.strip().splitlines()[-1])
-        rows = doc[name]
-        slope = (rows[-1]["rss_mb"] - rows[0]["rss_mb"]) / max(len(rows) - 1, 1)
+        rows = doc[name] = variant_rows(__file__, ["--state", str(args.state), "--steps", str(args.steps), *extra])
+        slope = rss_slope(rows)
         seconds = sum(r["seconds"] for r in rows[1:]) / max(len(rows) - 1, 1)
         print(f"{name:16} RSS {rows[0]['rss_mb']} -> {rows[-1]['rss_mb']} MB ({slope:.0f} MB per step), tensors "
               f"{rows[0]['tensor_mb']} -> {rows[-1]['tensor_mb']} MB over {len(rows)} steps, "
