@@ -16,9 +16,9 @@ import structlog
 import torch
 
 from editor.errors import EditorError
+from editor.kernel_caches import bound_kernel_caches
 from editor.loading import load_model
 from editor.model import EditableModel
-from editor.kernel_caches import bound_kernel_caches
 from editor.precision import PrecisionChoice, choose_opt_dtype
 from editor.stats import KeyStats, key_stats
 from editor.step import StepDelta, restore_state

@@ -4,8 +4,8 @@ On CPU, bfloat16 matmuls run through oneDNN (PyTorch's ``mkldnn``/ideep path). B
 (``ONEDNN_PRIMITIVE_CACHE_CAPACITY``) and ideep (``LRU_CACHE_CAPACITY``) keep a compiled kernel, with its
 scratch buffers, for every shape they meet, up to 1,024 entries each. An edit step meets new shapes every
 time (its prompts' lengths, the facts still optimising, the growing rank of Δ), so a long-running process
-filled those caches step after step: 40-90 MB more resident memory per step, 23 GB after 3,600 edits of a
-benchmark run, while the live tensors stayed flat (docs/benchmarks.md, "Memory over a long history").
+filled those caches step after step: about 30 MB more resident memory per step with bfloat16, while the
+live tensors stayed flat (docs/benchmarks.md, "Memory over a long history").
 
 One iteration of the target optimisation reuses a few dozen kernels, so a capacity of 128 keeps every
 kernel a step reuses and bounds what the caches hold. Both libraries read the variables when they first

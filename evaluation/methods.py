@@ -28,8 +28,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("comeba-hk", Mode.VALIDATED, True),      # the shipped editor: hook layers route Δ
     Method("no-hook", Mode.TEMPORARY, True),        # the paper's ablation: the same update on every token
     Method("memit", Mode.TEMPORARY, False),         # sequential MEMIT: every token, C = λ E[k kᵀ] only
-    Method("comeba-hk-fresh", Mode.VALIDATED, False),   # hook layers route Δ, each step solved with C = λ E[k kᵀ]
-)}                                                  # only: under the prefix gate no later step reaches an older edit's tokens
+    # routed like comeba-hk, each step solved with C = λ E[k kᵀ] only (under the prefix gate no later step
+    # reaches an older edit's tokens, so Σ K Kᵀ protects nothing there)
+    Method("comeba-hk-fresh", Mode.VALIDATED, False),
+)}
 
 
 def method(name: str) -> Method:
