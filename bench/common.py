@@ -35,6 +35,20 @@ def default_editable(with_stats: bool = False):
     return cfg, em, key_stats(em, cfg.stats, STATE / "stats", progress=False)
 
 
+def checkpoint_steps(folder: Path, depth: int | None = None) -> tuple[dict, list]:
+    """(manifest, saved steps) of the first method of a ``kbsync eval --checkpoint`` folder, the first
+    ``depth`` steps of it (all when None), ready for ``editor.step.restore_state``."""
+    import json
+
+    from evaluation.checkpoint import RunCheckpoint
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    saved, _ = RunCheckpoint(folder, manifest).steps(manifest["methods"][0])
+    if depth is not None and len(saved) < depth:
+        raise SystemExit(f"{folder} holds {len(saved)} steps, fewer than --depth {depth}")
+    return manifest, saved[:depth]
+
+
 def reference_texts(n: int = 16) -> list[str]:
     """Long WikiText-2 validation paragraphs from the front (text to calibrate on); the perplexity's
     ``evaluation.harness.heldout_texts`` takes the last 24, so the two never overlap."""

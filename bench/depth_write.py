@@ -23,7 +23,7 @@ import json
 import time
 from pathlib import Path
 
-from common import DATA, ROOT, default_editable
+from common import DATA, ROOT, checkpoint_steps, default_editable
 
 
 def main() -> None:
@@ -40,14 +40,10 @@ def main() -> None:
     from editor.metrics import case_probes, generated, generation_metrics, perplexity, probe_metrics, score_probes
     from editor.step import apply_delta, compute_delta, restore_state
     from evaluation.cases import load_cases
-    from evaluation.checkpoint import RunCheckpoint
     from evaluation.harness import heldout_texts
 
     cfg, em, stats = default_editable(with_stats=True)
-    manifest = json.loads((args.checkpoint / "manifest.json").read_text())
-    saved, _ = RunCheckpoint(args.checkpoint, manifest).steps(manifest["methods"][0])
-    if len(saved) < args.depth:
-        raise SystemExit(f"{args.checkpoint} holds {len(saved)} steps, fewer than --depth {args.depth}")
+    manifest, saved = checkpoint_steps(args.checkpoint, args.depth)
     lo, hi = (int(x) for x in args.cases.split(":"))
     cases = load_cases("counterfact", DATA / "counterfact-edit.json", (lo, hi))[:10 * args.steps]
     texts = heldout_texts(DATA / "wikitext2-valid.txt")

@@ -31,17 +31,15 @@ def one(args) -> list[dict]:
     from daemon.memory import release_freed_memory
     from editor.step import apply_delta, compute_delta, restore_state
     from evaluation.cases import load_cases
-    from evaluation.checkpoint import RunCheckpoint
 
-    from common import default_editable
+    from common import checkpoint_steps, default_editable
 
     libc = ctypes.CDLL("libc.so.6")
     libc.mallinfo2.restype = _Mallinfo2
     cfg, em, stats = default_editable(with_stats=True)
     em.configure_gate(cfg.gate, cfg.alpha0_for(cfg.gate), cfg.confirm_alpha)
-    manifest = json.loads((args.checkpoint / "manifest.json").read_text())
-    saved, _ = RunCheckpoint(args.checkpoint, manifest).steps(manifest["methods"][0])
-    restore_state(em, saved[:args.depth])
+    _, saved = checkpoint_steps(args.checkpoint, args.depth)
+    restore_state(em, saved)
     del saved
     cases = load_cases("counterfact", DATA / "counterfact-edit.json", (9000, 9000 + 10 * args.steps))
     out = []

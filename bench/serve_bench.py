@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from common import DATA, HPARAMS, ROOT, STATE, hparams, load
+from common import DATA, HPARAMS, ROOT, STATE, checkpoint_steps, hparams, load
 
 PROMPTS = ["The capital of France is", "Once upon a time, in a small village,", "The mother tongue of Danielle Darrieux is",
            "Python is a programming language that", "The Eiffel Tower is located in", "My favourite recipe for bread",
@@ -116,13 +116,11 @@ def part_routed(model, tok, checkpoint: Path, rounds: int, new_tokens: int, batc
     from editor.model import EditableModel
     from editor.step import restore_state
     from evaluation.cases import load_cases
-    from evaluation.checkpoint import RunCheckpoint
 
-    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    manifest, saved = checkpoint_steps(checkpoint)
     cfg = hparams()
     em = EditableModel.for_config(model, tok, cfg)
     em.configure_gate(cfg.gate, cfg.alpha0_for(cfg.gate), cfg.confirm_alpha)
-    saved, _ = RunCheckpoint(checkpoint, manifest).steps(manifest["methods"][0])
     restore_state(em, saved)
     edits = len(saved) * manifest["batch"]
     cases = load_cases("counterfact", DATA / "counterfact-edit.json", (5000, 5000 + edits))
