@@ -114,15 +114,19 @@ class HookLayer:
         self.masked: set[tuple[int, int]] = set()   # (step, column) of edits taken out whole: no Δ, no route
         self.unrouted: set[tuple[int, int]] = set() # (step, column) of edits that route no token (Δ kept)
         self.alpha = self.alpha0
-        self._cat: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._bars: torch.Tensor | None = None
-        self._route_bars: torch.Tensor | None = None
-        self._ends: torch.Tensor | None = None
-        self._D: torch.Tensor | None = None
-        self._D_fwd: torch.Tensor | None = None
+        self._drop_derived()
         self._KK = torch.zeros(self.d_in, self.d_in, dtype=torch.float64, device=self.device)
         self._kk_steps = 0                # how many of self.K are summed into self._KK
         self.context.carry.pop(self.layer, None)
+
+    def _drop_derived(self) -> None:
+        """Forget what is computed from the committed steps (built again when next needed)."""
+        self._cat: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None   # the concatenated factors
+        self._bars: torch.Tensor | None = None
+        self._route_bars: torch.Tensor | None = None
+        self._ends: torch.Tensor | None = None
+        self._D: torch.Tensor | None = None          # Σ_t U_t V_tᵀ
+        self._D_fwd: torch.Tensor | None = None      # D in delta_dtype, as the forward pass reads it
 
     @property
     def D(self) -> torch.Tensor:
@@ -170,12 +174,7 @@ class HookLayer:
         if not (0 <= step < len(self.U) and 0 <= column < self.U[step].shape[1]):
             raise IndexError(f"layer {self.layer}: no edit {column} in step {step} (it holds {len(self.U)} steps)")
         (self.unrouted if keep_delta else self.masked).add((step, column))
-        self._cat = None
-        self._bars = None
-        self._route_bars = None
-        self._ends = None
-        self._D = None
-        self._D_fwd = None
+        self._drop_derived()
 
     @property
     def rank(self) -> int:
@@ -194,12 +193,7 @@ class HookLayer:
         self.S.append(self_response(V, K))
         self.bars.append(None if bars is None else bars.to(self.device, torch.float32))
         self.alpha = float(alpha)
-        self._cat = None
-        self._bars = None
-        self._route_bars = None
-        self._ends = None
-        self._D = None
-        self._D_fwd = None
+        self._drop_derived()
 
     def set_delta_dtype(self, dtype: torch.dtype) -> None:
         self.delta_dtype = dtype
