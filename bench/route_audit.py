@@ -1,0 +1,135 @@
+"""Where each edit prompt routes deep in a history, and whether the failed edits were misrouted (issue 15).
+
+    .venv/bin/python bench/route_audit.py --checkpoint bench/out/ckpt-5000-prefix --every 5 \\
+        --json docs/results/route_audit_5000.json
+
+The history of a ``kbsync eval --checkpoint`` folder (a prefix or cascade gate) is restored; for every k-th
+edited case its bare edit prompt is run once, and at the subject's last token (where the edit was written)
+this reads which edit the first edited layer matched best and which candidate still matched after the last
+edited layer (the prefix gate gives the token Δ up to that edit's step). Each case is classed:
+
+- ``own``: its own edit, or another edit of its own step (the same Δ prefix);
+- ``earlier``: an edit of an earlier step: the token misses its own step's write;
+- ``later``: an edit of a later step: it gets its own write plus the later steps' Δ on its key;
+- ``dropped``: routed at the first layer, no candidate left by the last (its Δx taken back);
+- ``unrouted``: below every bar at the first layer.
+
+Beside each class: the efficacy (teacher-forced, P(new) > P(true)) of its cases, so the efficacy lost at depth
+splits into edits lost to routing and edits routed home but written too weakly. A diagnosis: it chooses
+nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from common import DATA, ROOT, checkpoint_steps, default_editable
+
+CLASSES = ("own", "earlier", "later", "dropped", "unrouted")
+
+
+@torch.no_grad()
+def routes(em, cfg, cases, batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per case, at its subject's last token: the first layer's best candidate (-1: none), the candidate still
+    matching after the last edited layer (-1: none), and whether the last layer routes it; three (N,)."""
+    from editor.requests import StepBatch
+    first_best, last_best, routed = [], [], []
+    got: dict[str, torch.Tensor] = {}
+
+    def best_alive(at):
+        edits, alive = em.context.token_edit                                    # (B, T, k) x2
+        e, a = edits[at], alive[at]                                             # (B, k)
+        pick = a.to(torch.uint8).argmax(-1, keepdim=True)                       # (B, 1) the first still matching
+        return torch.where(a.any(-1), e.gather(-1, pick)[:, 0], -1)             # (B,)
+
+    for i in range(0, len(cases), batch_size):
+        chunk = cases[i:i + batch_size]
+        batch = StepBatch(em.tokenizer, [c.request for c in chunk], ("{}",), cfg.kl_template)
+        rows = batch.keys
+        ids, mask = batch.tensors(rows, em.device)                              # (B, T)
+        at = (torch.arange(len(rows)), torch.tensor([r.lookup for r in rows]))
+
+        def grab_first(module, inputs, output):
+            got["first"] = best_alive(at)
+
+        def grab_last(module, inputs, output):
+            got["last"] = best_alive(at)
+            got["routed"] = em.context.token_route[at].clone()
+
+        first, last = min(em.layers), max(em.layers)
+        handles = [em.spec.projection_module(em.model, first).register_forward_hook(grab_first),
+                   em.spec.projection_module(em.model, last).register_forward_hook(grab_last)]
+        try:
+            em.forward_until(last, ids, mask)
+        finally:
+            for h in handles:
+                h.remove()
+        first_best.append(got["first"])
+        last_best.append(torch.where(got["routed"], got["last"], -1))
+        routed.append(got["routed"])
+    return torch.cat(first_best), torch.cat(last_best), torch.cat(routed)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", type=Path, default=ROOT / "bench/out/ckpt-5000-prefix")
+    ap.add_argument("--depth", type=int, default=None, help="steps of the history to restore (all)")
+    ap.add_argument("--every", type=int, default=5, help="every k-th edited case")
+    ap.add_argument("--first-case", type=int, default=5000, help="the run's first COUNTERFACT record (--cases A:B's A)")
+    ap.add_argument("--json", type=Path, required=True)
+    args = ap.parse_args()
+
+    from editor.hook import Mode
+    from editor.metrics import Probe, score_probes
+    from editor.step import restore_state
+    from evaluation.cases import load_cases
+
+    cfg, em = default_editable()
+    manifest, saved = checkpoint_steps(args.checkpoint, args.depth)
+    em.configure_gate(saved[-1].gate, cfg.alpha0_for(saved[-1].gate), cfg.confirm_alpha)
+    restore_state(em, saved)
+    sizes = [d.layers[0].U.shape[1] for d in saved]
+    step_of = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))   # (r,) each column's step
+    lo = args.first_case
+    cases = load_cases("counterfact", DATA / "counterfact-edit.json", (lo, lo + len(step_of)))
+    if cases[0].case_id != manifest["cases"][0]:
+        raise SystemExit(f"{args.checkpoint} does not start at COUNTERFACT record {lo}; pass the run's --first-case")
+    picked = list(range(0, len(cases), args.every))
+    sub = [cases[i] for i in picked]
+    own_step = step_of[picked]                                                  # (N,)
+    with em.mode(Mode.VALIDATED):
+        first, last, routed = routes(em, cfg, sub)
+        scores = score_probes(em, [p for c in sub for p in (Probe(c.prompt, c.target_new), Probe(c.prompt, c.target_true))])
+    em.close()
+    effective = torch.tensor([scores[2 * i][0] < scores[2 * i + 1][0] for i in range(len(sub))])
+    last_step = torch.where(last >= 0, step_of[last.clamp(min=0)], -1)
+    cls = torch.full((len(sub),), CLASSES.index("own"))
+    cls[(last >= 0) & (last_step < own_step)] = CLASSES.index("earlier")
+    cls[(last >= 0) & (last_step > own_step)] = CLASSES.index("later")
+    cls[(first >= 0) & (last < 0)] = CLASSES.index("dropped")
+    cls[first < 0] = CLASSES.index("unrouted")
+    age = len(sizes) - 1 - own_step                                             # steps made after the case's own
+    doc = {"checkpoint": str(args.checkpoint), "steps": len(sizes), "gate": saved[-1].gate, "cases": len(sub),
+           "efficacy": round(float(effective.float().mean()), 4), "classes": {}, "by_age": []}
+    for k, name in enumerate(CLASSES):
+        m = cls == k
+        doc["classes"][name] = {"cases": int(m.sum()), "share": round(float(m.float().mean()), 4),
+                                "efficacy": round(float(effective[m].float().mean()), 4) if m.any() else None,
+                                "failed": int((m & ~effective).sum())}
+    edges = torch.linspace(0, len(sizes), 6).long().tolist()
+    for a, b in zip(edges, edges[1:]):
+        m = (age >= a) & (age < b)
+        if m.any():
+            doc["by_age"].append({"age_steps": f"{a}-{b - 1}", "cases": int(m.sum()),
+                                  "efficacy": round(float(effective[m].float().mean()), 4),
+                                  **{name: round(float((cls[m] == k).float().mean()), 4) for k, name in enumerate(CLASSES)}})
+    print(json.dumps(doc, indent=2), flush=True)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(doc, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
