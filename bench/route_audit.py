@@ -15,8 +15,12 @@ edited layer (the prefix gate gives the token Δ up to that edit's step). Each c
 - ``unrouted``: below every bar at the first layer.
 
 Beside each class: the efficacy (teacher-forced, P(new) > P(true)) of its cases, so the efficacy lost at depth
-splits into edits lost to routing and edits routed home but written too weakly. A diagnosis: it chooses
-nothing.
+splits into edits lost to routing and edits routed home but written too weakly. Then the teacher-forced
+metrics of the sampled cases and the perplexity, as ``kbsync eval`` reports them.
+
+``--upto newest`` serves the same history with a variant of the prefix rule, for a diagnosis: a routed token
+takes Δ up to the newest step among its candidates still matching, not the best-matching one's (a token
+that matches its own edit and an older one gets its own step's write). A diagnosis: it chooses nothing.
 """
 from __future__ import annotations
 
@@ -29,6 +33,11 @@ import torch
 from common import DATA, ROOT, checkpoint_steps, default_editable
 
 CLASSES = ("own", "earlier", "later", "dropped", "unrouted")
+
+
+def upto_newest(hook, edits: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
+    """(B, T) the end column of the newest step among a token's candidates still matching (0: none)."""
+    return torch.where(alive, hook.step_ends()[edits], 0).amax(dim=-1)
 
 
 @torch.no_grad()
@@ -79,11 +88,14 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=None, help="steps of the history to restore (all)")
     ap.add_argument("--every", type=int, default=5, help="every k-th edited case")
     ap.add_argument("--first-case", type=int, default=5000, help="the run's first COUNTERFACT record (--cases A:B's A)")
+    ap.add_argument("--upto", choices=("best", "newest"), default="best",
+                    help="the prefix rule's Δ end: the best-matching candidate's step (shipped) or the newest one's")
     ap.add_argument("--json", type=Path, required=True)
     args = ap.parse_args()
 
-    from editor.hook import Mode
-    from editor.metrics import Probe, score_probes
+    from editor.hook import HookLayer, Mode
+    from editor.metrics import Probe, case_probes, perplexity, probe_metrics, score_probes
+    from evaluation.harness import heldout_texts
     from editor.step import restore_state
     from evaluation.cases import load_cases
 
@@ -100,11 +112,17 @@ def main() -> None:
     picked = list(range(0, len(cases), args.every))
     sub = [cases[i] for i in picked]
     own_step = step_of[picked]                                                  # (N,)
+    if args.upto == "newest":
+        HookLayer._upto = upto_newest
+    texts = heldout_texts(DATA / "wikitext2-valid.txt")
+    with em.mode(Mode.OFF):
+        base_loc = [s[1] for s in score_probes(em, [Probe(c.loc_prompt, c.loc_answer) for c in sub])]
     with em.mode(Mode.VALIDATED):
         first, last, routed = routes(em, cfg, sub)
-        scores = score_probes(em, [p for c in sub for p in (Probe(c.prompt, c.target_new), Probe(c.prompt, c.target_true))])
+        scores = score_probes(em, case_probes(sub))
+        ppl = perplexity(em, texts)
     em.close()
-    effective = torch.tensor([scores[2 * i][0] < scores[2 * i + 1][0] for i in range(len(sub))])
+    effective = torch.tensor([scores[6 * i][0] < scores[6 * i + 1][0] for i in range(len(sub))])
     last_step = torch.where(last >= 0, step_of[last.clamp(min=0)], -1)
     cls = torch.full((len(sub),), CLASSES.index("own"))
     cls[(last >= 0) & (last_step < own_step)] = CLASSES.index("earlier")
@@ -112,8 +130,9 @@ def main() -> None:
     cls[(first >= 0) & (last < 0)] = CLASSES.index("dropped")
     cls[first < 0] = CLASSES.index("unrouted")
     age = len(sizes) - 1 - own_step                                             # steps made after the case's own
-    doc = {"checkpoint": str(args.checkpoint), "steps": len(sizes), "gate": saved[-1].gate, "cases": len(sub),
-           "efficacy": round(float(effective.float().mean()), 4), "classes": {}, "by_age": []}
+    doc = {"checkpoint": str(args.checkpoint), "steps": len(sizes), "gate": saved[-1].gate, "upto": args.upto,
+           "cases": len(sub), **probe_metrics(scores, base_loc), "perplexity": round(ppl, 4),
+           "classes": {}, "by_age": []}
     for k, name in enumerate(CLASSES):
         m = cls == k
         doc["classes"][name] = {"cases": int(m.sum()), "share": round(float(m.float().mean()), 4),
