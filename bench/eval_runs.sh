@@ -11,6 +11,7 @@
 #                                   # checkpointed: run it again after a stop and it goes on (~2.5 h on 2 cores)
 #   bash bench/eval_runs.sh 5000-fresh  # the same, each step solved without Σ K Kᵀ (method comeba-hk-fresh)
 #   bash bench/eval_runs.sh tune-fresh  # 1,000 tuning edits (cases 0-999), shipped and comeba-hk-fresh side by side
+#   bash bench/eval_runs.sh 5000-window # 5,000 report edits, Σ K Kᵀ over the last 50 steps only (method comeba-hk-window)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 KBSYNC=".venv/bin/kbsync --state-dir ${STATE:-.cache/state}"
@@ -32,6 +33,10 @@ case "${1:-200}" in
         $KBSYNC eval --dataset counterfact --cases 5000:10000 --steps 500 --batch 10 --eval-every 100 \
           --gen-every 10 --score-every 5 --method comeba-hk-fresh --checkpoint bench/out/ckpt-5000-fresh \
           --json bench/out/eval-5000-fresh.json --plot docs/img/eval-5000-fresh.png ;;
+  5000-window)
+        $KBSYNC eval --dataset counterfact --cases 5000:10000 --steps 500 --batch 10 --eval-every 100 \
+          --gen-every 10 --score-every 5 --method comeba-hk-window --checkpoint bench/out/ckpt-5000-window \
+          --json bench/out/eval-5000-window.json --plot docs/img/eval-5000-window.png ;;
   tune-fresh)
         $KBSYNC eval --dataset counterfact --cases 0:1000 --steps 100 --batch 10 --eval-every 50 --gen-every 5 \
           --score-every 2 --method comeba-hk,comeba-hk-fresh --checkpoint bench/out/ckpt-1000-tune-fresh \
@@ -39,5 +44,5 @@ case "${1:-200}" in
   zsre) $KBSYNC eval --dataset zsre --cases 0:200 --steps 20 --batch 10 --eval-every 5 \
           --method comeba-hk,no-hook,memit \
           --json bench/out/eval-zsre-200.json --plot docs/img/eval-zsre-200.png ;;
-  *) echo "usage: bash bench/eval_runs.sh 200|1000|1000-no-hook|1000-memit|5000|5000-fresh|tune-fresh|zsre" >&2; exit 2 ;;
+  *) echo "usage: bash bench/eval_runs.sh 200|1000|1000-no-hook|1000-memit|5000|5000-fresh|5000-window|tune-fresh|zsre" >&2; exit 2 ;;
 esac

@@ -150,6 +150,14 @@ class HookLayer:
             self._kk_steps += 1
         return self._KK
 
+    def recent_KK(self, steps: int) -> torch.Tensor:
+        """Σ K_t K_tᵀ (d_in, d_in) float64 over the last ``steps`` committed steps only."""
+        out = torch.zeros(self.d_in, self.d_in, dtype=torch.float64, device=self.device)
+        for K in self.K[-steps:]:
+            K = K.to(torch.float64)                                 # (d_in, r_t)
+            out += K @ K.T
+        return out
+
     def _factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """U, V and 1 / v_jᵀ k_j (the token gate's scale per edit), concatenated over the steps. An edit taken
         out has a zero gate scale, so it never routes a token; a masked one's column of U is zero as well (it

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .config import EditConfig
-from .errors import DeltaMismatch
+from .errors import DeltaMismatch, EditorError
 from .hook import CASCADE_GATES, CONFIRM_FLOOR, Mode
 from .model import EditableModel
 from .precision import choose_opt_dtype
@@ -114,7 +114,7 @@ class StepDelta:
 
 def compute_delta(em: EditableModel, requests: list[EditRequest], stats: KeyStats, cfg: EditConfig,
                   known: list[torch.Tensor | None] | None = None, *, route: Mode = Mode.VALIDATED,
-                  accumulate: bool = True) -> StepDelta:
+                  accumulate: bool = True, key_steps: int = 0) -> StepDelta:
     """Compute one step for ``requests`` on top of ``em``'s committed state. ``em`` is left unchanged.
 
     ``known``: per request, a target residual z it was solved for before (``StepDelta.targets``), or None.
@@ -125,8 +125,11 @@ def compute_delta(em: EditableModel, requests: list[EditRequest], stats: KeyStat
     Two switches exist for the benchmark's ablations (evaluation/methods.py), never for the daemon:
     ``route``, how the edited model runs while targets are found and α is set (``Mode.VALIDATED``: the hook
     layers route Δ; ``Mode.TEMPORARY``: Δ on every token, α left as it is); ``accumulate``, whether the
-    solve counts the keys of earlier steps (Σ K Kᵀ; without them it is plain sequential MEMIT).
+    solve counts the keys of earlier steps (Σ K Kᵀ; without them it is plain sequential MEMIT), and
+    ``key_steps``, how many of the latest steps it counts when it does (0: every one, the paper's solve).
     """
+    if key_steps < 0:
+        raise EditorError(f"key_steps must be 0 (every earlier step) or a number of steps, got {key_steps}")
     if tuple(cfg.layers) != em.layers:
         raise DeltaMismatch(f"config layers {list(cfg.layers)} differ from the model's hooked layers {list(em.layers)}")
     times: dict[str, float] = {}
@@ -156,8 +159,8 @@ def compute_delta(em: EditableModel, requests: list[EditRequest], stats: KeyStat
             t = time.perf_counter()
             R = (Z - hL).T.to(torch.float64) / (m - i)                       # (d_out, n)
             C = cfg.mom2_weight * stats.for_layer(l).to(em.device)                # (d_in, d_in)
-            if accumulate:
-                C = C + em.hooks[l].KK                                       # Σ_t K_t K_tᵀ of earlier steps
+            if accumulate:                                                   # Σ_t K_t K_tᵀ of earlier steps
+                C = C + (em.hooks[l].recent_KK(key_steps) if key_steps else em.hooks[l].KK)
             K64 = K.to(torch.float64)                                        # (d_in, n)
             A = _solve(C + K64 @ K64.T, K64)                                 # (d_in, n)
             times["solve_s"] += time.perf_counter() - t

@@ -1,5 +1,6 @@
 """The editing methods the benchmark compares. Only ``comeba-hk`` ships; the others are ablations that exist
-here, not in the editor's step, which exposes the two switches they flip (``route``, ``accumulate``)."""
+here, not in the editor's step, which exposes the switches they flip (``route``, ``accumulate``,
+``key_steps``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,16 +13,18 @@ from editor.hook import GATES, Mode
 class Method:
     """How a method edits: ``mode`` is how the edited model runs (routed hooks, or Δ on every token);
     ``accumulate``: the solve counts the keys of earlier steps (Σ K Kᵀ), or forgets them; ``gate``: the
-    routing gate, when not the configured one (``comeba-hk@zscore``: the paper's rule beside the default)."""
+    routing gate, when not the configured one (``comeba-hk@zscore``: the paper's rule beside the default);
+    ``key_steps``: Σ K Kᵀ over the latest this many steps only (0: every earlier step)."""
 
     name: str
     mode: Mode
     accumulate: bool
     gate: str | None = None
+    key_steps: int = 0
 
     def step_options(self) -> dict:
         """The keyword arguments of ``editor.step.compute_delta`` for this method."""
-        return {"route": self.mode, "accumulate": self.accumulate}
+        return {"route": self.mode, "accumulate": self.accumulate, "key_steps": self.key_steps}
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
@@ -31,6 +34,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     # routed like comeba-hk, each step solved with C = λ E[k kᵀ] only (under the prefix gate no later step
     # reaches an older edit's tokens, so Σ K Kᵀ protects nothing there)
     Method("comeba-hk-fresh", Mode.VALIDATED, False),
+    # between the two: Σ K Kᵀ over the last 50 steps only (new edits on a deep history are written nearly as
+    # fully as without it; docs/benchmarks.md, "The middle ways, measured at depth")
+    Method("comeba-hk-window", Mode.VALIDATED, True, key_steps=50),
 )}
 
 

@@ -80,11 +80,11 @@ def test_metrics_follow_their_definitions(setup):
 
 def test_memit_forgets_earlier_keys_comeba_hk_keeps_them(setup):
     em, cfg, stats = setup
-    assert set(METHODS) == {"comeba-hk", "no-hook", "memit", "comeba-hk-fresh"}
+    assert set(METHODS) == {"comeba-hk", "no-hook", "memit", "comeba-hk-fresh", "comeba-hk-window"}
     assert method("comeba-hk").mode is Mode.VALIDATED and method("memit").mode is Mode.TEMPORARY
     assert method("comeba-hk-fresh").mode is Mode.VALIDATED
     with pytest.raises(EditorError, match="unknown editing method 'rome'; choose one of comeba-hk, no-hook, memit, "
-                                          "comeba-hk-fresh"):
+                                          "comeba-hk-fresh, comeba-hk-window"):
         method("rome")
     apply_delta(em, compute_delta(em, [CASES[0].request], stats, cfg))
     second = [CASES[1].request]
@@ -101,6 +101,21 @@ def test_memit_forgets_earlier_keys_comeba_hk_keeps_them(setup):
         C = cfg.mom2_weight * stats.for_layer(ld.layer).double() + kk[ld.layer]
         K, V = ld.K.double(), ld.V.double()
         assert torch.allclose((C + K @ K.T) @ V, K, atol=1e-6)
+    # a window of one step counts the latest step's keys and not the one before it
+    apply_delta(em, hk)
+    third = [CASES[2].request]
+    window = compute_delta(em, third, stats, cfg, key_steps=1)
+    for ld in window.layers:
+        last = em.hooks[ld.layer].K[-1].double()
+        C = cfg.mom2_weight * stats.for_layer(ld.layer).double() + last @ last.T
+        K, V = ld.K.double(), ld.V.double()
+        assert torch.allclose((C + K @ K.T) @ V, K, atol=1e-6)
+        every = cfg.mom2_weight * stats.for_layer(ld.layer).double() + em.hooks[ld.layer].KK + K @ K.T
+        V_every = torch.linalg.solve(every, K)                  # what the paper's solve over both steps gives
+        assert (V - V_every).norm() > 1e-5 * V.norm()            # far above float32 rounding (~1e-7)
+    assert method("comeba-hk-window").step_options()["key_steps"] == 50
+    with pytest.raises(EditorError, match="key_steps must be 0"):
+        compute_delta(em, third, stats, cfg, key_steps=-1)
 
 
 def test_report_has_the_contract_keys_and_resets_the_model(setup, corpus_file):
