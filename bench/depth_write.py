@@ -12,8 +12,8 @@ each arm from the same restored history:
 - ``no-history``: the same step without Σ K Kᵀ (``compute_delta(accumulate=False)``): C = λ E[kkᵀ] alone.
   Under the prefix gate a token routed to an older edit never takes a later step's Δ, so Σ K Kᵀ protects
   nothing there; it still shrinks every new write, and more so the more keys it holds;
-- ``window:N``: Σ K Kᵀ over the last N steps only; ``weight:B``: B x Σ K Kᵀ (the middle ways, patched in
-  for the diagnosis: the editor has no such switch);
+- ``window:N``: Σ K Kᵀ over the last N steps only (``compute_delta(key_steps=N)``); ``weight:B``: B x Σ K Kᵀ
+  (patched in for the diagnosis: the editor has no such switch);
 and, for the new edits after the last step, the teacher-forced metrics and greedy success (editor/metrics.py),
 their locality prompts against the unedited model's answers, and perplexity on the held-out text. Also from
 the base model (depth 0), the shipped solve, for the same cases. With ``--old-every K``, the teacher-forced
@@ -32,13 +32,8 @@ from common import DATA, ROOT, checkpoint_steps, default_editable
 
 
 def middle_way(arm: str, shipped_kk):
-    """The ``HookLayer.KK`` property for ``window:N`` / ``weight:B`` arms (the shipped one for the others)."""
-    import torch
+    """The ``HookLayer.KK`` property for ``weight:B`` arms (the shipped one for the others)."""
     kind, _, value = arm.partition(":")
-    if kind == "window":
-        n = int(value)
-        return property(lambda hook: sum((k.to(torch.float64) @ k.to(torch.float64).T for k in hook.K[-n:]),
-                                         torch.zeros(hook.d_in, hook.d_in, dtype=torch.float64, device=hook.device)))
     if kind == "weight":
         return property(lambda hook: float(value) * shipped_kk.fget(hook))
     return shipped_kk
@@ -90,7 +85,8 @@ def main() -> None:
         try:
             for s in range(args.steps):
                 chunk = cases[10 * s:10 * s + 10]
-                delta = compute_delta(em, [c.request for c in chunk], stats, cfg, accumulate=arm != "no-history")
+                delta = compute_delta(em, [c.request for c in chunk], stats, cfg, accumulate=arm != "no-history",
+                                      key_steps=int(arm.partition(":")[2]) if arm.startswith("window:") else 0)
                 apply_delta(em, delta)
         finally:
             HookLayer.KK = shipped_kk

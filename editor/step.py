@@ -122,7 +122,7 @@ def compute_delta(em: EditableModel, requests: list[EditRequest], stats: KeyStat
     recomputed on the current model. z does not depend on the history below block L: the blocks above it
     are never edited, so the same z gives the same prediction on any edited model.
 
-    Two switches exist for the benchmark's ablations (evaluation/methods.py), never for the daemon:
+    Three switches exist for the benchmark's ablations (evaluation/methods.py), never for the daemon:
     ``route``, how the edited model runs while targets are found and α is set (``Mode.VALIDATED``: the hook
     layers route Δ; ``Mode.TEMPORARY``: Δ on every token, α left as it is); ``accumulate``, whether the
     solve counts the keys of earlier steps (Σ K Kᵀ; without them it is plain sequential MEMIT), and
