@@ -71,7 +71,7 @@ def main() -> None:
         base_scores = score_probes(em, case_probes(cases))
         base_loc = [base_scores[6 * i + 4][1] for i in range(len(cases))]
         base_loc_text = generated(em, [c.loc_prompt for c in cases])
-        old_base_loc = [s[1] for s in score_probes(em, [p for p in case_probes(old)][4::6])]
+        old_base_loc = [s[1] for s in score_probes(em, case_probes(old)[4::6])]
     shipped_kk = HookLayer.KK
     doc = {"checkpoint": str(args.checkpoint), "depth_steps": args.depth, "cases": args.cases,
            "gate": cfg.gate, "arms": {}}

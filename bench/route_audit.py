@@ -41,11 +41,11 @@ def upto_newest(hook, edits: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def routes(em, cfg, cases, batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per case, at its subject's last token: the first layer's best candidate (-1: none), the candidate still
-    matching after the last edited layer (-1: none), and whether the last layer routes it; three (N,)."""
+def routes(em, cfg, cases, batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per case, at its subject's last token: the first layer's best candidate (-1: none) and the candidate
+    still matching after the last edited layer (-1: not routed there); two (N,)."""
     from editor.requests import StepBatch
-    first_best, last_best, routed = [], [], []
+    first_best, last_best = [], []
     got: dict[str, torch.Tensor] = {}
 
     def best_alive(at):
@@ -65,8 +65,7 @@ def routes(em, cfg, cases, batch_size: int = 32) -> tuple[torch.Tensor, torch.Te
             got["first"] = best_alive(at)
 
         def grab_last(module, inputs, output):
-            got["last"] = best_alive(at)
-            got["routed"] = em.context.token_route[at].clone()
+            got["last"] = torch.where(em.context.token_route[at], best_alive(at), -1)
 
         first, last = min(em.layers), max(em.layers)
         handles = [em.spec.projection_module(em.model, first).register_forward_hook(grab_first),
@@ -77,9 +76,8 @@ def routes(em, cfg, cases, batch_size: int = 32) -> tuple[torch.Tensor, torch.Te
             for h in handles:
                 h.remove()
         first_best.append(got["first"])
-        last_best.append(torch.where(got["routed"], got["last"], -1))
-        routed.append(got["routed"])
-    return torch.cat(first_best), torch.cat(last_best), torch.cat(routed)
+        last_best.append(got["last"])
+    return torch.cat(first_best), torch.cat(last_best)
 
 
 def main() -> None:
@@ -118,7 +116,7 @@ def main() -> None:
     with em.mode(Mode.OFF):
         base_loc = [s[1] for s in score_probes(em, [Probe(c.loc_prompt, c.loc_answer) for c in sub])]
     with em.mode(Mode.VALIDATED):
-        first, last, routed = routes(em, cfg, sub)
+        first, last = routes(em, cfg, sub)
         scores = score_probes(em, case_probes(sub))
         ppl = perplexity(em, texts)
     em.close()
