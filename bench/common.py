@@ -49,6 +49,26 @@ def checkpoint_steps(folder: Path, depth: int | None = None) -> tuple[dict, list
     return manifest, saved[:depth]
 
 
+def restored_history(folder: Path, depth: int | None, first_case: int):
+    """A ``kbsync eval --checkpoint`` history (prefix or cascade gate) restored on the default model:
+    (cfg, em, saved steps, (r,) each edit column's step, the run's cases in edit order)."""
+    import torch
+
+    from editor.step import restore_state
+    from evaluation.cases import load_cases
+
+    cfg, em = default_editable()
+    manifest, saved = checkpoint_steps(folder, depth)
+    em.configure_gate(saved[-1].gate, cfg.alpha0_for(saved[-1].gate), cfg.confirm_alpha)
+    restore_state(em, saved)
+    sizes = [d.layers[0].U.shape[1] for d in saved]
+    step_of = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))   # (r,)
+    cases = load_cases("counterfact", DATA / "counterfact-edit.json", (first_case, first_case + len(step_of)))
+    if cases[0].case_id != manifest["cases"][0]:
+        raise SystemExit(f"{folder} does not start at COUNTERFACT record {first_case}; pass the run's --first-case")
+    return cfg, em, saved, step_of, cases
+
+
 def reference_texts(n: int = 16) -> list[str]:
     """Long WikiText-2 validation paragraphs from the front (text to calibrate on); the perplexity's
     ``evaluation.harness.heldout_texts`` takes the last 24, so the two never overlap."""

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from common import DATA, ROOT, checkpoint_steps, default_editable
+from common import DATA, ROOT, restored_history
 
 CLASSES = ("own", "earlier", "later", "dropped", "unrouted")
 
@@ -94,19 +94,9 @@ def main() -> None:
     from editor.hook import HookLayer, Mode
     from editor.metrics import Probe, case_probes, perplexity, probe_metrics, score_probes
     from evaluation.harness import heldout_texts
-    from editor.step import restore_state
-    from evaluation.cases import load_cases
 
-    cfg, em = default_editable()
-    manifest, saved = checkpoint_steps(args.checkpoint, args.depth)
-    em.configure_gate(saved[-1].gate, cfg.alpha0_for(saved[-1].gate), cfg.confirm_alpha)
-    restore_state(em, saved)
+    cfg, em, saved, step_of, cases = restored_history(args.checkpoint, args.depth, args.first_case)
     sizes = [d.layers[0].U.shape[1] for d in saved]
-    step_of = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))   # (r,) each column's step
-    lo = args.first_case
-    cases = load_cases("counterfact", DATA / "counterfact-edit.json", (lo, lo + len(step_of)))
-    if cases[0].case_id != manifest["cases"][0]:
-        raise SystemExit(f"{args.checkpoint} does not start at COUNTERFACT record {lo}; pass the run's --first-case")
     picked = list(range(0, len(cases), args.every))
     sub = [cases[i] for i in picked]
     own_step = step_of[picked]                                                  # (N,)
