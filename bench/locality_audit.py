@@ -16,8 +16,13 @@ last edited layer. Each probe is classed by its most-routed token:
 
 Beside each class: the probes' locality (share of answer tokens whose argmax is the unedited one's) and how
 many moved (locality below 1). The routed ones also by the age of the newest edit they reach, so a miss
-splits into what ordinary-looking prompts pick up from young edits and from old ones. A diagnosis: it
-chooses nothing.
+splits into what ordinary-looking prompts pick up from young edits and from old ones.
+
+Each probe is also checked against the edit stream's text: ``contradicted`` when its prompt names the
+subject of an edit in the history whose true answer is the probe's answer (the probe asks the very fact that
+edit changed, e.g. "Keith Olbermann, who is employed by" -> ESPN after an edit "Keith Olbermann, who works
+for" -> BBC: a correct editor must move it), ``subject`` when it names an edited subject otherwise, ``none``
+when it names none. The JSON keeps every probe's row. A diagnosis: it chooses nothing.
 """
 from __future__ import annotations
 
@@ -30,6 +35,21 @@ import torch
 from common import ROOT, restored_history
 
 CLASSES = ("clean", "dropped", "own", "other")
+MENTIONS = ("none", "subject", "contradicted")
+
+
+def mentions(cases, edited) -> list[str]:
+    """Per case in ``cases``, what its locality prompt names of the ``edited`` cases (``MENTIONS``)."""
+    by_subject: dict[str, set[str]] = {}
+    for c in edited:
+        if len(c.subject) > 3:                                  # shorter subjects match inside other words
+            by_subject.setdefault(c.subject, set()).add(c.target_true.strip())
+    out = []
+    for c in cases:
+        named = [s for s in by_subject if s in c.loc_prompt]
+        out.append("contradicted" if any(c.loc_answer.strip() in by_subject[s] for s in named)
+                   else "subject" if named else "none")
+    return out
 
 
 @torch.no_grad()
@@ -107,6 +127,13 @@ def main() -> None:
         doc["classes"][name] = {"probes": int(m.sum()), "share": round(float(m.float().mean()), 4),
                                 "locality": round(float(locality[m].mean()), 4) if m.any() else None,
                                 "moved": int((m & (locality < 1)).sum())}
+    named = mentions([cases[i] for i in picked], cases[:len(step_of)])
+    for kind in MENTIONS:
+        m = torch.tensor([n == kind for n in named])
+        doc.setdefault("mentions", {})[kind] = {"probes": int(m.sum()),
+                                                "locality": round(float(locality[m].mean()), 4) if m.any() else None,
+                                                "moved": int((m & (locality < 1)).sum()),
+                                                "routed_other": int((m & (cls == CLASSES.index("other"))).sum())}
     age = steps - 1 - newest                                                    # steps made after that edit's
     edges = torch.linspace(0, steps, 6).long().tolist()
     for a, b in zip(edges, edges[1:]):
@@ -115,7 +142,10 @@ def main() -> None:
             doc["routed_by_age"].append({"age_steps": f"{a}-{b - 1}", "probes": int(m.sum()),
                                          "locality": round(float(locality[m].mean()), 4),
                                          "moved": int((m & (locality < 1)).sum())})
-    print(json.dumps(doc, indent=2), flush=True)
+    doc["rows"] = [{"case": cases[i].case_id, "class": CLASSES[int(k)], "mentions": n,
+                    "locality": round(float(x), 4), "newest_step": int(s), "reached": len(r)}
+                   for i, k, n, x, s, r in zip(picked, cls, named, locality, newest, reached)]
+    print(json.dumps({k: v for k, v in doc.items() if k != "rows"}, indent=2), flush=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(doc, indent=2) + "\n")
 
