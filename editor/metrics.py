@@ -103,19 +103,25 @@ def score_probes(em: EditableModel, probes: list[Probe], batch_size: int = 64) -
     return out
 
 
+def probe_localities(scores, base_loc: list[torch.Tensor]) -> list[float]:
+    """Per case of ``score_probes(case_probes(...))``: its locality, the share of its locality answer's tokens
+    whose argmax is the unedited model's (``base_loc``)."""
+    return [float((scores[6 * i + 4][1] == base_loc[i]).float().mean()) for i in range(len(scores) // 6)]
+
+
 def probe_metrics(scores, base_loc: list[torch.Tensor]) -> dict[str, float]:
     """The teacher-forced ``METRICS`` from ``score_probes`` of ``case_probes``; ``base_loc``: the unedited
     model's predictions on each case's locality answer."""
     n = len(scores) // 6
     acc = {k: 0.0 for k in METRICS}
+    acc["locality"] = sum(probe_localities(scores, base_loc))
     for i in range(n):
-        (pn, pn_pred, pn_ans), (pt, _, _), (qn, qn_pred, qn_ans), (qt, _, _), (ln, l_pred, _), (lx, _, _) = scores[6 * i:6 * i + 6]
+        (pn, pn_pred, pn_ans), (pt, _, _), (qn, qn_pred, qn_ans), (qt, _, _), (ln, _, _), (lx, _, _) = scores[6 * i:6 * i + 6]
         acc["efficacy"] += pn < pt
         acc["paraphrase_efficacy"] += qn < qt
         acc["specificity"] += ln < lx
         acc["reliability"] += float((pn_pred == pn_ans).float().mean())
         acc["generality"] += float((qn_pred == qn_ans).float().mean())
-        acc["locality"] += float((l_pred == base_loc[i]).float().mean())
     return {k: round(v / max(n, 1), 4) for k, v in acc.items()}
 
 

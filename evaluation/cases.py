@@ -56,3 +56,22 @@ def _case(dataset: str, record, i: int, path) -> Case:
     case_id = int(record.get("case_id", i)) if dataset == "counterfact" else i
     loc = fact.locality[0]
     return Case(case_id, fact.subject, fact.prompt, fact.target, true.strip(), fact.paraphrases[0], loc.prompt, loc.target)
+
+
+def first_contesting(scored: list[Case], edits: list[Case]) -> list[int | None]:
+    """Per case of ``scored``: the index in ``edits`` of the first edit that contests its locality probe, or
+    None. An edit contests the probe when the probe's prompt names the edit's subject and the probe's answer
+    is the edit's true answer: the probe then asks the very fact the edit changed ("Keith Olbermann, who is
+    employed by" -> ESPN, after an edit "Keith Olbermann, who works for" -> BBC), which a correct editor must
+    move. COUNTERFACT draws a case's locality prompt from other subjects, and past a few thousand edits some
+    of those subjects are edited too. Subjects of three characters or fewer are skipped (they match inside
+    other words)."""
+    first: dict[tuple[str, str], int] = {}
+    for j, e in enumerate(edits):
+        if len(e.subject) > 3:
+            first.setdefault((e.subject, e.target_true.strip()), j)
+    out = []
+    for c in scored:
+        hits = [j for (subject, true), j in first.items() if true == c.loc_answer.strip() and subject in c.loc_prompt]
+        out.append(min(hits) if hits else None)
+    return out

@@ -143,7 +143,7 @@ def eval_cmd(obj, dataset, data_path, span, steps, batch, eval_every, methods, h
 def table(report: dict) -> str:
     """The final metrics of every method (and the unedited model) as a markdown table."""
     cols = ("efficacy", "paraphrase_efficacy", "specificity", "reliability", "generality", "locality",
-            "gen_success", "gen_paraphrase", "gen_locality")
+            "locality_uncontested", "gen_success", "gen_paraphrase", "gen_locality")
     cell = lambda final, c: f"{final[c]:.3f}" if c in final else "-"               # noqa: E731
     head = "| method | " + " | ".join(cols) + " | perplexity | edits/s |"
     lines = [head, "|" + "---|" * (len(cols) + 3)]

@@ -10,16 +10,19 @@ from editor.config import EditConfig
 from editor.errors import EditorError
 from editor.hook import Mode
 from editor.metrics import (GEN_METRICS, METRICS, Case, case_probes, generated, generation_metrics, perplexity,
-                            probe_metrics, score_probes)
+                            probe_localities, probe_metrics, score_probes)
 from editor.model import EditableModel
 from editor.stats import KeyStats
 from editor.step import apply_delta, compute_delta, restore_state
 
+from .cases import first_contesting
 from .checkpoint import RunCheckpoint
 from .methods import method
 from .speed import generation_speed
 
 SPLIT = ("targets_s", "keys_s", "solve_s", "routing_s")
+#: locality over the scored cases whose locality probe no edit made so far contests (evaluation/cases.py)
+UNCONTESTED = "locality_uncontested"
 
 
 def heldout_texts(path: str | Path, n: int = 24, min_chars: int = 1200) -> list[str]:
@@ -51,13 +54,16 @@ def run_method(em: EditableModel, cases: list[Case], stats: KeyStats, cfg: EditC
             history, speed, split, edit_s = record["history"], record["speed"], record["split"], record["edit_s"]
             start = len(saved)
     probes = case_probes(cases[::score_every])
+    contested_from = first_contesting(cases[::score_every], cases)             # per scored case: an edit index or None
     try:
         for s in range(start, steps + 1):
             done = s * batch
             if s and (s % eval_every == 0 or s == steps) and not (history and history[-1]["step"] == s):
                 with em.mode(live):
                     n = len(range(0, done, score_every))                # the scored edits so far
-                    row = {"step": s, "edits": done, **probe_metrics(score_probes(em, probes[:6 * n]), base_loc[:n])}
+                    scores = score_probes(em, probes[:6 * n])
+                    row = {"step": s, "edits": done, **probe_metrics(scores, base_loc[:n]),
+                           UNCONTESTED: _uncontested(probe_localities(scores, base_loc[:n]), contested_from, done)}
                     if base_loc_text is not None:
                         row.update(generation_metrics(em, cases[:done:gen_every], base_loc_text[:done:gen_every]))
                     if texts:
@@ -89,7 +95,7 @@ def run_method(em: EditableModel, cases: list[Case], stats: KeyStats, cfg: EditC
                 ppl = perplexity(em, texts)
         edits = steps * batch
         return {"method": method_name, "gate": em.gate, "edits": edits,
-                "final": {k: history[-1][k] for k in METRICS + GEN_METRICS if k in history[-1]},
+                "final": {k: history[-1][k] for k in METRICS + (UNCONTESTED,) + GEN_METRICS if k in history[-1]},
                 "perplexity": round(ppl, 4), "history": history,
                 "alpha": {str(l): round(h.alpha, 4) for l, h in em.hooks.items()},
                 "speed": {"edit_seconds": round(edit_s, 2), "edits_per_s": round(edits / edit_s, 4) if edit_s else None,
@@ -98,6 +104,12 @@ def run_method(em: EditableModel, cases: list[Case], stats: KeyStats, cfg: EditC
                           "inference": speed}}
     finally:
         em.reset()
+
+
+def _uncontested(localities: list[float], contested_from: list[int | None], done: int) -> float:
+    """The mean locality of the cases whose probe none of the first ``done`` edits contests (1.0: none left)."""
+    kept = [x for x, j in zip(localities, contested_from) if j is None or j >= done]
+    return round(sum(kept) / len(kept), 4) if kept else 1.0
 
 
 def _record(history, speed, split, edit_s) -> dict:
@@ -133,7 +145,8 @@ def evaluate(em: EditableModel, cases: list[Case], stats: KeyStats, cfg: EditCon
             base_loc = [base_scores[6 * i + 4][1] for i in range(len(base_scores) // 6)]
             base_loc_text = [None] * len(cases)               # greedy answers of the unedited model, every gen_every-th
             base_loc_text[::gen_every] = generated(em, [c.loc_prompt for c in cases[::gen_every]])
-            base = {"final": {**probe_metrics(base_scores, base_loc),
+            base_metrics = probe_metrics(base_scores, base_loc)
+            base = {"final": {**base_metrics, UNCONTESTED: base_metrics["locality"],
                               **generation_metrics(em, cases[::gen_every], base_loc_text[::gen_every])},
                     "perplexity": round(perplexity(em, list(heldout)), 4)}
         if ck is not None:

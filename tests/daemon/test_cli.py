@@ -177,7 +177,7 @@ def test_eval_writes_report_and_plot(project, corpus_file):
     report = json.loads((project / "r.json").read_text())
     assert report["edits"] == 3 and report["seconds"] > 0 and list(report["methods"]) == ["comeba-hk", "memit"]
     assert {"efficacy", "paraphrase_efficacy", "specificity", "reliability", "generality", "locality",
-            "gen_success", "gen_paraphrase", "gen_locality"} == set(report["final"])
+            "locality_uncontested", "gen_success", "gen_paraphrase", "gen_locality"} == set(report["final"])
     assert report["precision"]["dtype"] in ("float32", "bfloat16") and report["precision"]["reason"]
     assert [h["edits"] for h in report["methods"]["memit"]["history"]] == [1, 2, 3]
     assert (project / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

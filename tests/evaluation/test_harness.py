@@ -11,8 +11,8 @@ from editor.metrics import Case, case_probes, perplexity, probe_metrics, score_p
 from editor.model import EditableModel
 from editor.stats import key_stats
 from editor.step import apply_delta, compute_delta
-from evaluation.cases import load_cases
-from evaluation.harness import evaluate
+from evaluation.cases import first_contesting, load_cases
+from evaluation.harness import _uncontested, evaluate
 from evaluation.methods import METHODS, method
 from tests.conftest import DATA
 
@@ -127,7 +127,10 @@ def test_report_has_the_contract_keys_and_resets_the_model(setup, corpus_file):
                       eval_every=1, heldout=texts, speed_at=(0,), progress=lambda *a: seen.append(a[:3]))
     assert report["edits"] == 4 and report["seconds"] > 0 and report["method"] == "comeba-hk"
     assert set(report["final"]) == {"efficacy", "paraphrase_efficacy", "specificity", "reliability",
-                                    "generality", "locality", "gen_success", "gen_paraphrase", "gen_locality"}
+                                    "generality", "locality", "locality_uncontested", "gen_success",
+                                    "gen_paraphrase", "gen_locality"}
+    # no edit of CASES contests another case's locality probe: both readings agree
+    assert report["final"]["locality_uncontested"] == report["final"]["locality"]
     assert all(0.0 <= v <= 1.0 for v in report["final"].values())
     assert report["base"]["final"]["gen_locality"] == 1.0          # the unedited model agrees with itself
     assert report["methods"]["comeba-hk"]["gate"] == cfg.gate
@@ -142,6 +145,24 @@ def test_report_has_the_contract_keys_and_resets_the_model(setup, corpus_file):
     assert perplexity(em, texts) == pytest.approx(ppl0)
     with pytest.raises(EditorError, match="need 10 cases"):
         evaluate(em, CASES, stats, cfg, steps=5, batch=2)
+
+
+def test_a_locality_probe_that_asks_an_edited_fact_is_contested_from_that_edit_on():
+    def case(subject, prompt, new, true, loc_prompt, loc_answer):
+        return Case(0, subject, prompt, new, true, prompt, loc_prompt, loc_answer)
+
+    edits = [case("Keith Olbermann", "Keith Olbermann, who works for", "BBC", "ESPN", "Paris is in", "France"),
+             case("Guyana", "The official language of Guyana is", "French", "English", "Rome is in", "Italy"),
+             case("UK", "The official language of the UK is", "German", "English", "Oslo is in", "Norway")]
+    scored = [case("A", "a", "x", "y", "Keith Olbermann, who is employed by", " ESPN"),   # edit 0's very fact
+              case("B", "b", "x", "y", "Keith Olbermann was born in", "New York"),       # its subject, another fact
+              case("C", "c", "x", "y", "In Guyana, they understand", "English"),          # edit 1's fact
+              case("D", "d", "x", "y", "In the UK they speak", "English")]                # a subject too short to match
+    assert first_contesting(scored, edits) == [0, None, 1, None]
+    # locality without the contested probes, counted once their edit is made
+    assert _uncontested([1.0, 0.5, 0.0], [None, 5, 1], done=3) == 0.75
+    assert _uncontested([1.0, 0.5, 0.0], [None, 5, 1], done=1) == 0.5
+    assert _uncontested([0.0], [0], done=1) == 1.0
 
 
 def test_the_gate_comes_from_the_config_of_the_run(setup):
