@@ -39,17 +39,12 @@ MENTIONS = ("none", "subject", "contradicted")
 
 
 def mentions(cases, edited) -> list[str]:
-    """Per case in ``cases``, what its locality prompt names of the ``edited`` cases (``MENTIONS``)."""
-    by_subject: dict[str, set[str]] = {}
-    for c in edited:
-        if len(c.subject) > 3:                                  # shorter subjects match inside other words
-            by_subject.setdefault(c.subject, set()).add(c.target_true.strip())
-    out = []
-    for c in cases:
-        named = [s for s in by_subject if s in c.loc_prompt]
-        out.append("contradicted" if any(c.loc_answer.strip() in by_subject[s] for s in named)
-                   else "subject" if named else "none")
-    return out
+    """Per case in ``cases``, what its locality prompt names of the ``edited`` cases (``MENTIONS``);
+    ``contradicted`` is ``kbsync eval``'s rule for a contested probe (evaluation/cases.py)."""
+    from evaluation.cases import first_contesting
+    subjects = {c.subject for c in edited if len(c.subject) > 3}   # shorter subjects match inside other words
+    return ["contradicted" if j is not None else "subject" if any(s in c.loc_prompt for s in subjects) else "none"
+            for c, j in zip(cases, first_contesting(cases, edited))]
 
 
 @torch.no_grad()
