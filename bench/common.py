@@ -49,6 +49,14 @@ def checkpoint_steps(folder: Path, depth: int | None = None) -> tuple[dict, list
     return manifest, saved[:depth]
 
 
+def history_arguments(ap) -> None:
+    """The options of a bench that reads a restored ``kbsync eval --checkpoint`` history (``restored_history``)."""
+    ap.add_argument("--checkpoint", type=Path, default=ROOT / "bench/out/ckpt-5000-prefix")
+    ap.add_argument("--depth", type=int, default=None, help="steps of the history to restore (all)")
+    ap.add_argument("--every", type=int, default=5, help="every k-th edited case")
+    ap.add_argument("--first-case", type=int, default=5000, help="the run's first COUNTERFACT record (--cases A:B's A)")
+
+
 def restored_history(folder: Path, depth: int | None, first_case: int):
     """A ``kbsync eval --checkpoint`` history (prefix or cascade gate) restored on the default model:
     (cfg, em, saved steps, (r,) each edit column's step, the run's cases in edit order)."""

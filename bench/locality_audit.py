@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from common import ROOT, restored_history
+from common import history_arguments, restored_history
 
 CLASSES = ("clean", "dropped", "own", "other")
 MENTIONS = ("none", "subject", "contradicted")
@@ -89,10 +89,7 @@ def probe_routes(em, probes, batch_size: int = 32) -> tuple[torch.Tensor, torch.
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", type=Path, default=ROOT / "bench/out/ckpt-5000-prefix")
-    ap.add_argument("--depth", type=int, default=None, help="steps of the history to restore (all)")
-    ap.add_argument("--every", type=int, default=5, help="every k-th edited case")
-    ap.add_argument("--first-case", type=int, default=5000, help="the run's first COUNTERFACT record (--cases A:B's A)")
+    history_arguments(ap)
     ap.add_argument("--json", type=Path, required=True)
     args = ap.parse_args()
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from common import DATA, ROOT, restored_history
+from common import DATA, history_arguments, restored_history
 
 CLASSES = ("own", "earlier", "later", "dropped", "unrouted")
 
@@ -82,10 +82,7 @@ def routes(em, cfg, cases, batch_size: int = 32) -> tuple[torch.Tensor, torch.Te
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", type=Path, default=ROOT / "bench/out/ckpt-5000-prefix")
-    ap.add_argument("--depth", type=int, default=None, help="steps of the history to restore (all)")
-    ap.add_argument("--every", type=int, default=5, help="every k-th edited case")
-    ap.add_argument("--first-case", type=int, default=5000, help="the run's first COUNTERFACT record (--cases A:B's A)")
+    history_arguments(ap)
     ap.add_argument("--upto", choices=("best", "newest"), default="best",
                     help="the prefix rule's Δ end: the best-matching candidate's step (shipped) or the newest one's")
     ap.add_argument("--json", type=Path, required=True)
