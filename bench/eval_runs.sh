@@ -41,7 +41,7 @@ case "${1:-200}" in
           --json bench/out/eval-1000.json --plot docs/img/eval-1000.png ;;
   1000-no-hook|1000-memit)
         m="${1#1000-}"
-        $KBSYNC eval --dataset counterfact --cases 5000:6000 --steps 100 --batch 10 --eval-every 50 \
+        $KBSYNC eval --dataset counterfact --cases 5000:6000 --steps 100 --batch 10 --eval-every 50 --gen-every 5 \
           --method "$m" --json "bench/out/eval-1000-$m.json" --plot "bench/out/eval-1000-$m.png" ;;
   5000)        run5000 comeba-hk prefix ;;
   5000-fresh)  run5000 comeba-hk-fresh fresh ;;
