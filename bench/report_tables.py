@@ -4,7 +4,7 @@
     .venv/bin/python bench/report_tables.py --merge OUT.json A.json B.json ... [--plot OUT.png]   # methods run separately
 
 A merge takes reports of the same cases, steps and batch on the same model (checked: the unedited
-metrics must agree exactly) and puts their methods side by side; its seconds are the sum.
+metrics both reports have must agree exactly) and puts their methods side by side; its seconds are the sum.
 """
 from __future__ import annotations
 
@@ -46,17 +46,26 @@ def tables(report: dict) -> str:
 
 def merge(reports: list[dict]) -> dict:
     first = reports[0]
-    same = ("dataset", "cases", "steps", "batch", "edits", "model", "base")
+    same = ("dataset", "cases", "steps", "batch", "edits", "model")
     for r in reports[1:]:
         differ = [k for k in same if r.get(k) != first.get(k)]
+        differ += [f"base.{k}" for k in _base_differences(first["base"], r["base"])]
         shared = set(r["config"]) & set(first["config"])       # a key added later (with its default) is not a difference
         differ += [f"config.{k}" for k in sorted(shared) if r["config"][k] != first["config"][k]]
         if differ:
             raise SystemExit(f"cannot merge: the reports differ in {differ}")
     out = dict(first, methods={}, seconds=round(sum(r["seconds"] for r in reports), 2))
+    out["base"] = max((r["base"] for r in reports), key=lambda b: len(b["final"]))   # the one with every metric
     for r in reports:
         out["methods"].update(r["methods"])
     return out
+
+
+def _base_differences(a: dict, b: dict) -> list[str]:
+    """The unedited scores two reports disagree on. A metric only one report has (added to ``kbsync eval``
+    after the other ran) is no difference; every metric both have must agree exactly."""
+    differ = [k for k in set(a["final"]) & set(b["final"]) if a["final"][k] != b["final"][k]]
+    return sorted(differ) + (["perplexity"] if a["perplexity"] != b["perplexity"] else [])
 
 
 if __name__ == "__main__":
