@@ -2,9 +2,11 @@
 
     .venv/bin/python bench/report_tables.py bench/out/eval-200.json [bench/out/eval-1000.json ...]
     .venv/bin/python bench/report_tables.py --merge OUT.json A.json B.json ... [--plot OUT.png]   # methods run separately
+    .venv/bin/python bench/report_tables.py --merge OUT.json A.json B.json:no-hook --allow-config gate   # B's no-hook only
 
 A merge takes reports of the same cases, steps and batch on the same model (checked: the unedited
 metrics both reports have must agree exactly) and puts their methods side by side; its seconds are the sum.
+The configurations must agree too, except the keys ``--allow-config`` names (kept under ``config_differs``).
 """
 from __future__ import annotations
 
@@ -44,21 +46,44 @@ def tables(report: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def merge(reports: list[dict]) -> dict:
+def merge(reports: list[dict], allow_config: tuple[str, ...] = ()) -> dict:
+    """The methods of ``reports`` side by side in one report. ``allow_config``: configuration keys that may
+    differ (a setting the merged methods do not read, e.g. the shipped gate's for ``no-hook``); the values
+    each report had are kept under ``config_differs``."""
     first = reports[0]
     same = ("dataset", "cases", "steps", "batch", "edits", "model")
     for r in reports[1:]:
         differ = [k for k in same if r.get(k) != first.get(k)]
         differ += [f"base.{k}" for k in _base_differences(first["base"], r["base"])]
-        shared = set(r["config"]) & set(first["config"])       # a key added later (with its default) is not a difference
+        shared = set(r["config"]) & set(first["config"]) - set(allow_config)   # a key added later is no difference
         differ += [f"config.{k}" for k in sorted(shared) if r["config"][k] != first["config"][k]]
         if differ:
             raise SystemExit(f"cannot merge: the reports differ in {differ}")
     out = dict(first, methods={}, seconds=round(sum(r["seconds"] for r in reports), 2))
     out["base"] = max((r["base"] for r in reports), key=lambda b: len(b["final"]))   # the one with every metric
     for r in reports:
+        twice = set(out["methods"]) & set(r["methods"])
+        if twice:
+            raise SystemExit(f"cannot merge: method {sorted(twice)} is in two reports; pick one report's with "
+                             "FILE:METHOD[,METHOD...]")
         out["methods"].update(r["methods"])
+    differs = {k: [r["config"].get(k) for r in reports] for k in allow_config
+               if len({json.dumps(r["config"].get(k)) for r in reports}) > 1}
+    if differs:
+        out["config_differs"] = differs
     return out
+
+
+def _load(spec: str) -> dict:
+    """A report from ``FILE`` or, with only some of its methods, ``FILE:METHOD[,METHOD...]``."""
+    path, _, names = spec.partition(":")
+    report = json.loads(open(path).read())
+    if names:
+        missing = [m for m in names.split(",") if m not in report["methods"]]
+        if missing:
+            raise SystemExit(f"{path} has no method {missing} (it has {sorted(report['methods'])})")
+        report["methods"] = {m: report["methods"][m] for m in names.split(",")}
+    return report
 
 
 def _base_differences(a: dict, b: dict) -> list[str]:
@@ -75,7 +100,11 @@ if __name__ == "__main__":
         if "--plot" in args:
             i = args.index("--plot")
             png, args = args[i + 1], args[:i] + args[i + 2:]
-        merged = merge([json.loads(open(p).read()) for p in args[2:]])
+        allow: tuple[str, ...] = ()
+        if "--allow-config" in args:
+            i = args.index("--allow-config")
+            allow, args = tuple(args[i + 1].split(",")), args[:i] + args[i + 2:]
+        merged = merge([_load(p) for p in args[2:]], allow)
         open(args[1], "w").write(json.dumps(merged, indent=2))
         if png:
             from pathlib import Path
