@@ -14,7 +14,7 @@
 #   bash bench/eval_runs.sh 5000-window # 5,000 report edits, Σ K Kᵀ over the last 50 steps only (method comeba-hk-window)
 #   bash bench/eval_runs.sh 5000-zscore; ... 5000-no-hook; ... 5000-memit   # the side by side at 5,000, one method each
 #   bash bench/eval_runs.sh tune-window # 1,000 tuning edits (cases 0-999), comeba-hk-window beside tune-fresh's runs
-#   EVAL_EVERY=250 bash bench/eval_runs.sh 5000-no-hook   # evaluated at 2,500 and 5,000 edits only (~25 min less)
+#   EVAL_EVERY=250 bash bench/eval_runs.sh 5000-no-hook   # evaluated at 2,500 and 5,000 edits only (3 fewer evaluations, ~4 min each here)
 # The 5000-* and tune-window runs reuse the unedited model's scores of an earlier run on their cases (reuse_base).
 set -euo pipefail
 cd "$(dirname "$0")/.."
