@@ -5,7 +5,8 @@
 Every served token pays x @ V, x (rows, d_in = 1,536) against V (d_in, edits) (docs/editor.md, cost per token).
 This times that product four ways, random values of the real shapes, median of ``--rounds`` rounds of 200
 calls each, the four alternating: V as stored (d_in, r) in float32 and in bfloat16, and V transposed
-contiguous (r, d_in) through ``F.linear`` in both. It names the CPU, since the answer depends on it.
+contiguous (r, d_in) through ``F.linear`` in both. It names the CPU and whether it computes bf16 natively
+(``editor.precision``), since the answer depends on it.
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+from editor.precision import cpu_features
 
 
 def main() -> None:
@@ -28,8 +31,9 @@ def main() -> None:
     V = torch.randn(args.d_in, args.edits)
     Vb, Vt = V.to(torch.bfloat16), V.T.contiguous()
     Vbt = Vb.T.contiguous()
-    out = {"cpu": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(), "edits": args.edits,
-           "microseconds": {}}
+    cpu = cpu_features()
+    out = {"cpu": cpu.describe(), "native_bf16": cpu.native_bf16, "threads": torch.get_num_threads(),
+           "edits": args.edits, "microseconds": {}}
     for rows in (1, 8):
         x = torch.randn(rows, args.d_in)
         ways = {"f32 x@V": lambda: x @ V, "bf16 x@V": lambda: (x.to(torch.bfloat16) @ Vb).float(),

@@ -10,8 +10,9 @@ The configurations must agree too, except the keys ``--allow-config`` names (kep
 """
 from __future__ import annotations
 
+import argparse
 import json
-import sys
+from pathlib import Path
 
 COLS = ("efficacy", "paraphrase_efficacy", "specificity", "reliability", "generality", "locality")
 
@@ -79,10 +80,11 @@ def _load(spec: str) -> dict:
     path, _, names = spec.partition(":")
     report = json.loads(open(path).read())
     if names:
-        missing = [m for m in names.split(",") if m not in report["methods"]]
+        wanted = names.split(",")
+        missing = [m for m in wanted if m not in report["methods"]]
         if missing:
             raise SystemExit(f"{path} has no method {missing} (it has {sorted(report['methods'])})")
-        report["methods"] = {m: report["methods"][m] for m in names.split(",")}
+        report["methods"] = {m: report["methods"][m] for m in wanted}
     return report
 
 
@@ -93,25 +95,25 @@ def _base_differences(a: dict, b: dict) -> list[str]:
     return sorted(differ) + (["perplexity"] if a["perplexity"] != b["perplexity"] else [])
 
 
-if __name__ == "__main__":
-    args = sys.argv[1:]
-    if args[:1] == ["--merge"]:
-        png = None
-        if "--plot" in args:
-            i = args.index("--plot")
-            png, args = args[i + 1], args[:i] + args[i + 2:]
-        allow: tuple[str, ...] = ()
-        if "--allow-config" in args:
-            i = args.index("--allow-config")
-            allow, args = tuple(args[i + 1].split(",")), args[:i] + args[i + 2:]
-        merged = merge([_load(p) for p in args[2:]], allow)
-        open(args[1], "w").write(json.dumps(merged, indent=2))
-        if png:
-            from pathlib import Path
-
-            from evaluation.cli import plot
-            plot(merged, Path(png))
-        print(tables(merged))
-    else:
-        for path in args:
+def main() -> None:
+    ap = argparse.ArgumentParser(description="Markdown tables of kbsync eval reports; --merge puts separate runs side by side.")
+    ap.add_argument("reports", nargs="+", help="report JSON files; with --merge, FILE:METHOD[,METHOD...] takes some methods")
+    ap.add_argument("--merge", metavar="OUT.json", help="write the merged report here")
+    ap.add_argument("--plot", metavar="OUT.png", help="with --merge: plot the merged report")
+    ap.add_argument("--allow-config", default="", metavar="KEY,...",
+                    help="with --merge: configuration keys that may differ (settings the merged methods do not read)")
+    args = ap.parse_args()
+    if not args.merge:
+        for path in args.reports:
             print(tables(json.loads(open(path).read())))
+        return
+    merged = merge([_load(p) for p in args.reports], tuple(filter(None, args.allow_config.split(","))))
+    open(args.merge, "w").write(json.dumps(merged, indent=2))
+    if args.plot:
+        from evaluation.cli import plot
+        plot(merged, Path(args.plot))
+    print(tables(merged))
+
+
+if __name__ == "__main__":
+    main()
