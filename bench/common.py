@@ -77,6 +77,16 @@ def restored_history(folder: Path, depth: int | None, first_case: int):
     return cfg, em, saved, step_of, cases
 
 
+def regated(delta, gate: str, cfg):
+    """``delta`` as if made with ``gate``: the first layer's α at the gate's α0, the later ones' at
+    ``confirm_alpha``, no stored bars (the factors and keys as they are)."""
+    from dataclasses import replace
+    first = min((ld.layer for ld in delta.layers), default=None)
+    layers = tuple(replace(ld, bars=None, alpha=cfg.alpha0_for(gate) if ld.layer == first else cfg.confirm_alpha)
+                   for ld in delta.layers)
+    return replace(delta, layers=layers, gate=gate)
+
+
 def reference_texts(n: int = 16) -> list[str]:
     """Long WikiText-2 validation paragraphs from the front (text to calibrate on); the perplexity's
     ``evaluation.harness.heldout_texts`` takes the last 24, so the two never overlap."""

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from common import DATA, HPARAMS, ROOT, STATE, checkpoint_steps, hparams, load
+from common import DATA, HPARAMS, ROOT, STATE, checkpoint_steps, hparams, load, regated
 
 PROMPTS = ["The capital of France is", "Once upon a time, in a small village,", "The mother tongue of Danielle Darrieux is",
            "Python is a programming language that", "The Eiffel Tower is located in", "My favourite recipe for bread",
@@ -48,8 +48,24 @@ PROMPTS = ["The capital of France is", "Once upon a time, in a small village,", 
 
 
 # ----- throughput ---------------------------------------------------------------------------------------
+def _hooked_sides(delta_dtypes, score_dtypes) -> list:
+    """The base side, then one hooked side per (dense Δ dtype, gate score dtype): (name, mode, dtypes)."""
+    from editor.hook import Mode
+    return [("base", Mode.OFF, ("float32", "float32"))] + [
+        (f"hooked_{dt}" + ("" if sd == "float32" else f"_scores_{sd}"), Mode.VALIDATED, (dt, sd))
+        for dt in delta_dtypes for sd in score_dtypes]
+
+
+def _screen_share(em) -> dict:
+    """Rows the first edited layer's bf16 screen decided alone and sent to the float32 rescore, so far."""
+    first = em.hooks[min(em.layers)]
+    seen = first.screened_rows + first.rescored_rows
+    return {"screened_rows": first.screened_rows, "rescored_rows": first.rescored_rows,
+            "rescored_share": round(first.rescored_rows / seen, 4) if seen else None}
+
+
 def part_throughput(model, tok, rounds: int, new_tokens: int, levels=(0, 100, 1000),
-                    dtypes=("float32",), batch: int = len(PROMPTS)) -> dict:
+                    dtypes=("float32",), batch: int = len(PROMPTS), score_dtypes=("float32",)) -> dict:
     from editor.decoding import Continuation, Sampling, decode
     from editor.hook import Mode
     from editor.model import EditableModel
@@ -62,14 +78,15 @@ def part_throughput(model, tok, rounds: int, new_tokens: int, levels=(0, 100, 10
     # min_tokens: EOS must not end a row early, or the two sides would decode different amounts
     eos = tok.eos_token_id
 
-    def timed(mode, dtype) -> float:
-        em.set_delta_dtype(dtype)
+    def timed(mode, dtypes) -> float:
+        em.set_delta_dtype(dtypes[0])
+        em.set_score_dtype(dtypes[1])
         with em.mode(mode), _no_eos(model, eos):
             t = time.perf_counter()
             decode(em, rows())
             return time.perf_counter() - t
 
-    sides = [("base", Mode.OFF, "float32")] + [(f"hooked_{dt}", Mode.VALIDATED, dt) for dt in dtypes]
+    sides = _hooked_sides(dtypes, score_dtypes)
     out = {}
     try:
         for edits in levels:
@@ -77,7 +94,8 @@ def part_throughput(model, tok, rounds: int, new_tokens: int, levels=(0, 100, 10
                 for h in em.hooks.values():               # one step of 10 edits: rank-10 factors, real shapes
                     K = torch.randn(h.d_in, 10, generator=g)        # V = K: each edit scores 1 on its own key
                     h.commit(torch.randn(h.d_out, 10, generator=g) * 0.01, K, K, alpha=2.2)
-            out[str(edits)] = _paired_rounds(sides, timed, rounds, batch * new_tokens) | {"rows": batch}
+            out[str(edits)] = _paired_rounds(sides, timed, rounds, batch * new_tokens) | {"rows": batch,
+                                                                                          "screen": _screen_share(em)}
             res = out[str(edits)]
             print(f"throughput {edits} edits: {res}", flush=True)
     finally:
@@ -86,7 +104,7 @@ def part_throughput(model, tok, rounds: int, new_tokens: int, levels=(0, 100, 10
 
 
 def _paired_rounds(sides, timed, rounds: int, tokens: int) -> dict:
-    """``timed(mode, dtype)`` for every side (name, mode, dtype), once to warm up, then ``rounds`` rounds in an
+    """``timed(mode, dtypes)`` for every side (name, mode, dtypes), once to warm up, then ``rounds`` rounds in an
     order that rotates by round (ABBA for two sides); each hooked side's speed against the first (base)
     side's, as per-round paired ratios."""
     for _, mode, dt in sides:
@@ -109,8 +127,12 @@ def _paired_rounds(sides, timed, rounds: int, tokens: int) -> dict:
 
 
 # ----- routed tokens on a real history -------------------------------------------------------------------
-def part_routed(model, tok, checkpoint: Path, rounds: int, new_tokens: int, batch: int) -> dict:
-    """Decoding edit prompts of a restored history (each names an edited subject), hooked against base."""
+def part_routed(model, tok, checkpoint: Path, rounds: int, new_tokens: int, batch: int,
+                score_dtypes=("float32",), regate: str | None = None, ordinary: bool = False) -> dict:
+    """Decoding edit prompts of a restored history (each names an edited subject), hooked against base.
+    ``regate``: serve the history with that gate instead of its own (every first-layer α at the gate's α0,
+    every later one at ``confirm_alpha``, no stored bars): a real key geometry for a gate it was not made
+    with. ``ordinary``: decode the throughput part's prompts instead, which name no edited subject."""
     from editor.decoding import Continuation, Sampling, decode
     from editor.hook import Mode
     from editor.model import EditableModel
@@ -121,12 +143,18 @@ def part_routed(model, tok, checkpoint: Path, rounds: int, new_tokens: int, batc
     cfg = hparams()
     em = EditableModel.for_config(model, tok, cfg)
     em.configure_gate(cfg.gate, cfg.alpha0_for(cfg.gate), cfg.confirm_alpha)
+    made_with = saved[-1].gate
+    if regate:
+        saved = [regated(d, regate, cfg) for d in saved]
+        em.configure_gate(regate, cfg.alpha0_for(regate), cfg.confirm_alpha)
     restore_state(em, saved)
     edits = len(saved) * manifest["batch"]
     cases = load_cases("counterfact", DATA / "counterfact-edit.json", (5000, 5000 + edits))
     if cases[0].case_id != manifest["cases"][0]:
         raise SystemExit(f"{checkpoint} does not hold COUNTERFACT cases from 5000 on")
     prompts = [cases[i].prompt for i in range(0, edits, max(edits // batch, 1))][:batch]   # spread over the history
+    if ordinary:
+        prompts = PROMPTS[:batch]
     routed = {"tokens": 0, "routed": 0, "on": False}
 
     def count(module, inputs, output):
@@ -137,9 +165,10 @@ def part_routed(model, tok, checkpoint: Path, rounds: int, new_tokens: int, batc
     handle = em.spec.projection_module(model, max(em.layers)).register_forward_hook(count)
     eos = tok.eos_token_id
 
-    def timed(mode, dtype) -> float:
+    def timed(mode, dtypes) -> float:
         rows = [Continuation(tok(p)["input_ids"], Sampling(max_tokens=new_tokens, temperature=0), lambda e: None,
                              index=i) for i, p in enumerate(prompts)]
+        em.set_score_dtype(dtypes[1])
         routed["on"] = mode == Mode.VALIDATED
         with em.mode(mode), _no_eos(model, eos):
             t = time.perf_counter()
@@ -151,11 +180,13 @@ def part_routed(model, tok, checkpoint: Path, rounds: int, new_tokens: int, batc
             answers = [em.tokenizer.decode(model.generate(**tok(p, return_tensors="pt"), max_new_tokens=4,
                                                           do_sample=False)[0, -4:]) for p in prompts]
         routed.update(tokens=0, routed=0)
-        res = _paired_rounds([("base", Mode.OFF, "float32"), ("hooked", Mode.VALIDATED, "float32")], timed,
-                             rounds, batch * new_tokens)
+        sides = _hooked_sides(("float32",), score_dtypes)
+        sides = [(name.replace("hooked_float32", "hooked"), mode, dt) for name, mode, dt in sides]
+        res = _paired_rounds(sides, timed, rounds, batch * new_tokens)
         share = routed["routed"] / max(routed["tokens"], 1)            # over every hooked pass (prefill and decode)
-        res |= {"edits": edits, "gate": em.gate, "rows": batch, "new_tokens": new_tokens,
-                "routed_share": round(share, 4), "prompts": prompts, "answers_hooked": answers}
+        res |= {"edits": edits, "gate": em.gate, "made_with_gate": made_with, "rows": batch,
+                "new_tokens": new_tokens, "routed_share": round(share, 4), "screen": _screen_share(em),
+                "prompts": prompts, "answers_hooked": answers}
     finally:
         handle.remove()
         em.close()
@@ -351,6 +382,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--edits", default="0,100,1000", help="throughput: edit counts to measure at")
     ap.add_argument("--delta-dtypes", default="float32", help="throughput: dtypes of the dense Δ to compare, e.g. float32,bfloat16")
+    ap.add_argument("--score-dtypes", default="float32",
+                    help="throughput, routed: dtypes the first layer's gate scores are screened in, e.g. float32,bfloat16")
+    ap.add_argument("--regate", default=None, help="routed: serve the history with this gate (e.g. prefix) instead")
+    ap.add_argument("--ordinary", action="store_true", help="routed: decode prompts that name no edited subject")
     ap.add_argument("--rows", type=int, default=len(PROMPTS), help="throughput: prompts decoded together (1-8)")
     ap.add_argument("--new-tokens", type=int, default=100)
     ap.add_argument("--checkpoint", type=Path, default=ROOT / "bench/out/ckpt-5000-prefix",
@@ -366,10 +401,13 @@ def main() -> None:
         key = "throughput" if args.rows == len(PROMPTS) else f"throughput_rows{args.rows}"
         report[key] = part_throughput(model, tok, args.rounds, args.new_tokens,
                                       tuple(int(e) for e in args.edits.split(",")),
-                                      tuple(args.delta_dtypes.split(",")), args.rows)
+                                      tuple(args.delta_dtypes.split(",")), args.rows,
+                                      tuple(args.score_dtypes.split(",")))
     if "routed" in parts:
-        key = "routed" if args.rows == len(PROMPTS) else f"routed_rows{args.rows}"
-        report[key] = part_routed(model, tok, args.checkpoint, args.rounds, args.new_tokens, args.rows)
+        key = ("routed" + ("_ordinary" if args.ordinary else "")
+               + ("" if args.rows == len(PROMPTS) else f"_rows{args.rows}"))
+        report[key] = part_routed(model, tok, args.checkpoint, args.rounds, args.new_tokens, args.rows,
+                                  tuple(args.score_dtypes.split(",")), args.regate, args.ordinary)
     if "latency" in parts:
         report["latency"] = part_latency(model, tok, args.requests, args.new_tokens)
     if "inbox" in parts:

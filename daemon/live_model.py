@@ -19,7 +19,7 @@ from editor.errors import EditorError
 from editor.kernel_caches import bound_kernel_caches
 from editor.loading import load_model
 from editor.model import EditableModel
-from editor.precision import PrecisionChoice, choose_opt_dtype
+from editor.precision import PrecisionChoice, choose_opt_dtype, choose_score_dtype
 from editor.stats import KeyStats, key_stats
 from editor.step import StepDelta, restore_state
 from kb.ledger import Ledger
@@ -40,6 +40,12 @@ def precision_here(cfg: AppConfig) -> PrecisionChoice:
     return choose_opt_dtype(cfg.editor.opt_dtype, resolve_placement(cfg.model.device, cfg.model.dtype).device)
 
 
+def score_precision_here(cfg: AppConfig) -> PrecisionChoice:
+    """The dtype the gate's scores would be screened in on this machine, without loading the model."""
+    from editor.loading import resolve_placement
+    return choose_score_dtype(cfg.editor.score_dtype, resolve_placement(cfg.model.device, cfg.model.dtype).device)
+
+
 class LoadedModel:
     """Loads the configured model once; ``stats`` are built (or read from cache) on first need."""
 
@@ -57,6 +63,7 @@ class LoadedModel:
                  fingerprint=self.em.fingerprint(), seconds=round(time.perf_counter() - t, 2))
         log.info("precision.chosen", opt_dtype=self.precision.dtype, setting=self.precision.setting,
                  hardware=self.precision.hardware, reason=self.precision.reason,
+                 score_dtype=self.em.score_choice.dtype, score_reason=self.em.score_choice.reason,
                  kernel_caches=bound_kernel_caches())
 
     @property

@@ -26,7 +26,7 @@ from kb.ledger import Ledger, PlannedVersion
 
 from .config import AppConfig
 from .errors import ServiceError
-from .live_model import BASE, LiveModel, precision_here
+from .live_model import BASE, LiveModel, precision_here, score_precision_here
 from .memory import release_freed_memory
 from .verify import VerifyGate
 
@@ -106,9 +106,11 @@ class Service:
             doc["device"] = str(self.live.em.device)
             doc["fingerprint"] = self.live.em.fingerprint()
             doc["precision"] = self.live.precision.to_json()
+            doc["score_precision"] = self.live.em.score_choice.to_json()   # the gate's screen (gate_screen.py)
             doc["gate"] = self.live.em.gate                 # the routing gate HEAD's history is served with
         else:
             doc["precision"] = precision_here(self.cfg).to_json()
+            doc["score_precision"] = score_precision_here(self.cfg).to_json()
         return doc
 
     def query(self, prompts: list[str], max_tokens: int = 16) -> tuple[list[str], int | None]:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from .errors import EditorError
 
+SERVING_ONLY = ("delta_dtype", "score_dtype")   # settings of how deltas are served, not of what they are
+
 DEFAULT_CONTEXTS = (
     "{}",
     "The following is a fact. {}",
@@ -61,6 +63,8 @@ class EditConfig:
                                            # hardware has it natively, else float32 (editor/precision.py)
     prefix_cache: bool = True              # target optimisation: keys/values before each lookup computed once
     delta_dtype: str = "float32"           # of the dense Δ read per token once the rank passes the factors' size
+    score_dtype: str = "auto"              # serving: the first edited layer's gate scores screened in bfloat16 ("auto":
+                                           # where native), every route still decided in float32 (editor/gate_screen.py)
     contexts: tuple[str, ...] = DEFAULT_CONTEXTS
     kl_template: str = "{} is a"
     stats: StatsConfig = field(default_factory=StatsConfig)
@@ -76,6 +80,8 @@ class EditConfig:
             raise EditorError(f"editor config: `opt_dtype` must be auto, float32, bfloat16 or float16, got {self.opt_dtype!r}")
         if self.delta_dtype not in ("float32", "bfloat16", "float16"):
             raise EditorError(f"editor config: `delta_dtype` must be float32, bfloat16 or float16, got {self.delta_dtype!r}")
+        if self.score_dtype not in ("auto", "float32", "bfloat16"):
+            raise EditorError(f"editor config: `score_dtype` must be auto, float32 or bfloat16, got {self.score_dtype!r}")
         if not (self.massive_ratio == 0.0 or self.massive_ratio > 1.0):
             raise EditorError(f"editor config: `massive_ratio` must be 0 (off) or above 1 (6 separates SmolLM2's attention sinks), got {self.massive_ratio}")
         if not 0.0 <= self.alpha_min <= self.alpha0:
@@ -114,8 +120,8 @@ class EditConfig:
 
     def digest(self) -> str:
         """A short, stable hash of every field that shapes a delta; stored with each version.
-        ``delta_dtype`` is left out: it changes how a delta is served, not what it is."""
-        fields = {k: v for k, v in self.to_dict().items() if k != "delta_dtype"}
+        ``delta_dtype`` and ``score_dtype`` are left out: they change how a delta is served, not what it is."""
+        fields = {k: v for k, v in self.to_dict().items() if k not in SERVING_ONLY}
         blob = json.dumps(fields, sort_keys=True, default=list).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

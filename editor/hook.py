@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .gate_screen import ScoreScreen
+
 
 GATES = ("zscore", "token", "cascade", "prefix")
 CASCADE_GATES = ("cascade", "prefix")   # the gates that confirm a token's route at every edited layer
@@ -89,11 +91,15 @@ class HookLayer:
     (for Σ K Kᵀ) and α."""
 
     def __init__(self, module: nn.Module, layer: int, d_in: int, d_out: int,
-                 context: RoutingContext, alpha0: float, delta_dtype: torch.dtype = torch.float32):
+                 context: RoutingContext, alpha0: float, delta_dtype: torch.dtype = torch.float32,
+                 score_dtype: torch.dtype = torch.float32):
         self.module, self.layer, self.d_in, self.d_out = module, layer, d_in, d_out
         self.context = context
         self.alpha0 = float(alpha0)
         self.delta_dtype = delta_dtype    # of the dense Δ the forward pass reads (D itself stays float32)
+        self.score_dtype = score_dtype    # bfloat16: the first layer's gate scores screened in bf16 (gate_screen.py)
+        self.screened_rows = 0            # rows the bf16 screen decided alone / sent to the float32 rescore
+        self.rescored_rows = 0
         self.mode = Mode.VALIDATED
         self._trial: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.reset()
@@ -127,6 +133,7 @@ class HookLayer:
         self._ends: torch.Tensor | None = None
         self._D: torch.Tensor | None = None          # Σ_t U_t V_tᵀ
         self._D_fwd: torch.Tensor | None = None      # D in delta_dtype, as the forward pass reads it
+        self._screen: ScoreScreen | None = None      # V in bfloat16 and the rounding bound per edit
 
     @property
     def D(self) -> torch.Tensor:
@@ -207,6 +214,18 @@ class HookLayer:
         self.delta_dtype = dtype
         self._D_fwd = None
 
+    def set_score_dtype(self, dtype: torch.dtype) -> None:
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"gate scores are computed in float32 or screened in bfloat16, not {dtype}")
+        self.score_dtype = dtype
+        self._screen = None
+
+    def _screens(self, bars: torch.Tensor | None) -> bool:
+        """Whether this call's scores go through the bfloat16 screen: bars to screen against, no trial edits
+        (a step being made), and no α records (they need every row's exact best score)."""
+        return (bars is not None and self.score_dtype == torch.bfloat16 and not self._trial
+                and self.context.records is None)
+
     @contextlib.contextmanager
     def trial(self, U: torch.Tensor, V: torch.Tensor, K: torch.Tensor):
         """Temporarily add Δ = U Vᵀ with keys K (used while a step is computed); removed on exit, also on error."""
@@ -234,12 +253,19 @@ class HookLayer:
         also the token gate's score a = max_j (v_jᵀ x) / (v_jᵀ k_j), (...,), and the ``top`` best-matching
         edits with their scores, (..., top) each (indices into the committed edits followed by the trial ones;
         with ``bars`` (r_all,), only edits scoring at least their bar count, the others score -inf there).
-        ``delta=False`` (with ``scores``): the scores alone, Δx is None."""
+        ``delta=False`` (with ``scores``): the scores alone, Δx is None. With ``bars`` and ``delta=False``
+        and a bfloat16 ``score_dtype``, the committed edits are scored through the bf16 screen
+        (``gate_screen.py``): the same edits pass the bars, with float32 scores; a row none can reach
+        reports the screen's best score as its raw best (below every bar, so it routes nowhere either way)."""
         xf = x.to(torch.float32)
         out, parts = None, []
         if self.U:
             Uc, Vc, inv_s = self._factors()                         # (d_out, r), (d_in, r), (r,)
-            xV = xf @ Vc if scores or not self.dense_path else None # (..., r) shared by Δx and the gate
+            screened = scores and not delta and self._screens(bars)    # serving's first layer: bf16 screen
+            if screened:
+                parts.append(self._screened_scores(xf, Vc, inv_s, bars))   # (..., r)
+            # (..., r) shared by Δx and the gate
+            xV = xf @ Vc if (scores and not screened) or (delta and not self.dense_path) else None
             if delta and not self.dense_path:
                 out = xV @ Uc.T                                     # (..., d_out)
             elif delta and self.delta_dtype == torch.float32:
@@ -248,7 +274,7 @@ class HookLayer:
                 if self._D_fwd is None:
                     self._D_fwd = self.D.to(self.delta_dtype)           # (d_out, d_in)
                 out = (x.to(self.delta_dtype) @ self._D_fwd.T).to(torch.float32)   # (..., d_out)
-            if scores:
+            if scores and not screened:
                 parts.append(xV * inv_s)                            # (..., r)
         for U, V, inv_s in self._trial:
             xV = xf @ V                                             # (..., n)
@@ -266,6 +292,18 @@ class HookLayer:
             every = every.masked_fill(every < bars, -torch.inf)         # (..., r_all)
         best, edits = every.topk(min(top, every.shape[-1]), dim=-1)     # (..., top), (..., top)
         return out, best[..., 0] if a is None else a, (edits, best)
+
+    def _screened_scores(self, xf: torch.Tensor, Vc: torch.Tensor, inv_s: torch.Tensor,
+                         bars: torch.Tensor) -> torch.Tensor:
+        """The committed edits' scores (..., r) through the bfloat16 screen: float32 on every row that may
+        reach a bar, bf16 (all below their bars) on the others; the routes are float32's (gate_screen.py)."""
+        if self._screen is None:
+            self._screen = ScoreScreen.build(Vc, inv_s)
+        flat = xf.reshape(-1, self.d_in)                            # (N, d_in)
+        every, rescored = self._screen.scores(flat, Vc, bars)       # (N, r)
+        self.rescored_rows += rescored
+        self.screened_rows += flat.shape[0] - rescored
+        return every.reshape(*xf.shape[:-1], -1)
 
     def route_bars(self) -> torch.Tensor:
         """The cascade's first-layer bar per edit, (r_all,): max(α, the edit's stored bar), α where a step

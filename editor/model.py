@@ -30,7 +30,8 @@ class EditableModel:
     """Owns the hooks of one model. All mutation goes through ``apply_delta``/``reset`` or context managers."""
 
     def __init__(self, model: nn.Module, tokenizer, layers, alpha0: float = 2.2, massive_ratio: float = 0.0,
-                 delta_dtype: torch.dtype | str = torch.float32, gate: str = "zscore", confirm_alpha: float = 0.4):
+                 delta_dtype: torch.dtype | str = torch.float32, gate: str = "zscore", confirm_alpha: float = 0.4,
+                 score_dtype: torch.dtype | str = torch.float32):
         self.model, self.tokenizer = model, tokenizer
         self.spec = spec_for(model.config)
         n_layers = len(self.spec.blocks(model))
@@ -44,17 +45,24 @@ class EditableModel:
         for l in self.layers:
             module = self.spec.projection_module(model, l)
             d_in, d_out = self.spec.dims(module)
-            self.hooks[l] = HookLayer(module, l, d_in, d_out, self.context, alpha0, _dtype(delta_dtype))
+            self.hooks[l] = HookLayer(module, l, d_in, d_out, self.context, alpha0, _dtype(delta_dtype),
+                                      _dtype(score_dtype))
         self._set_alpha0(gate, alpha0, confirm_alpha)
         # on the base model: every forward (CausalLM, generate, or base-model calls) passes through it
         self._pre = model.base_model.register_forward_pre_hook(self._capture, with_kwargs=True)
         self._fingerprint: str | None = None
+        self.score_choice = None                    # PrecisionChoice of the gate's score dtype (``for_config``)
 
     @classmethod
     def for_config(cls, model: nn.Module, tokenizer, cfg) -> "EditableModel":
-        """Hooks as an ``EditConfig`` describes them (layers, gate and its α0, massive-token exclusion, Δ's dtype)."""
-        return cls(model, tokenizer, cfg.layers, cfg.alpha0_for(), cfg.massive_ratio, cfg.delta_dtype, cfg.gate,
-                   cfg.confirm_alpha)
+        """Hooks as an ``EditConfig`` describes them (layers, gate and its α0, massive-token exclusion, Δ's dtype,
+        the gate's score dtype resolved for the model's device: ``score_choice`` says what and why)."""
+        from .precision import choose_score_dtype
+        choice = choose_score_dtype(cfg.score_dtype, next(model.parameters()).device)
+        em = cls(model, tokenizer, cfg.layers, cfg.alpha0_for(), cfg.massive_ratio, cfg.delta_dtype, cfg.gate,
+                 cfg.confirm_alpha, choice.dtype)
+        em.score_choice = choice
+        return em
 
     @property
     def gate(self) -> str:
@@ -93,6 +101,12 @@ class EditableModel:
         """The dtype of the dense Δ every hook reads per token (benchmarks compare them in one process)."""
         for h in self.hooks.values():
             h.set_delta_dtype(_dtype(dtype))
+
+    def set_score_dtype(self, dtype: torch.dtype | str) -> None:
+        """The dtype the first edited layer's gate scores are screened in (float32: no screen); the routes are
+        float32's either way (``editor/gate_screen.py``). Benchmarks compare the two in one process."""
+        for h in self.hooks.values():
+            h.set_score_dtype(_dtype(dtype))
 
     def _capture(self, module, args, kwargs):
         past = kwargs.get("cache", kwargs.get("past_key_values"))    # transformers 5 renamed it `cache`

@@ -1,4 +1,4 @@
-"""Which precision the target optimisation runs in, chosen at run time from what the hardware computes natively.
+"""Which precision the target optimisation (and the gate's screen) runs in, chosen at run time from what the hardware computes natively.
 
 ``opt_dtype = "auto"`` (the shipped value) means bfloat16 only where the hardware has native bf16 arithmetic
 (a CUDA device that supports it; a CPU with AVX512_BF16 or AMX tiles) and float32 everywhere else. On a CPU
@@ -7,6 +7,9 @@ measured 3-8x slower than float32 (docs/benchmarks.md), so "auto" never picks it
 
 The environment variable ``KBSYNC_OPT_DTYPE`` (float32, bfloat16, float16 or auto) overrides the configured
 value, e.g. to force float32 for a test run; the choice records that it was forced.
+
+``score_dtype = "auto"`` (shipped) is chosen the same way for serving: the first edited layer's gate scores are
+screened in bfloat16 where the hardware has it natively, float32 elsewhere (``choose_score_dtype``).
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from dataclasses import asdict, dataclass
 from .errors import EditorError
 
 DTYPES = ("float32", "bfloat16", "float16")
+SCORE_DTYPES = ("auto", "float32", "bfloat16")
 ENV_OVERRIDE = "KBSYNC_OPT_DTYPE"
 
 
@@ -60,6 +64,36 @@ def cpu_features() -> CpuFeatures:
                        probe("_is_amx_tile_supported"))
 
 
+def _bf16_hardware(dev: str, cpu: CpuFeatures | None, cuda_bf16: bool | None) -> tuple[str, bool]:
+    """(a description of ``dev``'s hardware, whether it computes bfloat16 natively)."""
+    if dev.startswith("cuda"):
+        if cuda_bf16 is None:
+            import torch
+            cuda_bf16 = bool(torch.cuda.is_bf16_supported())
+        return ("cuda bf16" if cuda_bf16 else "cuda without bf16"), cuda_bf16
+    cpu = cpu or cpu_features()
+    return cpu.describe(), cpu.native_bf16
+
+
+def choose_score_dtype(setting: str, device, cpu: CpuFeatures | None = None,
+                       cuda_bf16: bool | None = None) -> PrecisionChoice:
+    """Resolve ``score_dtype`` (auto, float32 or bfloat16): the dtype the first edited layer's gate scores are
+    screened in while serving (``editor/gate_screen.py``; the routes are float32's either way). "auto" picks
+    bfloat16 only where the hardware computes it natively: emulated bf16 makes the screen slower than float32."""
+    if setting not in SCORE_DTYPES:
+        raise EditorError(f"score_dtype {setting!r} is not one of {', '.join(SCORE_DTYPES)}")
+    dev = str(device)
+    hardware, native = _bf16_hardware(dev, cpu, cuda_bf16)
+    if setting != "auto":
+        return PrecisionChoice(setting, setting, dev, hardware, f"score_dtype={setting!r} (set explicitly, not chosen)")
+    if native:
+        return PrecisionChoice(setting, "bfloat16", dev, hardware,
+                               f"score_dtype='auto': {hardware} computes bfloat16 natively; scores screened in bf16, "
+                               f"decided in float32")
+    return PrecisionChoice(setting, "float32", dev, hardware,
+                           f"score_dtype='auto': {hardware} has no native bfloat16, where a bf16 screen is slower")
+
+
 def choose_opt_dtype(setting: str, device, cpu: CpuFeatures | None = None, cuda_bf16: bool | None = None,
                      env: dict | None = None) -> PrecisionChoice:
     """Resolve ``setting`` (``auto`` or a dtype name) for ``device``.
@@ -76,15 +110,7 @@ def choose_opt_dtype(setting: str, device, cpu: CpuFeatures | None = None, cuda_
     if setting not in (*DTYPES, "auto"):
         raise EditorError(f"opt_dtype {setting!r} is not one of auto, {', '.join(DTYPES)}")
     dev = str(device)
-    is_cuda = dev.startswith("cuda")
-    if is_cuda:
-        if cuda_bf16 is None:
-            import torch
-            cuda_bf16 = bool(torch.cuda.is_bf16_supported())
-        hardware, native = ("cuda bf16" if cuda_bf16 else "cuda without bf16"), cuda_bf16
-    else:
-        cpu = cpu or cpu_features()
-        hardware, native = cpu.describe(), cpu.native_bf16
+    hardware, native = _bf16_hardware(dev, cpu, cuda_bf16)
     origin = f"{ENV_OVERRIDE}={forced}" if forced else f"opt_dtype={setting!r}"
     if setting != "auto":
         return PrecisionChoice(setting, setting, dev, hardware, f"{origin} (set explicitly, not chosen)")

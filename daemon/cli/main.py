@@ -168,19 +168,22 @@ def status(obj: Ctx, as_json, precision):
         try:
             doc = {**ledger.summary(), "model": cfg.model.source, "device": None, "model_loaded": False,
                    "degraded": None, "role": None, "served": None, "last_tick": None, "next_tick": None,
-                   "daemon": None, "precision": None}
+                   "daemon": None, "precision": None, "score_precision": None}
         finally:
             store.close()
         if precision:
-            from ..live_model import precision_here
+            from ..live_model import precision_here, score_precision_here
             doc["precision"] = precision_here(cfg).to_json()
+            doc["score_precision"] = score_precision_here(cfg).to_json()
     doc.setdefault("fingerprint", None)
     daemon = f"  daemon: pid {doc['daemon']['pid']}" if doc.get("daemon") else "  daemon: not running"
     chosen = (f"{doc['precision']['dtype']} ({doc['precision']['reason']})" if doc.get("precision") else
               "chosen when the model loads (`kbsync status --precision` probes this machine)")
     _emit(as_json, doc, f"head: {doc['head'] or 'base'}  pending: {doc['pending']}  failed: {doc['failed']}  "
                         f"facts: {doc['facts']}  versions: {doc['versions']}  model: {doc['model']}{daemon}"
-                        f"\n  editing precision: {chosen}")
+                        f"\n  editing precision: {chosen}"
+                        + (f"\n  gate scores: {doc['score_precision']['dtype']} ({doc['score_precision']['reason']})"
+                           if doc.get("score_precision") else ""))
 
 
 @cli.command()

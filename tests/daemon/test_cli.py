@@ -52,7 +52,10 @@ def test_facts_sync_log_rollback_query(project):
     probed = json.loads(kbsync(project, "status", "--json", "--precision").stdout)
     import torch.backends.cpu
     assert probed["precision"]["hardware"].startswith(torch.backends.cpu.get_cpu_capability())   # the choice, and why
-    assert {k: v for k, v in probed.items() if k != "precision"} == {k: v for k, v in status.items() if k != "precision"}
+    from editor.precision import cpu_features
+    assert probed["score_precision"]["dtype"] == ("bfloat16" if cpu_features().native_bf16 else "float32")
+    probes = ("precision", "score_precision")
+    assert {k: v for k, v in probed.items() if k not in probes} == {k: v for k, v in status.items() if k not in probes}
     forced = subprocess.run([sys.executable, "-m", "daemon", "--config", str(project / "app.toml"), "status", "--precision"],
                             cwd=ROOT, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "KBSYNC_STATE_DIR": str(project / "state"), "KBSYNC_OPT_DTYPE": "float32"})

@@ -171,10 +171,13 @@ def test_without_undo_a_vetoed_token_keeps_what_the_earlier_layers_added():
     torch.testing.assert_close(d1, torch.zeros(1, 3, 4))
 
 
-@pytest.mark.parametrize("history,first_layer_bars", [("cascade_history", False), ("cascade_history", True),
-                                                      ("prefix_history", False)])
-def test_cascade_full_forward_and_kv_cached_decoding_give_identical_logits(history, first_layer_bars, request):
+@pytest.mark.parametrize("history,first_layer_bars,score_dtype", [
+    ("cascade_history", False, "float32"), ("cascade_history", True, "float32"), ("prefix_history", False, "float32"),
+    ("cascade_history", True, "bfloat16"), ("prefix_history", False, "bfloat16")])
+def test_cascade_full_forward_and_kv_cached_decoding_give_identical_logits(history, first_layer_bars, score_dtype,
+                                                                           request):
     em, text, deltas = request.getfixturevalue(history)
+    em.set_score_dtype(score_dtype)                  # bfloat16: the first layer's scores through the screen
     if first_layer_bars:                 # the second step's first edit needs 0.9 at layer 1 (route_margin)
         from dataclasses import replace
         first = deltas[1].layers[0]
@@ -205,6 +208,9 @@ def test_cascade_full_forward_and_kv_cached_decoding_give_identical_logits(histo
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-4)
     assert (full - base).abs().amax(-1).gt(1e-3).any()                       # the history changes something
     assert first[0].any()                                                       # the first layer routes tokens
+    screen = em.hooks[min(em.layers)]
+    if score_dtype == "bfloat16":                                               # the screen decided some rows alone
+        assert screen.screened_rows > 0 and screen.rescored_rows > 0
 
 
 def test_a_token_history_restores_with_its_own_gate_under_a_cascade_config(token_history, tiny_tokenizer, make_tiny):

@@ -3,7 +3,7 @@ import pytest
 
 from editor.config import EditConfig
 from editor.errors import EditorError
-from editor.precision import ENV_OVERRIDE, CpuFeatures, choose_opt_dtype, cpu_features
+from editor.precision import ENV_OVERRIDE, CpuFeatures, choose_opt_dtype, choose_score_dtype, cpu_features
 from editor.requests import EditRequest
 from editor.step import compute_delta
 from editor.stats import compute_key_stats
@@ -50,6 +50,30 @@ def test_this_machine_is_described_as_torch_sees_it():
     cpu = cpu_features()
     assert cpu.capability == torch.backends.cpu.get_cpu_capability()
     assert choose_opt_dtype("auto", "cpu", env={}).dtype == ("bfloat16" if cpu.native_bf16 else "float32")
+
+
+@pytest.mark.parametrize("cpu,want", [(AVX2, "float32"), (AVX512, "float32"), (AVX512_BF16, "bfloat16"),
+                                      (AMX, "bfloat16")], ids=["avx2", "avx512-no-bf16", "avx512-bf16", "amx"])
+def test_the_gate_screen_runs_in_bf16_only_where_the_cpu_computes_it(cpu, want):
+    choice = choose_score_dtype("auto", "cpu", cpu=cpu)
+    assert choice.dtype == want and cpu.capability in choice.hardware
+    assert ("natively" in choice.reason) == (want == "bfloat16")
+    assert choose_score_dtype("bfloat16", "cpu", cpu=AVX2).dtype == "bfloat16"       # asked for: kept
+    with pytest.raises(EditorError, match="score_dtype 'float16' is not one of auto, float32, bfloat16"):
+        choose_score_dtype("float16", "cpu", cpu=cpu)
+
+
+def test_an_editable_model_resolves_score_dtype_for_its_device(make_tiny, tiny_tokenizer):
+    import torch
+
+    em = EditableModel.for_config(make_tiny("llama"), tiny_tokenizer, EditConfig(layers=(1, 2), gate="prefix"))
+    want = "bfloat16" if cpu_features().native_bf16 else "float32"
+    assert em.score_choice.dtype == want and em.score_choice.setting == "auto"
+    assert {h.score_dtype for h in em.hooks.values()} == {getattr(torch, want)}
+    em.close()
+    with pytest.raises(EditorError, match="`score_dtype` must be auto, float32 or bfloat16"):
+        EditConfig(score_dtype="float16")
+    assert EditConfig().replace(score_dtype="float32").digest() == EditConfig().digest()   # how it is served only
 
 
 def test_auto_is_the_shipped_default_and_accepted_by_the_config():
