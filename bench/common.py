@@ -87,6 +87,21 @@ def regated(delta, gate: str, cfg):
     return replace(delta, layers=layers, gate=gate)
 
 
+@contextlib.contextmanager
+def no_eos(model, eos: int):
+    """EOS logits pushed down so every row decodes exactly max_tokens (the same work on both sides)."""
+    head = model.get_output_embeddings()
+
+    def hook(module, inputs, output):
+        output[..., eos] = -1e9
+        return output
+    handle = head.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def reference_texts(n: int = 16) -> list[str]:
     """Long WikiText-2 validation paragraphs from the front (text to calibrate on); the perplexity's
     ``evaluation.harness.heldout_texts`` takes the last 24, so the two never overlap."""

@@ -7,9 +7,10 @@ How many rows does it send to the float32 rescore, and what does the first layer
 Texts: ``--texts`` WikiText-2 validation paragraphs (the front ones, 256 tokens each) and every ``--every``-th
 edit prompt of the history (each names an edited subject). Each is run through the hooked model twice, the
 first layer's scores in float32 and through the bf16 screen (``editor/gate_screen.py``); every edited layer's
-routes and the logits are compared exactly. Then the first edited layer's hook alone is timed on the captured
-inputs of one token (a decode step) and of a whole paragraph, float32 against the screen, alternating,
-median of ``--rounds`` rounds. ``--regate``: serve a history made with another gate under this one
+routes and the logits are compared exactly. Then the first edited layer's hook alone is timed on the
+captured inputs of one token that routes nowhere and one that routes (decode steps) and of a whole
+paragraph, float32 against the screen, alternating, median of ``--rounds`` rounds. ``--decode-tokens N``: one row decoded from ordinary prompts, base and hooked each
+way, the time inside the edited projections per token (``decode_spans``). ``--regate``: serve a history made with another gate under this one
 (``bench/common.regated``: α0 at the first layer, ``confirm_alpha`` after it, no stored bars).
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from common import ROOT, checkpoint_steps, default_editable, projection_inputs, reference_texts, regated
+from common import ROOT, checkpoint_steps, default_editable, no_eos, projection_inputs, reference_texts, regated
 
 
 def routes_and_logits(em, ids: torch.Tensor) -> tuple[dict, torch.Tensor]:
@@ -40,6 +41,65 @@ def routes_and_logits(em, ids: torch.Tensor) -> tuple[dict, torch.Tensor]:
     return got, logits
 
 
+def decode_spans(em, new_tokens: int, rounds: int) -> dict:
+    """One row decoded greedily from each of four ordinary prompts, base (hooks off) and hooked with the
+    scores in float32 and through the screen, interleaved by round: the time per token inside the edited
+    projections (their hooks included) and in the whole decode step. The projections' time less the base
+    side's is what the hooks add, measured where they run, apart from the noise of the rest of the step."""
+    from editor.decoding import Continuation, Sampling, decode
+    from editor.hook import Mode
+
+    prompts = ["The capital of France is", "Once upon a time, in a small village,",
+               "Python is a programming language that", "In 1969, the first humans"]
+    tok = em.tokenizer
+    spent = {"t": 0.0}
+    started: dict = {}
+    handles = []
+    for l in em.layers:
+        module = em.spec.projection_module(em.model, l)
+        handles.append(module.register_forward_pre_hook(lambda m, i: started.__setitem__(m, time.perf_counter())))
+    after = []                                       # registered after the HookLayer's, so it runs after it
+    for l in em.layers:
+        module = em.spec.projection_module(em.model, l)
+        after.append(module.register_forward_hook(
+            lambda m, i, o: spent.__setitem__("t", spent["t"] + time.perf_counter() - started[m])))
+    sides = {"base": (Mode.OFF, torch.float32), "float32": (Mode.VALIDATED, torch.float32),
+             "bfloat16": (Mode.VALIDATED, torch.bfloat16)}
+    proj: dict[str, list[float]] = {k: [] for k in sides}
+    step: dict[str, list[float]] = {k: [] for k in sides}
+    try:
+        for r in range(rounds + 1):                  # round 0 warms up
+            order = list(sides)[r % 3:] + list(sides)[:r % 3]
+            for name in order:
+                mode, dt = sides[name]
+                em.set_score_dtype(dt)
+                rows = [Continuation(tok(p)["input_ids"], Sampling(max_tokens=new_tokens, temperature=0),
+                                     lambda e: None, index=0) for p in prompts]
+                spent["t"] = 0.0
+                with em.mode(mode), no_eos(em.model, tok.eos_token_id):
+                    t = time.perf_counter()
+                    for row in rows:
+                        decode(em, [row])
+                    total = time.perf_counter() - t
+                if r:
+                    n = len(prompts) * new_tokens
+                    proj[name].append(spent["t"] / n * 1e3)
+                    step[name].append(total / n * 1e3)
+    finally:
+        for h in handles + after:
+            h.remove()
+    med = lambda v: round(statistics.median(v), 3)   # noqa: E731
+    res = {"tokens_per_side_per_round": len(prompts) * new_tokens, "rounds": rounds,
+           "edited_projections_ms_per_token": {k: med(v) for k, v in proj.items()},
+           "step_ms_per_token": {k: med(v) for k, v in step.items()}}
+    res["hooks_add_ms_per_token"] = {k: round(res["edited_projections_ms_per_token"][k]
+                                              - res["edited_projections_ms_per_token"]["base"], 3)
+                                     for k in ("float32", "bfloat16")}
+    res["hooks_add_share_of_base_step"] = {k: round(v / res["step_ms_per_token"]["base"], 4)
+                                           for k, v in res["hooks_add_ms_per_token"].items()}
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", type=Path, default=ROOT / "bench/out/ckpt-5000-prefix")
@@ -48,6 +108,8 @@ def main() -> None:
     ap.add_argument("--texts", type=int, default=16)
     ap.add_argument("--every", type=int, default=50)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--decode-tokens", type=int, default=0,
+                    help="also decode one row of this many tokens per prompt, timing the edited projections")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/out/gate_screen.json")
     args = ap.parse_args()
 
@@ -93,13 +155,19 @@ def main() -> None:
                      "rescored_share": round(first.rescored_rows / seen, 4)}
         print(name, out[name], flush=True)
 
-    # the first layer's hook alone on real inputs: one token (a decode step) and one paragraph
+    # the first layer's hook alone on real inputs: one token that routes nowhere and one that routes (decode
+    # steps), and a whole paragraph
+    em.set_score_dtype(torch.float32)
+    want, _ = routes_and_logits(em, texts["wikitext"][0])
+    route = want[min(em.layers)][0]                                     # (256,)
     with projection_inputs(em) as grabbed, torch.no_grad():
         em.model(input_ids=texts["wikitext"][0])
     x = grabbed[min(em.layers)]                                         # (1, 256, d_in)
+    quiet, loud = int((~route).nonzero()[-1]), int(route.nonzero()[-1])
     module = em.spec.projection_module(em.model, min(em.layers))
     times: dict[str, list[float]] = {}
-    for rows_name, xi in (("1 token", x[:, -1:]), (f"{x.shape[1]} tokens", x)):
+    for rows_name, xi in (("1 token, not routed", x[:, quiet:quiet + 1]), ("1 token, routed", x[:, loud:loud + 1]),
+                          (f"{x.shape[1]} tokens", x)):
         y = torch.nn.functional.linear(xi, module.weight, module.bias)   # the projection's own output
         for _ in range(args.rounds):
             for dt in (torch.float32, torch.bfloat16):
@@ -117,6 +185,9 @@ def main() -> None:
                 times.setdefault(key, []).append((time.perf_counter() - t) / calls * 1e6)
     out["first_layer_hook_us"] = {k: round(statistics.median(v), 1) for k, v in times.items()}
     print(json.dumps(out["first_layer_hook_us"]), flush=True)
+    if args.decode_tokens:
+        out["decode"] = decode_spans(em, args.decode_tokens, args.rounds)
+        print(json.dumps(out["decode"]), flush=True)
     em.close()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1))

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from common import DATA, HPARAMS, ROOT, STATE, checkpoint_steps, hparams, load, regated
+from common import DATA, HPARAMS, ROOT, STATE, checkpoint_steps, hparams, load, no_eos, regated
 
 PROMPTS = ["The capital of France is", "Once upon a time, in a small village,", "The mother tongue of Danielle Darrieux is",
            "Python is a programming language that", "The Eiffel Tower is located in", "My favourite recipe for bread",
@@ -81,7 +81,7 @@ def part_throughput(model, tok, rounds: int, new_tokens: int, levels=(0, 100, 10
     def timed(mode, dtypes) -> float:
         em.set_delta_dtype(dtypes[0])
         em.set_score_dtype(dtypes[1])
-        with em.mode(mode), _no_eos(model, eos):
+        with em.mode(mode), no_eos(model, eos):
             t = time.perf_counter()
             decode(em, rows())
             return time.perf_counter() - t
@@ -170,7 +170,7 @@ def part_routed(model, tok, checkpoint: Path, rounds: int, new_tokens: int, batc
                              index=i) for i, p in enumerate(prompts)]
         em.set_score_dtype(dtypes[1])
         routed["on"] = mode == Mode.VALIDATED
-        with em.mode(mode), _no_eos(model, eos):
+        with em.mode(mode), no_eos(model, eos):
             t = time.perf_counter()
             decode(em, rows)
             return time.perf_counter() - t
@@ -192,21 +192,6 @@ def part_routed(model, tok, checkpoint: Path, rounds: int, new_tokens: int, batc
         em.close()
     print(f"routed {edits} edits: {res}", flush=True)
     return res
-
-
-@contextlib.contextmanager
-def _no_eos(model, eos: int):
-    """EOS logits pushed down so every row decodes exactly max_tokens (the same work on both sides)."""
-    head = model.get_output_embeddings()
-
-    def hook(module, inputs, output):
-        output[..., eos] = -1e9
-        return output
-    handle = head.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 # ----- the HTTP server -------------------------------------------------------------------------------

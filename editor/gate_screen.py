@@ -9,7 +9,8 @@ could move a score across an edit's bar and change a route. So the bfloat16 scor
 
 * a row (token) whose every edit is below its bar by more than the rounding bound cannot route; its scores
   stay the screen's (every one under its bar, so no edit survives the bars, exactly as in float32);
-* every other row is scored again in float32, exactly as without the screen, and decides there.
+* every other row is scored again in float32 at each edit that may reach its bar (bound included), as
+  without the screen, and decides there (a row with many such edits is scored again whole).
 
 The bound. u = 2⁻⁸ is bfloat16's unit roundoff. Rounding x and v_j to bfloat16 moves each product x_i v_ij
 by at most (2u + u²)|x_i v_ij| (the products of two bf16 numbers are exact in float32); float32 accumulation
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 UNIT_ROUNDOFF = 2.0 ** -8        # bfloat16
 FP32_ROUNDOFF = 2.0 ** -24
 SAFETY = 2.0
+FEW_CANDIDATES = 64              # a row with more edits near their bars is rescored whole (one x @ V)
 
 
 def norm_factor(d_in: int) -> float:
@@ -68,11 +70,22 @@ class ScoreScreen:
     def scores(self, x: torch.Tensor, V: torch.Tensor, bars: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Every edit's score for x (N, d_in) float32 -> (N, r) float32, and how many rows were rescored.
 
-        A row any edit may reach (bound included) holds float32 scores, ``x @ V / (v_jᵀ k_j)``, as computed
-        without the screen; every other row holds bfloat16 scores, each below its edit's bar (``bars`` (r,))."""
+        Every (row, edit) that may reach the edit's bar (``bars`` (r,)), bound included, holds its float32
+        score v_jᵀx / (v_jᵀ k_j); every other entry holds its bfloat16 score, below the bar either way. A row
+        with at most ``FEW_CANDIDATES`` such edits is rescored at those edits alone (a routed token reads a
+        few columns of V, not all of it), a row with more as a whole, ``x @ V``."""
         approx, bound = self.screen(x)                                                  # (N, r) x2
-        near = ~((approx + bound) < bars).all(dim=-1)                                   # (N,) nan: near
+        cand = ~((approx + bound) < bars)                                               # (N, r) nan: candidate
+        per_row = cand.sum(dim=-1)                                                      # (N,)
+        near = per_row > 0
         n = int(near.sum())
-        if n:
-            approx[near] = (x[near] @ V) * self.inv_s                                   # (n, r) exact
+        if not n:
+            return approx, 0
+        whole = per_row > FEW_CANDIDATES                                                # (N,)
+        if bool(whole.any()):
+            approx[whole] = (x[whole] @ V) * self.inv_s                                 # (w, r) exact
+        rows, cols = (cand & ~whole[:, None]).nonzero(as_tuple=True)                    # (p,) each
+        if rows.numel():
+            exact = torch.einsum("pd,dp->p", x[rows], V[:, cols])                      # (p,) v_jᵀx
+            approx[rows, cols] = exact * self.inv_s[cols]
         return approx, n

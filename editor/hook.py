@@ -97,12 +97,12 @@ class HookLayer:
         self.context = context
         self.alpha0 = float(alpha0)
         self.delta_dtype = delta_dtype    # of the dense Δ the forward pass reads (D itself stays float32)
-        self.score_dtype = score_dtype    # bfloat16: the first layer's gate scores screened in bf16 (gate_screen.py)
         self.screened_rows = 0            # rows the bf16 screen decided alone / sent to the float32 rescore
         self.rescored_rows = 0
         self.mode = Mode.VALIDATED
         self._trial: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.reset()
+        self.set_score_dtype(score_dtype) # bfloat16: the first layer's gate scores screened in bf16 (gate_screen.py)
         self._handle = module.register_forward_hook(self._forward_hook)
 
     # ----- state -------------------------------------------------------------------------------
