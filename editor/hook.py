@@ -418,17 +418,20 @@ class HookLayer:
 
     def delta_upto(self, x: torch.Tensor, upto: torch.Tensor) -> torch.Tensor:
         """Σ over the columns c < upto_i of u_c v_cᵀ x_i, for x (N, d_in), upto (N,) -> (N, d_out) float32: each
-        row's own prefix of Δ (committed columns, then the trial ones), from the factors."""
+        row's own prefix of Δ (committed columns, then the trial ones), from the factors; columns past the
+        longest prefix of the batch are not read (a token routed to an old edit reads few)."""
         xf = x.to(torch.float32)
         out = xf.new_zeros((x.shape[0], self.d_out))
-        at = 0
+        at, longest = 0, int(upto.max()) if upto.numel() else 0
         parts = ([self._factors()[:2]] if self.U else []) + [(U, V) for U, V, _ in self._trial]
         for U, V in parts:
-            n = V.shape[1]
+            n = min(V.shape[1], longest - at)             # no row reads past the longest prefix
+            if n <= 0:
+                break
             cols = at + torch.arange(n, device=x.device)                       # (n,)
-            xV = (xf @ V).masked_fill(cols[None] >= upto[:, None], 0.0)        # (N, n)
-            out = out + xV @ U.T                                               # (N, d_out)
-            at += n
+            xV = (xf @ V[:, :n]).masked_fill(cols[None] >= upto[:, None], 0.0) # (N, n)
+            out = out + xV @ U[:, :n].T                                        # (N, d_out)
+            at += V.shape[1]
         return out
 
     def step_ends(self) -> torch.Tensor:
