@@ -130,7 +130,8 @@ def eval_cmd(obj, dataset, data_path, span, steps, batch, eval_every, methods, h
             bar.close()
         worker.close()
     report.update({"dataset": dataset, "data": str(path), "cases": span, "gen_every": gen_every, "score_every": score_every, "model": worker.cfg.model.source,
-                   "device": str(worker.em.device), "precision": worker.precision.to_json()})
+                   "device": str(worker.em.device), "precision": worker.precision.to_json(),
+                   "score_precision": worker.em.score_choice.to_json()})
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(report, indent=2))

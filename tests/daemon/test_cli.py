@@ -182,6 +182,8 @@ def test_eval_writes_report_and_plot(project, corpus_file):
     assert {"efficacy", "paraphrase_efficacy", "specificity", "reliability", "generality", "locality",
             "locality_uncontested", "gen_success", "gen_paraphrase", "gen_locality"} == set(report["final"])
     assert report["precision"]["dtype"] in ("float32", "bfloat16") and report["precision"]["reason"]
+    from editor.precision import cpu_features
+    assert report["score_precision"]["dtype"] == ("bfloat16" if cpu_features().native_bf16 else "float32")
     assert [h["edits"] for h in report["methods"]["memit"]["history"]] == [1, 2, 3]
     assert (project / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| comeba-hk |" in out.stdout and "| unedited |" in out.stdout
