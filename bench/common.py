@@ -102,6 +102,14 @@ def no_eos(model, eos: int):
         handle.remove()
 
 
+def screen_share(em) -> dict:
+    """Rows the first edited layer's bf16 screen decided alone and sent to the float32 rescore, so far."""
+    first = em.hooks[min(em.layers)]
+    seen = first.screened_rows + first.rescored_rows
+    return {"screened_rows": first.screened_rows, "rescored_rows": first.rescored_rows,
+            "rescored_share": round(first.rescored_rows / seen, 4) if seen else None}
+
+
 def reference_texts(n: int = 16) -> list[str]:
     """Long WikiText-2 validation paragraphs from the front (text to calibrate on); the perplexity's
     ``evaluation.harness.heldout_texts`` takes the last 24, so the two never overlap."""

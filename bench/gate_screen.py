@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from common import ROOT, checkpoint_steps, default_editable, no_eos, projection_inputs, reference_texts, regated
+from common import (ROOT, checkpoint_steps, default_editable, no_eos, projection_inputs, reference_texts,
+                    regated, screen_share)
 
 
 def routes_and_logits(em, ids: torch.Tensor) -> tuple[dict, torch.Tensor]:
@@ -149,10 +150,9 @@ def main() -> None:
             routed += int(want[min(em.layers)].sum())
             differ += sum(int((want[l] != got[l]).sum()) for l in em.layers)
             same_logits &= torch.equal(logits32, logits16)
-        seen = first.screened_rows + first.rescored_rows
         out[name] = {"sequences": len(rows), "tokens": tokens, "route_differences": differ,
                      "logits_identical": bool(same_logits), "routed_first_layer_share": round(routed / tokens, 4),
-                     "rescored_share": round(first.rescored_rows / seen, 4)}
+                     "rescored_share": screen_share(em)["rescored_share"]}
         print(name, out[name], flush=True)
 
     # the first layer's hook alone on real inputs: one token that routes nowhere and one that routes (decode

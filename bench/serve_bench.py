@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from common import DATA, HPARAMS, ROOT, STATE, checkpoint_steps, hparams, load, no_eos, regated
+from common import DATA, HPARAMS, ROOT, STATE, checkpoint_steps, hparams, load, no_eos, regated, screen_share
 
 PROMPTS = ["The capital of France is", "Once upon a time, in a small village,", "The mother tongue of Danielle Darrieux is",
            "Python is a programming language that", "The Eiffel Tower is located in", "My favourite recipe for bread",
@@ -54,14 +54,6 @@ def _hooked_sides(delta_dtypes, score_dtypes) -> list:
     return [("base", Mode.OFF, ("float32", "float32"))] + [
         (f"hooked_{dt}" + ("" if sd == "float32" else f"_scores_{sd}"), Mode.VALIDATED, (dt, sd))
         for dt in delta_dtypes for sd in score_dtypes]
-
-
-def _screen_share(em) -> dict:
-    """Rows the first edited layer's bf16 screen decided alone and sent to the float32 rescore, so far."""
-    first = em.hooks[min(em.layers)]
-    seen = first.screened_rows + first.rescored_rows
-    return {"screened_rows": first.screened_rows, "rescored_rows": first.rescored_rows,
-            "rescored_share": round(first.rescored_rows / seen, 4) if seen else None}
 
 
 def part_throughput(model, tok, rounds: int, new_tokens: int, levels=(0, 100, 1000),
@@ -95,7 +87,7 @@ def part_throughput(model, tok, rounds: int, new_tokens: int, levels=(0, 100, 10
                     K = torch.randn(h.d_in, 10, generator=g)        # V = K: each edit scores 1 on its own key
                     h.commit(torch.randn(h.d_out, 10, generator=g) * 0.01, K, K, alpha=2.2)
             out[str(edits)] = _paired_rounds(sides, timed, rounds, batch * new_tokens) | {"rows": batch,
-                                                                                          "screen": _screen_share(em)}
+                                                                                          "screen": screen_share(em)}
             res = out[str(edits)]
             print(f"throughput {edits} edits: {res}", flush=True)
     finally:
@@ -185,7 +177,7 @@ def part_routed(model, tok, checkpoint: Path, rounds: int, new_tokens: int, batc
         res = _paired_rounds(sides, timed, rounds, batch * new_tokens)
         share = routed["routed"] / max(routed["tokens"], 1)            # over every hooked pass (prefill and decode)
         res |= {"edits": edits, "gate": em.gate, "made_with_gate": made_with, "rows": batch,
-                "new_tokens": new_tokens, "routed_share": round(share, 4), "screen": _screen_share(em),
+                "new_tokens": new_tokens, "routed_share": round(share, 4), "screen": screen_share(em),
                 "prompts": prompts, "answers_hooked": answers}
     finally:
         handle.remove()

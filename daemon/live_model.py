@@ -34,16 +34,19 @@ BASE = None  # the version id of the unedited model
 UNKNOWN = "unknown"   # ``served`` while the hooks hold work that no version describes (a step being made)
 
 
+def _device_here(cfg: AppConfig):
+    from editor.loading import resolve_placement
+    return resolve_placement(cfg.model.device, cfg.model.dtype).device
+
+
 def precision_here(cfg: AppConfig) -> PrecisionChoice:
     """The precision a step would run in on this machine, without loading the model."""
-    from editor.loading import resolve_placement
-    return choose_opt_dtype(cfg.editor.opt_dtype, resolve_placement(cfg.model.device, cfg.model.dtype).device)
+    return choose_opt_dtype(cfg.editor.opt_dtype, _device_here(cfg))
 
 
 def score_precision_here(cfg: AppConfig) -> PrecisionChoice:
     """The dtype the gate's scores would be screened in on this machine, without loading the model."""
-    from editor.loading import resolve_placement
-    return choose_score_dtype(cfg.editor.score_dtype, resolve_placement(cfg.model.device, cfg.model.dtype).device)
+    return choose_score_dtype(cfg.editor.score_dtype, _device_here(cfg))
 
 
 class LoadedModel:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import EditorError
+from .precision import SCORE_DTYPES
 
 SERVING_ONLY = ("delta_dtype", "score_dtype")   # settings of how deltas are served, not of what they are
 
@@ -80,7 +81,7 @@ class EditConfig:
             raise EditorError(f"editor config: `opt_dtype` must be auto, float32, bfloat16 or float16, got {self.opt_dtype!r}")
         if self.delta_dtype not in ("float32", "bfloat16", "float16"):
             raise EditorError(f"editor config: `delta_dtype` must be float32, bfloat16 or float16, got {self.delta_dtype!r}")
-        if self.score_dtype not in ("auto", "float32", "bfloat16"):
+        if self.score_dtype not in SCORE_DTYPES:
             raise EditorError(f"editor config: `score_dtype` must be auto, float32 or bfloat16, got {self.score_dtype!r}")
         if not (self.massive_ratio == 0.0 or self.massive_ratio > 1.0):
             raise EditorError(f"editor config: `massive_ratio` must be 0 (off) or above 1 (6 separates SmolLM2's attention sinks), got {self.massive_ratio}")

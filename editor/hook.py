@@ -215,10 +215,11 @@ class HookLayer:
         self._D_fwd = None
 
     def set_score_dtype(self, dtype: torch.dtype) -> None:
+        """float32, or bfloat16 to screen the scores (the screen is derived from the factors alone, so it is
+        kept across switches and built again only when the committed steps change)."""
         if dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"gate scores are computed in float32 or screened in bfloat16, not {dtype}")
         self.score_dtype = dtype
-        self._screen = None
 
     def _screens(self, bars: torch.Tensor | None) -> bool:
         """Whether this call's scores go through the bfloat16 screen: bars to screen against, no trial edits

@@ -75,6 +75,20 @@ def _bf16_hardware(dev: str, cpu: CpuFeatures | None, cuda_bf16: bool | None) ->
     return cpu.describe(), cpu.native_bf16
 
 
+def _resolve(setting: str, dev: str, origin: str, cpu: CpuFeatures | None, cuda_bf16: bool | None,
+             native_note: str, emulated_note: str) -> PrecisionChoice:
+    """``setting`` (auto or a dtype) for ``dev``: an explicit dtype as it is, "auto" bfloat16 only where the
+    hardware computes it natively. ``origin`` names what asked; the notes end the reason either way."""
+    hardware, native = _bf16_hardware(dev, cpu, cuda_bf16)
+    if setting != "auto":
+        return PrecisionChoice(setting, setting, dev, hardware, f"{origin} (set explicitly, not chosen)")
+    if native:
+        return PrecisionChoice(setting, "bfloat16", dev, hardware, f"{origin}: {hardware} computes bfloat16 natively"
+                                                                   + native_note)
+    return PrecisionChoice(setting, "float32", dev, hardware, f"{origin}: {hardware} has no native bfloat16, where "
+                                                              + emulated_note)
+
+
 def choose_score_dtype(setting: str, device, cpu: CpuFeatures | None = None,
                        cuda_bf16: bool | None = None) -> PrecisionChoice:
     """Resolve ``score_dtype`` (auto, float32 or bfloat16): the dtype the first edited layer's gate scores are
@@ -82,16 +96,8 @@ def choose_score_dtype(setting: str, device, cpu: CpuFeatures | None = None,
     bfloat16 only where the hardware computes it natively: emulated bf16 makes the screen slower than float32."""
     if setting not in SCORE_DTYPES:
         raise EditorError(f"score_dtype {setting!r} is not one of {', '.join(SCORE_DTYPES)}")
-    dev = str(device)
-    hardware, native = _bf16_hardware(dev, cpu, cuda_bf16)
-    if setting != "auto":
-        return PrecisionChoice(setting, setting, dev, hardware, f"score_dtype={setting!r} (set explicitly, not chosen)")
-    if native:
-        return PrecisionChoice(setting, "bfloat16", dev, hardware,
-                               f"score_dtype='auto': {hardware} computes bfloat16 natively; scores screened in bf16, "
-                               f"decided in float32")
-    return PrecisionChoice(setting, "float32", dev, hardware,
-                           f"score_dtype='auto': {hardware} has no native bfloat16, where a bf16 screen is slower")
+    return _resolve(setting, str(device), f"score_dtype={setting!r}", cpu, cuda_bf16,
+                    "; scores screened in bf16, decided in float32", "a bf16 screen is slower")
 
 
 def choose_opt_dtype(setting: str, device, cpu: CpuFeatures | None = None, cuda_bf16: bool | None = None,
@@ -109,12 +115,5 @@ def choose_opt_dtype(setting: str, device, cpu: CpuFeatures | None = None, cuda_
         setting = forced
     if setting not in (*DTYPES, "auto"):
         raise EditorError(f"opt_dtype {setting!r} is not one of auto, {', '.join(DTYPES)}")
-    dev = str(device)
-    hardware, native = _bf16_hardware(dev, cpu, cuda_bf16)
     origin = f"{ENV_OVERRIDE}={forced}" if forced else f"opt_dtype={setting!r}"
-    if setting != "auto":
-        return PrecisionChoice(setting, setting, dev, hardware, f"{origin} (set explicitly, not chosen)")
-    if native:
-        return PrecisionChoice(setting, "bfloat16", dev, hardware, f"{origin}: {hardware} computes bfloat16 natively")
-    return PrecisionChoice(setting, "float32", dev, hardware,
-                           f"{origin}: {hardware} has no native bfloat16, where bf16 autocast is several times slower")
+    return _resolve(setting, str(device), origin, cpu, cuda_bf16, "", "bf16 autocast is several times slower")
